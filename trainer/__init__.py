@@ -1,0 +1,1 @@
+"""The training system: configuration, data, the G/D step, metrics, checkpoints, logging."""

@@ -1,0 +1,165 @@
+"""One typed configuration tree for the whole system.
+
+Defaults live in the dataclasses below, presets in `configs/*.yaml`, and `key=value`
+overrides come from the command line (`data.batch_size=16`). OmegaConf checks every key and
+type against the dataclasses, so a typo or a wrong type stops the run before any work
+starts, with an error that names the key and where it came from.
+
+    python -m trainer.config configs/demo.yaml train.epochs=2   # print the resolved config
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from models.config import LossConfig, ModelConfig, check_loss_config, check_model_config
+
+
+class Backend(str, Enum):
+    dali = "dali"  # GPU decoding with NVIDIA DALI (CPU decoding on hosts without a GPU)
+    webdataset = "webdataset"  # torch DataLoader over the webdataset library: the fallback
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 where the device supports it, else fp32
+    bf16 = "bf16"
+    fp16 = "fp16"  # GPU only; uses a gradient scaler
+    no = "no"  # fp32
+
+
+@dataclass
+class DataConfig:
+    shards: str = MISSING  # directory written by `tricolor-shards build` (holds manifest.json)
+    backend: Backend = Backend.dali
+    batch_size: int = 8  # triplets per process per step
+    crop_size: int = 128  # side of the random square crop, pixels; a multiple of 2**model.depth
+    flip: bool = True  # random horizontal flip, the same for the three frames of a triplet
+    brightness_jitter: float = 0.0  # max relative brightness change (same for all 3); 0 = off
+    canny_low: float = 0.1  # line-art mode: Canny hysteresis thresholds on gradients in [0, 1]
+    canny_high: float = 0.2
+    num_threads: int = 2  # DALI CPU threads, or DataLoader workers, per process
+
+
+@dataclass
+class OptimConfig:
+    lr_g: float = 2e-4  # Adam learning rates
+    lr_d: float = 2e-4
+    beta1: float = 0.5  # 0.5 as in pix2pix/DCGAN: less momentum keeps the GAN game stable
+    beta2: float = 0.999
+    grad_clip: float = 0.0  # max gradient norm per network; 0 = no clipping
+    d_steps_per_g: int = 1  # discriminator updates per generator update
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int = 0  # stop after this many G steps; 0 = run all epochs
+    mixed_precision: Precision = Precision.auto
+    seed: int = 0
+    ema_decay: float = 0.999  # exponential moving average of G used for export; 0 = off
+    log_every: int = 10  # steps between scalar logs
+    checkpoint_every: int = 500  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 3  # most recent complete checkpoints kept on disk
+
+
+@dataclass
+class Config:
+    name: str = "default"  # the run lives in <runs_dir>/<name>/
+    runs_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the file or override."""
+
+
+def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(getattr(e, "msg", e)).splitlines()[0]
+        raise ConfigError(f"{source}: key '{key}': {msg}") from None
+
+
+def check(cfg: DictConfig, require_data: bool = False) -> None:
+    """Cross-field checks; `require_data` also checks that the shard directory exists."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"required keys not set: {', '.join(missing)} (set them in the YAML file or "
+            "on the command line as key=value)"
+        )
+    for section, check_section in (("model", check_model_config), ("loss", check_loss_config)):
+        try:
+            check_section(cfg[section])
+        except ValueError as e:
+            key, _, msg = str(e).partition(": ")  # the checks say "field: problem"
+            raise ConfigError(f"key '{section}.{key}': {msg}") from None
+    step = 2**cfg.model.depth
+    if cfg.data.crop_size % step:
+        raise ConfigError(
+            f"key 'data.crop_size': {cfg.data.crop_size} is not a multiple of "
+            f"2**model.depth = {step}"
+        )
+    for key in ("data.batch_size", "data.crop_size", "optim.d_steps_per_g", "train.epochs"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"key '{key}': must be >= 1, got {OmegaConf.select(cfg, key)}")
+    if not 0 <= cfg.data.canny_low < cfg.data.canny_high <= 1:
+        raise ConfigError("keys 'data.canny_low' < 'data.canny_high' must lie in [0, 1]")
+    if require_data and not (Path(cfg.data.shards) / "manifest.json").is_file():
+        raise ConfigError(
+            f"key 'data.shards': {cfg.data.shards} holds no manifest.json; build shards "
+            "with `tricolor-shards build VIDEOS --out DIR` first"
+        )
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] = (), require_data: bool = False
+) -> DictConfig:
+    """Defaults <- YAML file <- `key=value` overrides, checked; raises ConfigError."""
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:  # yaml.YAMLError and friends: report, do not guess
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        cfg = _merge(cfg, loaded, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    check(cfg, require_data)
+    OmegaConf.set_readonly(cfg, True)  # nothing changes the config behind the user's back
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-") or "=" in argv[0]:
+        print("usage: python -m trainer.config CONFIG.yaml [key=value ...]", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(argv[0], argv[1:])
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 1
+    print(OmegaConf.to_yaml(cfg), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
