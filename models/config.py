@@ -1,0 +1,102 @@
+"""Settings of the networks (`ModelConfig`) and of the losses (`LossConfig`).
+
+Plain dataclasses, composed by `trainer.config` into the one OmegaConf tree. Enum members are
+named exactly as their values, so YAML strings such as `norm: instance` validate. The builders
+accept these dataclasses or the DictConfig made from them, and check every value again with
+`check_model_config` / `check_loss_config` (a dataclass built in Python is not validated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Mode(str, Enum):
+    grey = "grey"  # first seed: L of frames t-1, t, t+1 -> a,b of frame t
+    lineart = "lineart"  # second seed (TCVC): line art of t + colour of t-1 -> Lab of t
+
+
+class Norm(str, Enum):
+    batch = "batch"  # the seed README's choice; the trainer makes it SyncBatchNorm on GPUs
+    instance = "instance"  # the first seed's code; per-sample, so no cross-rank sync needed
+    group = "group"  # gcd(32, C) groups; per-sample, safe on CPU and with tiny batches
+
+
+# `global` is a Python keyword, so this enum is made with the functional API:
+# spell its members DHead.patch and DHead["global"] (or just the strings).
+DHead = Enum("DHead", [("patch", "patch"), ("global", "global")], type=str)
+DHead.__doc__ = "patch: PatchGAN, one logit per 70x70 patch; global: one logit per frame."
+
+
+class AdvLoss(str, Enum):
+    lsgan = "lsgan"  # least squares (Mao et al. 2017), the seeds' choice
+    vanilla = "vanilla"  # non-saturating GAN loss, BCE on logits
+    hinge = "hinge"  # Lim & Ye 2017 / SAGAN
+
+
+class PixelLoss(str, Enum):
+    l1 = "l1"
+    l2 = "l2"
+
+
+@dataclass
+class ModelConfig:
+    mode: Mode = Mode.grey
+    # Generator (a U-Net).
+    ngf: int = 64  # G channels at full resolution; stage i has ngf * min(2**i, 8)
+    depth: int = 5  # G down-sampling stages; frame sides must be multiples of 2**depth
+    norm: Norm = Norm.batch  # G normalization layers (D has none: spectral norm instead)
+    temporal: bool = True  # False: per-frame ablation, G sees frame t only (baselines)
+    # Discriminator.
+    ndf: int = 32  # D channels of its first layer; doubles per stage, capped at 8 * ndf
+    d_head: DHead = DHead.patch
+    d_conditional: bool = True  # D also sees G's input (pix2pix); False: colour only
+    d_temporal: bool = False  # D sees the colour triplet t-1, t, t+1 (vid2vid-style)
+    # Line-art mode only: what G gets as "previous colour frame" in training. Per sample,
+    # with these probabilities, it is black (TCVC's scheme, which used 0.5) or G's own
+    # prediction of it (scheduled sampling, against drift at inference); else ground truth.
+    p_drop: float = 0.5  # probability in [0, 1]
+    scheduled_sampling: float = 0.0  # probability in [0, 1]; p_drop + this <= 1
+
+
+@dataclass
+class LossConfig:
+    adversarial: AdvLoss = AdvLoss.lsgan
+    pixel: PixelLoss = PixelLoss.l1  # on a,b (grey mode) or Lab (line-art mode), in [-1, 1]
+    lambda_pixel: float = 20.0  # weight of the pixel loss in G's loss (first seed: beta = 20)
+    lambda_adv: float = 1.0  # weight of the adversarial loss in G's loss (first seed: alpha)
+
+
+def choice(enum_cls: type[Enum], value: object, key: str) -> Enum:
+    """`value` (an enum member or its string) as a member of `enum_cls`, else a ValueError."""
+    try:
+        return enum_cls(value.value if isinstance(value, Enum) else value)
+    except ValueError:
+        names = ", ".join(m.value for m in enum_cls)
+        raise ValueError(f"{key}: unknown option {value!r}; expected one of: {names}") from None
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """Raise ValueError naming the field and the fix for any invalid model setting."""
+    for key, enum_cls in (("mode", Mode), ("norm", Norm), ("d_head", DHead)):
+        choice(enum_cls, getattr(cfg, key), key)
+    for key in ("ngf", "ndf", "depth"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key}: must be >= 1, got {getattr(cfg, key)}")
+    for key in ("p_drop", "scheduled_sampling"):
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            raise ValueError(f"{key}: a probability, must lie in [0, 1], got {getattr(cfg, key)}")
+    if cfg.p_drop + cfg.scheduled_sampling > 1.0:
+        raise ValueError(
+            f"p_drop + scheduled_sampling = {cfg.p_drop + cfg.scheduled_sampling} > 1: they are "
+            "exclusive per-sample probabilities; lower one of them"
+        )
+
+
+def check_loss_config(cfg: LossConfig) -> None:
+    choice(AdvLoss, cfg.adversarial, "adversarial")
+    choice(PixelLoss, cfg.pixel, "pixel")
+    for key in ("lambda_pixel", "lambda_adv"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{key}: a loss weight, must be >= 0, got {getattr(cfg, key)}")
