@@ -1,0 +1,252 @@
+"""The data loader: real DALI pipelines (CPU here) and the webdataset fallback."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import kornia
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from videos import scene_video
+
+from models.colour import denormalize_lab
+from shards.cli import main as shards_main
+from shards.tario import index_text, split_member_name
+from trainer.config import load_config
+from trainer.data import TripletLoader, dali_available
+from trainer.data.samples import NoSamplesError
+from trainer.data.transforms import line_art, rgb_to_lab_triplets
+
+BACKENDS = [
+    pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="no DALI wheel")),
+    "webdataset",
+]
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory) -> Path:
+    """48 training triplets (two scenes of 26 frames, 96x64) in shards of 10."""
+    tmp = tmp_path_factory.mktemp("data")
+    video = scene_video(tmp / "v.mp4", [26, 26], width=96, height=64)
+    out = tmp / "shards"
+    assert shards_main(["build", str(video), "--out", str(out), "--short-side", "64",
+                        "--val-fraction", "0", "--samples-per-shard", "10"]) == 0
+    return out
+
+
+def data_cfg(shards: Path, *overrides: str):
+    return load_config(None, [f"data.shards={shards}", "data.crop_size=32",
+                              "data.batch_size=4", "data.num_threads=1", *overrides]).data
+
+
+def make_loader(shards, backend="dali", rank=0, world=1, mode="grey", *overrides):
+    cfg = data_cfg(shards, f"data.backend={backend}", *overrides)
+    return TripletLoader(cfg, mode, "train", rank, world, torch.device("cpu"), seed=3)
+
+
+def read_tar_samples(shards: Path) -> dict[str, dict[str, bytes]]:
+    samples = {}
+    for tar_path in sorted(shards.glob("train-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar:
+                key, ext = split_member_name(m.name)
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return samples
+
+
+def lab_to_rgb(cond: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+    """Grey-mode batch item [3, 1, H, W] + [3, 2, H, W] -> RGB [3, H, W, 3] in 0..255."""
+    lab = denormalize_lab(torch.cat([cond, target], dim=1))
+    return (kornia.color.lab_to_rgb(lab).permute(0, 2, 3, 1).numpy() * 255.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batches_have_the_contracted_shapes_dtypes_and_ranges(shard_dir, backend):
+    loader = make_loader(shard_dir, backend)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 12  # 48 samples / batch 4
+    b = batches[0]
+    assert b.cond.shape == (4, 3, 1, 32, 32) and b.target.shape == (4, 3, 2, 32, 32)
+    assert b.cond.dtype == b.target.dtype == torch.float32
+    assert -1.0 <= b.cond.min() and b.cond.max() <= 1.0 and b.cond.std() > 0.05
+    assert b.target.abs().max() <= 1.0 and b.target.std() > 0.01  # the scenes are tinted
+    assert len(b.keys) == 4 and all(k.startswith("v-") for k in b.keys)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_line_art_mode_yields_edge_maps(shard_dir, backend):
+    b = next(iter(make_loader(shard_dir, backend, 0, 1, "lineart")))
+    assert b.cond.shape == (4, 3, 1, 32, 32) and b.target.shape == (4, 3, 3, 32, 32)
+    values = set(b.cond.unique().tolist())
+    assert values <= {-1.0, 1.0}
+    lines = (b.cond == -1).float().mean().item()
+    assert 0.01 < lines < 0.6  # a textured frame has edges, but is not all edge
+
+
+def test_line_art_draws_the_outline_of_a_square():
+    rgb = torch.zeros(1, 1, 32, 32, 3, dtype=torch.uint8)
+    rgb[:, :, 8:24, 8:24] = 255
+    edges = line_art(rgb_to_lab_triplets(rgb)[0], 0.1, 0.2)[0, 0] == -1
+    assert edges.any()
+    ys, xs = torch.nonzero(edges, as_tuple=True)
+    near_border = torch.minimum((ys - 8).abs().minimum((ys - 23).abs()),
+                                (xs - 8).abs().minimum((xs - 23).abs()))
+    assert near_border.max() <= 1  # every line pixel lies on the square's outline
+    assert not edges[12:20, 12:20].any() and not edges[:4].any()
+
+
+def test_lab_round_trip_error_is_below_1e_3_of_the_range():
+    rng = np.random.default_rng(0)
+    rgb = torch.from_numpy(rng.integers(0, 256, (2, 3, 16, 16, 3), dtype=np.uint8))
+    lab = rgb_to_lab_triplets(rgb)
+    assert lab.shape == (2, 3, 3, 16, 16) and lab.abs().max() <= 1.0
+    back = kornia.color.lab_to_rgb(denormalize_lab(lab.flatten(0, 1)))
+    original = rgb.flatten(0, 1).permute(0, 3, 1, 2).float() / 255
+    assert (back - original).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_three_frames_get_the_same_crop_and_flip(shard_dir, backend):
+    source = read_tar_samples(shard_dir)
+    batch = next(iter(make_loader(shard_dir, backend)))
+    for i, key in enumerate(batch.keys):
+        got = lab_to_rgb(batch.cond[i], batch.target[i])  # [3, 32, 32, 3]
+        placements = []
+        for j, member in enumerate(("prev.jpg", "cur.jpg", "next.jpg")):
+            full = np.asarray(Image.open(io.BytesIO(source[key][member])).convert("RGB"),
+                              dtype=np.float32)
+            placements.append(best_placement(full, got[j]))
+        assert placements[0][:3] == placements[1][:3] == placements[2][:3], placements
+        assert max(p[3] for p in placements) < 3.0  # RGB RMSE after the Lab round trip
+
+
+def best_placement(full: np.ndarray, crop: np.ndarray):
+    """(y, x, flipped, rmse) of the window of `full` that `crop` matches best."""
+    h, w = crop.shape[:2]
+    best = None
+    for flipped in (False, True):
+        c = crop[:, ::-1] if flipped else crop
+        windows = np.lib.stride_tricks.sliding_window_view(full, (h, w, 3))[:, :, 0]
+        err = ((windows - c) ** 2).mean(axis=(2, 3, 4))
+        y, x = np.unravel_index(np.argmin(err), err.shape)
+        if best is None or err[y, x] < best[3] ** 2:
+            best = (int(y), int(x), flipped, float(np.sqrt(err[y, x])))
+    return best
+
+
+RANK_SCRIPT = """
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+from test_data import make_loader
+rank, backend = int(sys.argv[1]), sys.argv[2]
+loader = make_loader({shards!r}, backend, rank, 2)
+epochs = [[k for b in loader for k in b.keys] for _ in range(2)]
+print(json.dumps({{"epochs": epochs, "steps": len(loader)}}))
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_ranks_see_every_sample_once_per_epoch(shard_dir, backend):
+    script = RANK_SCRIPT.format(tests=str(Path(__file__).parent), shards=str(shard_dir))
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r), backend],
+                              stdout=subprocess.PIPE, text=True) for r in (0, 1)]
+    results = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    everything = set(read_tar_samples(shard_dir))
+    assert results[0]["steps"] == results[1]["steps"] == 6  # 24 samples per rank, batch 4
+    for epoch in range(2):
+        seen = [results[r]["epochs"][epoch] for r in (0, 1)]
+        assert len(seen[0]) == len(set(seen[0])) == 24
+        assert not set(seen[0]) & set(seen[1])
+        assert set(seen[0]) | set(seen[1]) == everything
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resuming_mid_epoch_replays_exactly_the_uninterrupted_batches(shard_dir, backend):
+    reference = make_loader(shard_dir, backend)
+    uninterrupted = [(b.cond, b.target, b.keys) for _ in range(2) for b in reference]
+
+    first = make_loader(shard_dir, backend)
+    it = iter(first)
+    seen = [next(it) for _ in range(5)]
+    state = first.state_dict()
+    resumed = make_loader(shard_dir, backend)
+    resumed.load_state_dict(state)
+    rest = [b for b in resumed] + [b for b in resumed]
+    batches = [(b.cond, b.target, b.keys) for b in seen + rest]
+    assert len(batches) == len(uninterrupted) == 24
+    for (c1, t1, k1), (c2, t2, k2) in zip(batches, uninterrupted):
+        assert k1 == k2
+        assert torch.equal(c1, c2) and torch.equal(t1, t2)
+
+
+def test_a_different_world_size_restarts_the_epoch_and_says_so(shard_dir, caplog):
+    saved = make_loader(shard_dir, "dali" if dali_available() else "webdataset", 0, 2)
+    it = iter(saved)
+    next(it)
+    state = saved.state_dict()
+    single = make_loader(shard_dir, saved.backend, 0, 1)
+    with caplog.at_level(logging.WARNING):
+        single.load_state_dict(state)
+    assert "restarting epoch 0 from its start" in caplog.text
+    assert len(list(single)) == 12  # the whole epoch, at the new world size
+
+
+def rewrite_shard(tar_path: Path, edit) -> None:
+    """Rewrite a shard with `edit(key, ext, data) -> bytes | None` (None drops the member)
+    and regenerate its index, as a damaged-but-indexed shard would look."""
+    with tarfile.open(tar_path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            data = edit(*split_member_name(name), data)
+            if data is not None:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    tar_path.with_suffix(".idx").write_text(index_text(tar_path))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_samples_are_skipped_named_and_counted(tmp_path, shard_dir, backend, caplog):
+    import shutil
+
+    bad = tmp_path / "shards"
+    shutil.copytree(shard_dir, bad)
+    tars = sorted(bad.glob("train-*.tar"))
+    keys0 = sorted({split_member_name(n)[0] for n in tarfile.open(tars[0]).getnames()})
+    rewrite_shard(tars[0], lambda k, e, d: None if (k, e) == (keys0[0], "next.jpg") else d)
+    rewrite_shard(tars[0], lambda k, e, d: b"garbage" * 9 if (k, e) == (keys0[1], "cur.jpg")
+                  else d)
+    data = tars[1].read_bytes()
+    tars[1].write_bytes(data[: len(data) // 2])  # truncated, its index still lists 10 samples
+    with caplog.at_level(logging.WARNING):
+        loader = make_loader(bad, backend)
+    assert loader.skipped["missing component next.jpg"] == 1
+    assert loader.skipped["undecodable JPEG"] == 1
+    assert loader.skipped["truncated tar"] >= 4
+    assert loader.skipped_total == 2 + loader.skipped["truncated tar"]
+    assert f"{tars[0]}: sample {keys0[0]}: missing component" in caplog.text
+    assert f"{tars[0]}: sample {keys0[1]}: undecodable JPEG" in caplog.text
+    assert f"{tars[1]}: sample" in caplog.text and "truncated tar" in caplog.text
+    seen = [k for b in loader for k in b.keys]  # a whole epoch runs through
+    assert len(seen) == len(loader) * 4 and keys0[0] not in seen and keys0[1] not in seen
+
+
+def test_shards_without_a_readable_sample_fail_at_start_up(tmp_path, shard_dir):
+    import shutil
+
+    bad = tmp_path / "shards"
+    shutil.copytree(shard_dir, bad)
+    for tar in bad.glob("train-*.tar"):
+        tar.write_bytes(b"")
+    with pytest.raises(NoSamplesError, match="0 readable samples"):
+        make_loader(bad)

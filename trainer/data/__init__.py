@@ -1,0 +1,154 @@
+"""The data loader the trainer uses: triplet shards in, model-ready Lab batches out.
+
+    loader = TripletLoader(cfg.data, mode="grey", split="train", rank=0, world_size=1,
+                           device=torch.device("cuda", 0), seed=0)
+    for batch in loader:            # one epoch; the same number of batches on every rank
+        batch.cond, batch.target    # [B, 3, C, H, W] on `device`, fp32, in [-1, 1]
+        batch.keys                  # sample keys, for logging and debugging
+    state = loader.state_dict()     # exact mid-epoch position (per rank), for checkpoints
+
+Backends: `dali` (default wherever DALI imports: GPU decoding, or CPU without a GPU) and
+`webdataset` (torch DataLoader over the webdataset library) with the same contract.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from trainer.data.samples import NoSamplesError, SampleSet, scan_split
+from trainer.data.transforms import condition_and_target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    cond: Tensor  # [B, 3, 1, H, W]: L (grey mode) or line art (line-art mode) of t-1, t, t+1
+    target: Tensor  # [B, 3, C, H, W]: a,b (C=2, grey mode) or Lab (C=3, line-art mode)
+    keys: list[str]
+
+
+def dali_available() -> bool:
+    return importlib.util.find_spec("nvidia.dali") is not None
+
+
+class TripletLoader:
+    def __init__(
+        self,
+        cfg,  # DataConfig (trainer.config)
+        mode: str,
+        split: str,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        seed: int,
+        shuffle: bool = True,
+    ):
+        self.cfg, self.mode, self.split = cfg, str(getattr(mode, "value", mode)), split
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.seed, self.shuffle = seed, shuffle
+        self.backend = str(getattr(cfg.backend, "value", cfg.backend))
+        if self.backend == "dali" and not dali_available():
+            log.warning("DALI is not installed here; using the webdataset backend instead")
+            self.backend = "webdataset"
+        self.samples: SampleSet = scan_split(Path(cfg.shards), split, world_size)
+        small = [s for s in self.samples.frame_sizes if min(s) < cfg.crop_size]
+        if small:
+            raise NoSamplesError(
+                f"{cfg.shards}: frames of size {small} are smaller than data.crop_size = "
+                f"{cfg.crop_size}; rebuild the shards with a larger --short-side"
+            )
+        self.samples_per_rank = len(self.samples) // world_size
+        self.steps_per_epoch = self.samples_per_rank // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise NoSamplesError(
+                f"{cfg.shards}: {self.samples_per_rank} samples per rank in split {split!r} "
+                f"make no full batch of data.batch_size = {cfg.batch_size}"
+            )
+        self.epoch = 0
+        self._step = 0  # batches already given out in the current epoch
+        self._resume_from: bytes | None = None
+        self._source = None  # the backend's iterator, built lazily (after a possible resume)
+        log.info(
+            "%s split: %d samples (%d skipped, %d trimmed), %d per rank, %d batches per epoch, "
+            "backend %s", split, len(self.samples), self.skipped_total, self.samples.trimmed,
+            self.samples_per_rank, self.steps_per_epoch, self.backend,
+        )
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return dict(self.samples.skipped)
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.samples.skipped.values())
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def _make_source(self):
+        if self.backend == "dali":
+            from trainer.data.dali_source import DaliSource
+
+            return DaliSource(self, self._resume_from)
+        from trainer.data.wds_source import WebDatasetSource
+
+        return WebDatasetSource(self)
+
+    def __iter__(self):
+        if self._source is None:
+            self._source = self._make_source()
+        while self._step < self.steps_per_epoch:
+            frames, keys = self._source.next()
+            self._step += 1
+            cond, target = condition_and_target(
+                frames.to(self.device, non_blocking=True),
+                self.mode,
+                self.cfg.canny_low,
+                self.cfg.canny_high,
+            )
+            yield Batch(cond, target, keys)
+        self._source.end_epoch()
+        self.epoch += 1
+        self._step = 0
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "step": self._step,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "backend": self.backend,
+            "fingerprint": self.samples.fingerprint(),
+            "source": self._source.state() if self._source is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume where `state` was saved. The exact position only applies to the same
+        samples, world size, rank and backend; otherwise the saved epoch restarts cleanly."""
+        self.epoch, self._step, self._source = state["epoch"], 0, None
+        self._resume_from = None
+        same = all(
+            state[k] == v
+            for k, v in (
+                ("world_size", self.world_size),
+                ("rank", self.rank),
+                ("backend", self.backend),
+                ("fingerprint", self.samples.fingerprint()),
+            )
+        )
+        if not same:
+            log.warning(
+                "data position saved with world size %d (backend %s) does not apply to world "
+                "size %d (backend %s) or to changed shards: restarting epoch %d from its start",
+                state["world_size"], state["backend"], self.world_size, self.backend,
+                self.epoch,
+            )
+        else:
+            self._step, self._resume_from = state["step"], state["source"]

@@ -1,0 +1,44 @@
+"""On-device conversion of decoded RGB triplets into what the models take.
+
+Runs in fp32 whatever the autocast state: Lab in bf16 is off by about 0.5 L.
+"""
+
+from __future__ import annotations
+
+import kornia
+import torch
+from torch import Tensor
+
+from models.colour import normalize_lab
+
+
+def rgb_to_lab_triplets(frames: Tensor) -> Tensor:
+    """uint8 RGB [B, 3, H, W, 3] (frames t-1, t, t+1, channels last, as DALI gives them)
+    -> normalized Lab [B, 3, 3, H, W] in [-1, 1] (`models.colour`), fp32."""
+    b, t, h, w, _ = frames.shape
+    with torch.autocast(frames.device.type, enabled=False):
+        rgb = frames.permute(0, 1, 4, 2, 3).reshape(b * t, 3, h, w).float() / 255.0
+        lab = kornia.color.rgb_to_lab(rgb)
+        return normalize_lab(lab).reshape(b, t, 3, h, w)
+
+
+def line_art(lab: Tensor, low: float, high: float) -> Tensor:
+    """Canny edges of the L channel as black lines on white: line -1, background +1.
+    lab: normalized Lab [N, 3, H, W] -> [N, 1, H, W] (the second seed's synthetic line art)."""
+    with torch.autocast(lab.device.type, enabled=False):
+        grey = (lab[:, :1].float() + 1.0) / 2.0  # L in [0, 1]
+        _, edges = kornia.filters.canny(grey, low_threshold=low, high_threshold=high)
+        return 1.0 - 2.0 * edges
+
+
+def condition_and_target(
+    frames: Tensor, mode: str, canny_low: float = 0.1, canny_high: float = 0.2
+) -> tuple[Tensor, Tensor]:
+    """uint8 RGB triplets [B, 3, H, W, 3] -> (condition, target), both [B, 3, C, H, W]:
+    grey mode: L (C=1) and a,b (C=2); line-art mode: line art (C=1) and Lab (C=3)."""
+    lab = rgb_to_lab_triplets(frames)
+    if mode == "grey":
+        return lab[:, :, :1], lab[:, :, 1:]
+    b, t, c, h, w = lab.shape
+    edges = line_art(lab.reshape(b * t, c, h, w), canny_low, canny_high)
+    return edges.reshape(b, t, 1, h, w), lab
