@@ -81,9 +81,10 @@ def check_model_config(cfg: ModelConfig) -> None:
     """Raise ValueError naming the field and the fix for any invalid model setting."""
     for key, enum_cls in (("mode", Mode), ("norm", Norm), ("d_head", DHead)):
         choice(enum_cls, getattr(cfg, key), key)
-    for key in ("ngf", "ndf", "depth"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"{key}: must be >= 1, got {getattr(cfg, key)}")
+    # ngf >= 4: the temporal fusion gives each neighbour frame a quarter of the channels
+    for key, low in (("ngf", 4), ("ndf", 1), ("depth", 1)):
+        if getattr(cfg, key) < low:
+            raise ValueError(f"{key}: must be >= {low}, got {getattr(cfg, key)}")
     for key in ("p_drop", "scheduled_sampling"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise ValueError(f"{key}: a probability, must lie in [0, 1], got {getattr(cfg, key)}")

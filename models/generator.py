@@ -1,0 +1,156 @@
+"""Generators: one U-Net family, in the two modes of the seeds.
+
+Shapes for B clips of H x W frames; c_i = ngf * min(2**i, 8) channels at scale 1/2**i.
+
+Grey mode (first seed), `GreyUNet`:
+    condition     [B, 3, 1, H, W]       L of frames t-1, t, t+1, in [-1, 1]
+    Encoder       [B, 3, c_i, H/2**i, W/2**i], i = 0..depth   one weight set, every frame
+    Fusion        [B, c_d, H/2**d, W/2**d]   per-frame 1x1 projections (t: half the channels,
+                                             t-1 and t+1 a quarter each), concat, 3x3 conv
+    Decoder       [B, ngf, H, W]        upsample, concat the skip of frame t, conv; per stage
+    head, tanh    [B, 2, H, W]          a,b of frame t in [-1, 1]
+The colour frame is the input L with these a,b (`colour.compose_lab`): luminance is kept
+exactly, G only has to find chroma.
+
+Line-art mode (second seed, TCVC), `LineartUNet`:
+    line art of t [B, 1, H, W] ++ Lab of t-1 [B, 3, H, W]  -> [B, 4, H, W]
+    Encoder -> Fusion (one frame: 1x1 + 3x3) -> Decoder -> tanh   Lab of t [B, 3, H, W]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.blocks import check_frame_size, conv_block, lrelu
+from models.colour import black_lab_like
+from models.config import Mode, ModelConfig, Norm, check_model_config, choice
+
+
+def widths(ngf: int, depth: int) -> list[int]:
+    """Channels c_0..c_depth; capped at 8 * ngf as in pix2pix, the deep stages are tiny."""
+    return [ngf * min(2**i, 8) for i in range(depth + 1)]
+
+
+class Encoder(nn.Module):
+    """[N, c_in, H, W] -> features [N, c_i, H/2**i, W/2**i] for i = 0..depth."""
+
+    def __init__(self, c_in: int, chans: list[int], norm: Norm):
+        super().__init__()
+        # No normalization on the stem: on raw input it would erase each frame's mean
+        # brightness, a strong cue for colour (sky, shadow).
+        self.stem = conv_block(c_in, chans[0], 3, 1, None, lrelu())
+        self.down = nn.ModuleList(
+            conv_block(a, b, 4, 2, norm, lrelu()) for a, b in zip(chans, chans[1:])
+        )
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        feats = [self.stem(x)]
+        for block in self.down:
+            feats.append(block(feats[-1]))
+        return feats
+
+
+class Fusion(nn.Module):
+    """Bottleneck features of n frames [B, n, c, h, w] -> [B, c, h, w].
+
+    Each frame position has its own 1x1 projection, so the network knows which frame is
+    which; with three frames the centre one gets half the channels, since frame t is the
+    one being coloured and its neighbours only disambiguate it.
+    """
+
+    def __init__(self, c: int, n_frames: int, norm: Norm):
+        super().__init__()
+        shares = [c // 4, c - 2 * (c // 4), c // 4] if n_frames == 3 else [c]
+        self.proj = nn.ModuleList(nn.Conv2d(c, s, 1) for s in shares)
+        self.mix = conv_block(c, c, 3, 1, norm, lrelu())
+
+    def forward(self, feats: Tensor) -> Tensor:
+        return self.mix(torch.cat([p(feats[:, k]) for k, p in enumerate(self.proj)], dim=1))
+
+
+class Decoder(nn.Module):
+    """Bottleneck [B, c_d, H/2**d, W/2**d], skips [B, c_i, H/2**i, W/2**i] -> [B, c_out, H, W].
+
+    tanh output, in [-1, 1] like the normalized Lab targets.
+    """
+
+    def __init__(self, chans: list[int], c_out: int, norm: Norm):
+        super().__init__()
+        # Nearest upsampling + conv instead of a transposed conv: no checkerboard artefacts
+        # (Odena et al. 2016), which flicker when they move from frame to frame.
+        self.up = nn.ModuleList(
+            conv_block(chans[i] + chans[i - 1], chans[i - 1], 3, 1, norm, nn.ReLU())
+            for i in range(len(chans) - 1, 0, -1)
+        )
+        self.head = nn.Conv2d(chans[0], c_out, 3, 1, 1)
+
+    def forward(self, x: Tensor, skips: list[Tensor]) -> Tensor:
+        for block, skip in zip(self.up, reversed(skips)):
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            x = block(torch.cat([x, skip], dim=1))
+        return torch.tanh(self.head(x))
+
+
+def _expect(x: Tensor, tail: tuple[int, ...], what: str) -> None:
+    if x.ndim != len(tail) + 3 or tuple(x.shape[1 : 1 + len(tail)]) != tail:
+        dims = ", ".join(["B", *map(str, tail), "H", "W"])
+        raise ValueError(f"{what}: expected shape [{dims}], got {list(x.shape)}")
+
+
+class GreyUNet(nn.Module):
+    """G(condition [B, 3, 1, H, W]) -> a,b of the centre frame [B, 2, H, W]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        norm = choice(Norm, cfg.norm, "norm")
+        chans = widths(cfg.ngf, cfg.depth)
+        self.depth, self.temporal = cfg.depth, cfg.temporal
+        self.encoder = Encoder(1, chans, norm)
+        self.fusion = Fusion(chans[-1], 3, norm)
+        self.decoder = Decoder(chans, 2, norm)
+
+    def forward(self, condition: Tensor) -> Tensor:
+        _expect(condition, (3, 1), "grey-mode condition (L of frames t-1, t, t+1)")
+        check_frame_size(*condition.shape[-2:], self.depth)
+        if self.temporal:
+            # Fold the frames into the batch: one pass, one weight set for all three.
+            feats = self.encoder(condition.flatten(0, 1))  # [B*3, c_i, h_i, w_i]
+            feats = [f.unflatten(0, (-1, 3)) for f in feats]  # [B, 3, c_i, h_i, w_i]
+        else:
+            # Per-frame ablation: frame t stands in for its neighbours. Same modules and
+            # parameter count, so the baseline differs only in what it sees.
+            centre = self.encoder(condition[:, 1])  # [B, c_i, h_i, w_i]
+            feats = [f.unsqueeze(1).expand(-1, 3, -1, -1, -1) for f in centre]
+        x = self.fusion(feats[-1])
+        return self.decoder(x, [f[:, 1] for f in feats[:-1]])  # skips from frame t only
+
+
+class LineartUNet(nn.Module):
+    """G(line art of t [B, 1, H, W], Lab of t-1 [B, 3, H, W]) -> Lab of t [B, 3, H, W]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        norm = choice(Norm, cfg.norm, "norm")
+        chans = widths(cfg.ngf, cfg.depth)
+        self.depth, self.temporal = cfg.depth, cfg.temporal
+        self.encoder = Encoder(1 + 3, chans, norm)
+        self.fusion = Fusion(chans[-1], 1, norm)
+        self.decoder = Decoder(chans, 3, norm)
+
+    def forward(self, lineart: Tensor, prev_colour: Tensor) -> Tensor:
+        _expect(lineart, (1,), "line art of frame t")
+        _expect(prev_colour, (3,), "previous colour frame (normalized Lab)")
+        check_frame_size(*lineart.shape[-2:], self.depth)
+        if not self.temporal:  # per-frame ablation: never a colour hint
+            prev_colour = black_lab_like(prev_colour)
+        feats = self.encoder(torch.cat([lineart, prev_colour], dim=1))
+        x = self.fusion(feats[-1].unsqueeze(1))
+        return self.decoder(x, feats[:-1])
+
+
+def build_generator(cfg: ModelConfig) -> GreyUNet | LineartUNet:
+    check_model_config(cfg)
+    mode = choice(Mode, cfg.mode, "mode")
+    return GreyUNet(cfg) if mode == Mode.grey else LineartUNet(cfg)

@@ -1,0 +1,106 @@
+"""The losses (models/losses.py) against their formulas, on hand-made tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models import GANLoss, LossConfig, build_loss
+
+# Two real and two fake logits, shaped like a tiny PatchGAN output [B=1, 1, 1, 2].
+REAL = torch.tensor([[[[0.5, 2.0]]]])
+FAKE = torch.tensor([[[[-1.0, 0.5]]]])
+LN3 = math.log(3.0)
+
+
+def loss(**kw) -> GANLoss:
+    return build_loss(LossConfig(**kw))
+
+
+@pytest.mark.parametrize(
+    "kind, real, fake, d_real, d_fake, g_adv",
+    [
+        # (r - 1)^2: 0.25, 1 -> 0.625;  f^2: 1, 0.25 -> 0.625;  (f - 1)^2: 4, 0.25 -> 2.125
+        ("lsgan", REAL, FAKE, 0.625, 0.625, 2.125),
+        # relu(1 - r): 0.5, 0 -> 0.25;  relu(1 + f): 0, 1.5 -> 0.75;  -f: 1, -0.5 -> 0.25
+        ("hinge", REAL, FAKE, 0.25, 0.75, 0.25),
+        # -log sigmoid(r) for r = 0, ln 3: ln 2, ln 4/3;  -log(1 - sigmoid(f)) for f = 0, ln 3:
+        # ln 2, ln 4;  G (non-saturating) -log sigmoid(f): ln 2, ln 4/3
+        (
+            "vanilla",
+            torch.tensor([[0.0], [LN3]]),
+            torch.tensor([[0.0], [LN3]]),
+            math.log(8 / 3) / 2,
+            math.log(8) / 2,
+            math.log(8 / 3) / 2,
+        ),
+    ],
+)
+def test_adversarial_losses_match_their_formulas(kind, real, fake, d_real, d_fake, g_adv):
+    L = loss(adversarial=kind)
+    d = L.d_loss(real, fake)
+    assert d.real.item() == pytest.approx(d_real, rel=1e-6)
+    assert d.fake.item() == pytest.approx(d_fake, rel=1e-6)
+    assert d.total.item() == pytest.approx(d_real + d_fake, rel=1e-6)
+    assert L.g_adv(fake).item() == pytest.approx(g_adv, rel=1e-6)
+
+
+def test_pixel_losses_and_weighting_match_their_formulas():
+    pred = torch.tensor([0.5, -0.5, 1.0, 0.0]).view(1, 1, 2, 2)
+    target = torch.zeros(1, 1, 2, 2)
+    assert loss(pixel="l1").pixel(pred, target).item() == pytest.approx(0.5)  # (.5+.5+1+0)/4
+    assert loss(pixel="l2").pixel(pred, target).item() == pytest.approx(0.375)  # (.25+.25+1)/4
+    # G: lambda_adv * lsgan + lambda_pixel * l1 = 3 * 2.125 + 20 * 0.5
+    g = loss(lambda_adv=3.0).g_loss(FAKE, pred, target)
+    assert (g.adv.item(), g.pixel.item()) == pytest.approx((2.125, 0.5))
+    assert g.total.item() == pytest.approx(3 * 2.125 + 20 * 0.5)
+
+
+def test_defaults_are_the_first_seeds():
+    L = loss()
+    assert (L.adversarial.value, L.pixel_kind.value) == ("lsgan", "l1")
+    assert (L.lambda_adv, L.lambda_pixel) == (1.0, 20.0)
+
+
+@pytest.mark.parametrize("kind", ["lsgan", "vanilla", "hinge"])
+def test_losses_are_fp32_under_autocast(kind):
+    """bf16 logits in, an autocast region around: the result is the fp32 value of the inputs."""
+    torch.manual_seed(0)
+    real = (torch.randn(4, 1, 8, 8) * 3).bfloat16()
+    fake = (torch.randn(4, 1, 8, 8) * 3).bfloat16()
+    pred, target = torch.rand(4, 2, 8, 8).bfloat16(), torch.rand(4, 2, 8, 8).bfloat16()
+    L = loss(adversarial=kind)
+    reference = (
+        L.d_loss(real.float(), fake.float()),
+        L.g_loss(fake.float(), pred.float(), target.float()),
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d, g = L.d_loss(real, fake), L.g_loss(fake, pred, target)
+    for got, want in zip((*d, *g), (*reference[0], *reference[1])):
+        assert got.dtype == torch.float32
+        assert torch.equal(got, want)
+
+
+def test_losses_backpropagate_to_logits():
+    real = torch.tensor([0.3, -0.2], requires_grad=True)
+    fake = torch.tensor([0.1, 0.4], requires_grad=True)
+    L = loss()
+    L.d_loss(real, fake).total.backward()
+    # d/dr mean((r - 1)^2) = (r - 1); d/df mean(f^2) = f   (means over 2 elements)
+    torch.testing.assert_close(real.grad, real.detach() - 1)
+    torch.testing.assert_close(fake.grad, fake.detach())
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(adversarial="wgan"), "adversarial: unknown option 'wgan'; expected one of: lsgan"),
+        (dict(pixel="l3"), "pixel: unknown option 'l3'; expected one of: l1, l2"),
+        (dict(lambda_pixel=-1.0), "lambda_pixel: a loss weight, must be >= 0"),
+    ],
+)
+def test_unknown_or_invalid_option_is_a_clear_error(change, message):
+    with pytest.raises(ValueError, match=message):
+        loss(**change)

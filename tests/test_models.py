@@ -1,0 +1,369 @@
+"""Behaviour of the generators and discriminators (models/), tiny and on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+from torch.nn.utils import parametrize
+
+from models import (
+    DHead,
+    LossConfig,
+    Mode,
+    ModelConfig,
+    Norm,
+    assemble_d_input,
+    black_lab_like,
+    build_discriminator,
+    build_generator,
+    build_loss,
+    d_in_channels,
+    previous_colour,
+)
+from models.generator import GreyUNet, LineartUNet
+from models.summary import main as summary_main
+from models.summary import receptive_field
+
+TINY = dict(ngf=8, ndf=8, depth=3)  # frames must be multiples of 8
+
+
+def tiny(**kw) -> ModelConfig:
+    return ModelConfig(**{**TINY, **kw})
+
+
+def smooth(*shape: int) -> torch.Tensor:
+    """Random values in [-1, 1] varying smoothly in space, like image content."""
+    coarse = torch.rand(*shape[:-2], 4, 4).reshape(-1, 1, 4, 4) * 2 - 1
+    return F.interpolate(coarse, size=shape[-2:], mode="bilinear").reshape(shape)
+
+
+def grey_batch(b: int = 2, h: int = 32, w: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """condition [B, 3, 1, H, W] (L), target [B, 3, 2, H, W] (a,b), normalized."""
+    return smooth(b, 3, 1, h, w), 0.5 * smooth(b, 3, 2, h, w)
+
+
+def lineart_batch(b: int = 2, h: int = 32, w: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """condition [B, 3, 1, H, W] (line art, -1 lines on +1), target [B, 3, 3, H, W] (Lab)."""
+    lines = torch.where(torch.rand(b, 3, 1, h, w) < 0.1, -1.0, 1.0)
+    return lines, smooth(b, 3, 3, h, w)
+
+
+# --- generator: shapes, ranges, modes -------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm", list(Norm))
+def test_grey_generator_shapes_and_range(norm):
+    torch.manual_seed(0)
+    G = build_generator(tiny(norm=norm))
+    cond, _ = grey_batch(2, 32, 48)  # not square: H and W are handled separately
+    ab = G(100 * cond)  # huge inputs: only the tanh keeps the output in range
+    assert isinstance(G, GreyUNet)
+    assert ab.shape == (2, 2, 32, 48)
+    assert ab.abs().max() <= 1.0 and ab.abs().max() > 0.5
+    assert ab.std() > 0
+
+
+def test_lineart_generator_shapes_and_range():
+    torch.manual_seed(0)
+    G = build_generator(tiny(mode=Mode.lineart))
+    cond, target = lineart_batch(2, 48, 32)
+    lab = G(100 * cond[:, 1], 100 * target[:, 0])
+    assert isinstance(G, LineartUNet)
+    assert lab.shape == (2, 3, 48, 32)
+    assert lab.abs().max() <= 1.0 and lab.abs().max() > 0.5
+
+
+def test_yaml_strings_build_the_same_networks():
+    """The config tree delivers enum members from YAML strings; the builders take a DictConfig."""
+    yaml = "mode: lineart\nnorm: instance\nd_head: global\nngf: 8\nndf: 8\ndepth: 3\n"
+    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.create(yaml))
+    assert cfg.norm is Norm.instance and cfg.d_head is DHead["global"]
+    G, D = build_generator(cfg), build_discriminator(cfg)
+    assert isinstance(G, LineartUNet)
+    assert any(isinstance(m, nn.InstanceNorm2d) for m in G.modules())
+    assert D(torch.zeros(1, d_in_channels(cfg), 32, 32)).shape == (1, 1)
+
+
+# --- temporal structure of the grey generator ----------------------------------------------
+
+
+def test_shared_encoder_one_parameter_set_gradients_from_all_three_frames():
+    torch.manual_seed(0)
+    G = build_generator(tiny(norm=Norm.group))
+    # one encoder: exactly one conv reads a raw 1-channel frame
+    assert len([m for m in G.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 1]) == 1
+    stem = G.encoder.stem[0]
+    seen = {}
+    stem.register_forward_hook(lambda m, i, out: seen.update(out=out))
+    cond, target = grey_batch(2)
+    loss = (G(cond) - target[:, 1]).abs().mean()
+    loss.backward(retain_graph=True)
+    # frames are folded into the batch: [B * 3, c, H, W] -> split the stem's output per frame
+    out = seen["out"]
+    (g_out,) = torch.autograd.grad(loss, out, retain_graph=True)
+    parts = []
+    for k in range(3):
+        mask = torch.zeros(2, 3, 1, 1, 1)
+        mask[:, k] = 1
+        (part,) = torch.autograd.grad(
+            out, stem.weight, (g_out.unflatten(0, (2, 3)) * mask).flatten(0, 1), retain_graph=True
+        )
+        parts.append(part)
+        assert part.norm() > 1e-3 * stem.weight.grad.norm(), f"no gradient from frame {k}"
+    # the one weight tensor's gradient is the sum of the three frames' contributions
+    torch.testing.assert_close(sum(parts), stem.weight.grad)
+
+
+def _decoder_inputs(G: GreyUNet, cond: torch.Tensor) -> tuple[torch.Tensor, list, torch.Tensor]:
+    seen = {}
+    handle = G.decoder.register_forward_pre_hook(lambda m, args: seen.update(args=args))
+    with torch.no_grad():
+        out = G(cond)
+    handle.remove()
+    bottleneck, skips = seen["args"]
+    return bottleneck, skips, out
+
+
+def test_skips_come_from_the_centre_frame():
+    torch.manual_seed(0)
+    G = build_generator(tiny(norm=Norm.instance)).eval()
+    cond, _ = grey_batch(2)
+    noise = 0.5 * smooth(2, 1, 32, 32)
+    base_b, base_skips, base = _decoder_inputs(G, cond)
+    change = {}
+    for k in range(3):
+        moved = cond.clone()
+        moved[:, k] += noise
+        b, skips, out = _decoder_inputs(G, moved)
+        same_skips = all(torch.equal(s, t) for s, t in zip(skips, base_skips))
+        assert same_skips == (k != 1), f"frame {k}: skips should change iff the centre moves"
+        assert not torch.equal(b, base_b), f"frame {k} does not reach the bottleneck"
+        change[k] = (out - base).abs().mean().item()
+    assert change[0] < change[1] and change[2] < change[1], change
+    assert change[0] > 0 and change[2] > 0, change
+
+
+def test_per_frame_ablation_ignores_neighbours_with_the_same_parameters():
+    torch.manual_seed(0)
+    temporal = build_generator(tiny(norm=Norm.instance))
+    ablation = build_generator(tiny(norm=Norm.instance, temporal=False)).eval()
+    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    assert count(ablation) == count(temporal)
+    cond, _ = grey_batch(2)
+    moved = cond.clone()
+    moved[:, [0, 2]] = -moved[:, [0, 2]]
+    with torch.no_grad():
+        torch.testing.assert_close(ablation(moved), ablation(cond), rtol=0, atol=0)
+        moved[:, 1] += 0.5
+        assert not torch.equal(ablation(moved), ablation(cond))
+
+
+def test_lineart_uses_the_previous_colour_unless_per_frame():
+    torch.manual_seed(0)
+    cond, target = lineart_batch(2)
+    for temporal in (True, False):
+        G = build_generator(tiny(mode=Mode.lineart, norm=Norm.group, temporal=temporal)).eval()
+        with torch.no_grad():
+            a = G(cond[:, 1], target[:, 0])
+            b = G(cond[:, 1], black_lab_like(target[:, 0]))
+        assert torch.equal(a, b) == (not temporal)
+
+
+# --- line-art training input ---------------------------------------------------------------
+
+
+def test_previous_colour_black_truth_and_own_prediction():
+    torch.manual_seed(0)
+    cond, target = lineart_batch(64)
+    G = build_generator(tiny(mode=Mode.lineart, norm=Norm.group)).eval()
+    black = black_lab_like(target[:, 0])
+    assert torch.equal(previous_colour(G, cond, target, tiny(p_drop=1.0)), black)
+    assert torch.equal(previous_colour(G, cond, target, tiny(p_drop=0.0)), target[:, 0])
+    with torch.no_grad():
+        own = G(cond[:, 0], black)
+    out = previous_colour(G, cond, target, tiny(p_drop=0.0, scheduled_sampling=1.0))
+    torch.testing.assert_close(out, own)
+    # a mixture: every sample is exactly one of the three, in about the right proportions
+    gen = torch.Generator().manual_seed(1)
+    out = previous_colour(G, cond, target, tiny(p_drop=0.5, scheduled_sampling=0.25), gen)
+    kinds = [
+        next(i for i, ref in enumerate((black, target[:, 0], own)) if torch.equal(o, ref[j]))
+        for j, o in enumerate(out)
+    ]
+    counts = [kinds.count(i) for i in range(3)]
+    assert 20 <= counts[0] <= 44 and 8 <= counts[1] <= 26 and 6 <= counts[2] <= 26, counts
+
+
+# --- discriminators -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+@pytest.mark.parametrize("conditional", [True, False])
+@pytest.mark.parametrize("temporal", [True, False])
+@pytest.mark.parametrize("head", list(DHead))
+def test_discriminator_input_and_output_shapes(mode, conditional, temporal, head):
+    cfg = tiny(mode=mode, d_conditional=conditional, d_temporal=temporal, d_head=head)
+    cond, target = grey_batch(2, 32, 64) if mode == Mode.grey else lineart_batch(2, 32, 64)
+    x = assemble_d_input(cfg, cond, target[:, 1], target)
+    c = target.shape[2]
+    assert x.shape == (2, d_in_channels(cfg), 32, 64)
+    assert d_in_channels(cfg) == (3 if temporal else 1) * (c + conditional)
+    logits = build_discriminator(cfg)(x)
+    assert logits.shape == ((2, 1, 2, 6) if head == DHead.patch else (2, 1))
+
+
+def test_d_input_layout():
+    cond, target = grey_batch(2)
+    fake = torch.rand(2, 2, 32, 32)
+    # conditional, per frame: L then a,b -- the Lab frame, with G's chroma
+    x = assemble_d_input(tiny(), cond, fake)
+    assert torch.equal(x, torch.cat([cond[:, 1], fake], dim=1))
+    assert torch.equal(assemble_d_input(tiny(d_conditional=False), cond, fake), fake)
+    # temporal: the real neighbours surround the judged frame, each with its condition
+    x = assemble_d_input(tiny(d_temporal=True), cond, fake, target)
+    frames = [target[:, 0], fake, target[:, 2]]
+    assert torch.equal(x, torch.cat([t for k in range(3) for t in (cond[:, k], frames[k])], 1))
+    with pytest.raises(ValueError, match="needs the real triplet"):
+        assemble_d_input(tiny(d_temporal=True), cond, fake)
+
+
+@pytest.mark.parametrize("head", list(DHead))
+def test_spectral_norm_bounds_every_layer(head):
+    torch.manual_seed(0)
+    cfg = tiny(d_head=head)
+    D = build_discriminator(cfg)
+    layers = [m for m in D.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    assert layers and all(parametrize.is_parametrized(m, "weight") for m in layers)
+    norms = (nn.BatchNorm2d, nn.InstanceNorm2d, nn.GroupNorm, nn.LayerNorm)
+    assert not any(isinstance(m, norms) for m in D.modules())
+    with torch.no_grad():  # new weights, far from norm 1, unrelated to the stored u, v
+        for m in layers:
+            m.parametrizations.weight.original.normal_(0, 0.5)
+        x = torch.randn(2, d_in_channels(cfg), 32, 32)
+        for _ in range(50):  # one power iteration per training-mode forward
+            D(x)
+        D.eval()
+        for m in layers:
+            raw = torch.linalg.matrix_norm(m.parametrizations.weight.original.flatten(1), ord=2)
+            sigma = torch.linalg.matrix_norm(m.weight.flatten(1), ord=2)
+            assert raw > 2.5  # so the bound below is spectral norm's doing
+            assert 0.999 < sigma < 1.02, (m, sigma)
+
+
+def test_spectral_norm_weight_is_computed_outside_autocast():
+    """Under autocast the power iteration (mv, dot) must not drop to low precision."""
+    cfg = tiny()
+    D = build_discriminator(cfg)
+    states = []
+    for m in D.modules():
+        if parametrize.is_parametrized(m, "weight"):
+            sn = m.parametrizations.weight[0]
+            sn.register_forward_hook(lambda *_: states.append(torch.is_autocast_enabled("cpu")))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = D(torch.randn(1, d_in_channels(cfg), 32, 32))
+    assert out.dtype == torch.bfloat16  # the convs themselves still autocast
+    assert states and not any(states)
+
+
+def test_patch_discriminator_sees_70x70_and_global_the_whole_frame():
+    assert receptive_field("D", tiny(depth=5)) == 70
+    assert receptive_field("D", tiny(d_head="global")) is None
+
+
+def test_summary_lists_every_network(capsys):
+    assert summary_main(["ngf=8", "ndf=8", "depth=3"]) == 0
+    out = capsys.readouterr().out
+    for name in ("G grey", "G lineart", "D patch (grey)", "D global (lineart)"):
+        assert f"| {name} |" in out
+    assert "| 70 px |" in out and "[1, 2, 480, 480]" in out
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_bad_frame_size_is_a_clear_error(mode):
+    G = build_generator(tiny(mode=mode))
+    msg = r"frame size 36x32 is not a multiple of 8 \(2\*\*depth, depth=3\)"
+    with pytest.raises(ValueError, match=msg):
+        if mode == Mode.grey:
+            G(torch.zeros(1, 3, 1, 36, 32))
+        else:
+            G(torch.zeros(1, 1, 36, 32), torch.zeros(1, 3, 36, 32))
+    for head in DHead:
+        D = build_discriminator(tiny(mode=mode, d_head=head))
+        with pytest.raises(ValueError, match=msg):
+            D(torch.zeros(1, d_in_channels(tiny(mode=mode)), 36, 32))
+    with pytest.raises(ValueError, match="patch D needs frames of at least 24x24"):
+        build_discriminator(tiny(mode=mode))(torch.zeros(1, d_in_channels(tiny(mode=mode)), 16, 16))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            dict(norm="layer"),
+            "norm: unknown option 'layer'; expected one of: batch, instance, group",
+        ),
+        (dict(mode="rgb"), "mode: unknown option 'rgb'; expected one of: grey, lineart"),
+        (dict(d_head="pixel"), "d_head: unknown option 'pixel'; expected one of: patch, global"),
+        (dict(ngf=2), "ngf: must be >= 4"),
+        (dict(depth=0), "depth: must be >= 1"),
+        (dict(p_drop=1.5), r"p_drop: a probability, must lie in \[0, 1\]"),
+        (dict(p_drop=0.8, scheduled_sampling=0.4), "p_drop \\+ scheduled_sampling"),
+    ],
+)
+def test_unknown_or_invalid_option_is_a_clear_error(change, message):
+    for build in (build_generator, build_discriminator):
+        with pytest.raises(ValueError, match=message):
+            build(tiny(**change))
+
+
+def test_wrong_input_shape_is_a_clear_error():
+    G = build_generator(tiny())
+    with pytest.raises(ValueError, match=r"expected shape \[B, 3, 1, H, W\], got \[2, 1, 32, 32\]"):
+        G(torch.zeros(2, 1, 32, 32))
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_overfit_one_batch_trains_g_and_d(mode):
+    """A few hundred G and D steps on one batch: the pixel loss falls far, D's weights move.
+
+    Line-art mode also runs its training-time hint (black / own prediction / truth) and the
+    temporal D.
+    """
+    torch.manual_seed(0)
+    grey = mode == Mode.grey
+    cfg = tiny(mode=mode, norm=Norm.instance, d_temporal=not grey, scheduled_sampling=0.25)
+    G, D = build_generator(cfg), build_discriminator(cfg)
+    loss = build_loss(LossConfig())
+    opt_g = torch.optim.Adam(G.parameters(), lr=2e-3, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), lr=4e-4, betas=(0.5, 0.999))
+    d_start = [p.detach().clone() for p in D.parameters()]
+    cond, target = grey_batch(2) if grey else lineart_batch(2)
+    real = target[:, 1]
+    pixel = []
+    for _ in range(300):
+        fake = G(cond) if grey else G(cond[:, 1], previous_colour(G, cond, target, cfg))
+        real_logits = D(assemble_d_input(cfg, cond, real, target))
+        d = loss.d_loss(real_logits, D(assemble_d_input(cfg, cond, fake.detach(), target)))
+        opt_d.zero_grad(set_to_none=True)
+        d.total.backward()
+        opt_d.step()
+        D.requires_grad_(False)  # G's step must leave no gradient in D
+        g = loss.g_loss(D(assemble_d_input(cfg, cond, fake, target)), fake, real)
+        opt_g.zero_grad(set_to_none=True)
+        g.total.backward()
+        opt_g.step()
+        D.requires_grad_(True)
+        assert torch.isfinite(g.total) and torch.isfinite(d.total)
+        pixel.append(g.pixel.item())
+    assert pixel[-1] < 0.3 * pixel[0], (pixel[0], pixel[-1])
+    moved = [(p - p0).abs().max().item() for p, p0 in zip(D.parameters(), d_start)]
+    assert min(moved) > 0, "some D parameter never trained"
