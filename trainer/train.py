@@ -1,0 +1,177 @@
+"""The training loop, top to bottom: build, then for each batch one GAN step, with logging,
+images and validation at their intervals, and the export of the EMA generator at the end."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from models import build_discriminator, build_generator, build_loss
+from shards.manifest import load_manifest
+from trainer.data import TripletLoader
+from trainer.ema import EMA
+from trainer.export import export_generator
+from trainer.metrics import ColorizationMetrics
+from trainer.run_log import RunLog
+from trainer.sn_sync import broadcast_spectral_norm, spectral_norm_sigmas
+from trainer.step import GAN, train_step
+from trainer.validate import colorize_triplet, image_grid, validate
+
+log = logging.getLogger(__name__)
+
+
+def lr_lambda(cfg, total_steps: int):
+    """Multiplier of the base learning rate at a given G step: warm-up, then the decay."""
+    warmup, decay = cfg.optim.warmup_steps, cfg.optim.decay
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if decay == "linear":
+            return max(0.0, 1.0 - progress)
+        if decay == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def build_gan(cfg, accelerator: Accelerator) -> GAN:
+    G, D = build_generator(cfg.model), build_discriminator(cfg.model)
+    if cfg.model.norm.value == "batch" and accelerator.num_processes > 1:
+        if accelerator.device.type == "cuda":
+            G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(G)
+        else:  # SyncBatchNorm refuses CPU tensors: each rank normalizes its own batch
+            log.warning("model.norm=batch on CPU ranks: BatchNorm statistics are per rank; "
+                        "prefer model.norm=group or instance")
+    betas = (cfg.optim.beta1, cfg.optim.beta2)
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g, betas=betas)
+    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d, betas=betas)
+    G, D, opt_G, opt_D = accelerator.prepare(G, D, opt_G, opt_D)
+    broadcast_spectral_norm(accelerator.unwrap_model(D))  # ranks start with rank 0's u, v
+    return GAN(
+        G, D, opt_G, opt_D,
+        loss=build_loss(cfg.loss),
+        ema=EMA(accelerator.unwrap_model(G), cfg.train.ema_decay),
+        model_cfg=cfg.model,
+        grad_clip=cfg.optim.grad_clip,
+        d_steps_per_g=cfg.optim.d_steps_per_g,
+    )
+
+
+def make_val_loader(cfg, accelerator: Accelerator, mode: str):
+    val = load_manifest(Path(cfg.data.shards))["splits"].get("val", {"samples": 0})
+    needed = accelerator.num_processes * cfg.data.batch_size
+    if val["samples"] < needed:
+        log.warning("val split has %d samples, fewer than one batch per rank (%d): "
+                    "validation is off", val["samples"], needed)
+        return None
+    return TripletLoader(cfg.data, mode, "val", accelerator.process_index,
+                         accelerator.num_processes, accelerator.device, cfg.train.seed,
+                         shuffle=False)
+
+
+def train(cfg, accelerator: Accelerator, run_dir: Path) -> dict[str, float]:
+    mode = cfg.model.mode.value
+    gan = build_gan(cfg, accelerator)
+    loader = TripletLoader(cfg.data, mode, "train", accelerator.process_index,
+                           accelerator.num_processes, accelerator.device, cfg.train.seed)
+    val_loader = make_val_loader(cfg, accelerator, mode)
+    metrics = ColorizationMetrics().to(accelerator.device)
+    total_steps = cfg.train.max_steps or cfg.train.epochs * len(loader)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
+                  for opt in (gan.opt_G, gan.opt_D)]  # not prepared: they step once per step
+    run_log = RunLog(run_dir, accelerator.is_main_process)
+    global_batch = cfg.data.batch_size * accelerator.num_processes
+    log.info("training %d steps, %d triplets per step over %d processes",
+             total_steps, global_batch, accelerator.num_processes)
+
+    step, samples_seen, nonfinite_streak, skipped_total = 0, 0, 0, 0
+    sums: dict[str, torch.Tensor] = {}
+    wait = compute = 0.0
+    final: dict[str, float] = {}
+    bar = tqdm(total=total_steps, desc="train", unit="step",
+               disable=not accelerator.is_main_process)
+    try:
+        while step < total_steps:
+            batches = iter(loader)
+            while step < total_steps:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    break  # end of the epoch
+                t1 = time.perf_counter()
+                out = train_step(accelerator, gan, batch)
+                for scheduler in schedulers:
+                    scheduler.step()
+                t2 = time.perf_counter()
+                wait, compute = wait + (t1 - t0), compute + (t2 - t1)
+                step += 1
+                samples_seen += global_batch
+                skipped = "Skipped/G" in out or "Skipped/D" in out
+                skipped_total += int(skipped)
+                nonfinite_streak = nonfinite_streak + 1 if skipped else 0
+                if nonfinite_streak >= cfg.train.max_nonfinite:
+                    raise FloatingPointError(
+                        f"{nonfinite_streak} steps in a row had a non-finite loss (step {step}); "
+                        "stopping instead of training on garbage: lower the learning rate, "
+                        "use bf16 instead of fp16, or set optim.grad_clip"
+                    )
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float()
+                bar.update(1)
+
+                if step % cfg.train.log_every == 0 or step == total_steps:
+                    scalars = {k: v.item() / cfg.train.log_every
+                               for k, v in accelerator.reduce(sums, "mean").items()}
+                    scalars |= {
+                        "Progress/samples_seen": samples_seen,
+                        "Progress/epoch": loader.epoch,
+                        "Skipped/total": skipped_total,
+                        "Data/skipped_samples": loader.skipped_total,
+                        "Timing/data_wait_fraction": wait / max(wait + compute, 1e-9),
+                        "Timing/triplets_per_s": global_batch * cfg.train.log_every
+                        / max(wait + compute, 1e-9),
+                        "LR/G": schedulers[0].get_last_lr()[0],
+                        "LR/D": schedulers[1].get_last_lr()[0],
+                    }
+                    sigmas = spectral_norm_sigmas(accelerator.unwrap_model(gan.D))
+                    scalars |= {f"SpectralNorm/sigma/{n}": s.item() for n, s in sigmas.items()}
+                    run_log.scalars(scalars, step)
+                    bar.set_postfix(D=f"{scalars['Loss/D/total']:.3f}",
+                                    G=f"{scalars['Loss/G/total']:.3f}",
+                                    tps=f"{scalars['Timing/triplets_per_s']:.1f}")
+                    sums, wait, compute = {}, 0.0, 0.0
+
+                last = step == total_steps
+                if cfg.train.image_every and (step % cfg.train.image_every == 0 or last):
+                    if accelerator.is_main_process:  # G_ema only: D's u, v are not touched
+                        with torch.no_grad():
+                            pred = colorize_triplet(gan.ema.model, batch.cond, mode)
+                        run_log.images("Images/train", image_grid(batch, pred, mode), step)
+                if val_loader is not None and (
+                    (cfg.train.val_every and step % cfg.train.val_every == 0) or last
+                ):
+                    final, first = validate(gan.ema.model, val_loader, metrics, mode)
+                    run_log.evaluation(final, step)
+                    if first is not None:
+                        run_log.images("Images/val", image_grid(first[0], first[1], mode), step)
+                    log.info("step %d validation: %s", step, format_metrics(final))
+    finally:
+        bar.close()
+        run_log.close()
+    if accelerator.is_main_process:
+        export_generator(gan.ema.model, cfg.model, run_dir / "export", step)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())

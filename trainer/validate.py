@@ -1,0 +1,68 @@
+"""Validation: the EMA generator colorizes the val split, every rank a slice, metrics reduced.
+
+G predicts the centre frame of a window; to score temporal consistency we need all three
+frames of a triplet colorized, so each is predicted the way inference does it at a clip's
+edges: grey mode from the windows (t-1, t-1, t), (t-1, t, t+1), (t, t+1, t+1); line-art
+mode recurrently, from black for frame t-1 and then from its own previous output.
+"""
+
+from __future__ import annotations
+
+import kornia
+import torch
+from torch import Tensor, nn
+
+from models.colour import black_lab_like, denormalize_lab
+from trainer.data import Batch
+
+
+def lab_to_rgb(lab: Tensor) -> Tensor:
+    """Normalized Lab [..., 3, H, W] -> RGB in [0, 1], fp32."""
+    shape = lab.shape
+    rgb = kornia.color.lab_to_rgb(denormalize_lab(lab.float().reshape(-1, *shape[-3:])))
+    return rgb.clamp(0, 1).reshape(shape)
+
+
+@torch.no_grad()
+def colorize_triplet(G: nn.Module, cond: Tensor, mode: str) -> Tensor:
+    """Normalized Lab of all three frames [B, 3, 3, H, W] from the condition [B, 3, 1, H, W]."""
+    if mode == "grey":
+        windows = (cond[:, [0, 0, 1]], cond, cond[:, [1, 2, 2]])
+        ab = torch.stack([G(w).float() for w in windows], dim=1)
+        return torch.cat([cond.float(), ab], dim=2)
+    frames, prev = [], None
+    for t in range(3):
+        prev = black_lab_like(torch.empty(cond.shape[0], 3, *cond.shape[-2:],
+                                          device=cond.device)) if prev is None else prev
+        prev = G(cond[:, t], prev).float()
+        frames.append(prev)
+    return torch.stack(frames, dim=1)
+
+
+def truth_lab(batch: Batch, mode: str) -> Tensor:
+    return torch.cat([batch.cond, batch.target], dim=2) if mode == "grey" else batch.target
+
+
+def image_grid(batch: Batch, pred_lab: Tensor, mode: str, rows: int = 4) -> Tensor:
+    """RGB [3, H', W']: per sample a row of condition | prediction | truth, frames t-1, t, t+1."""
+    n = min(rows, pred_lab.shape[0])
+    cond = ((batch.cond[:n].float() + 1) / 2).expand(-1, -1, 3, -1, -1)  # grey as RGB
+    parts = [cond, lab_to_rgb(pred_lab[:n]), lab_to_rgb(truth_lab(batch, mode)[:n])]
+    row = torch.cat([f for part in parts for f in part.unbind(1)], dim=-1)  # [n, 3, H, 9W]
+    return torch.cat(list(row), dim=-2)  # [3, nH, 9W]
+
+
+@torch.no_grad()
+def validate(G: nn.Module, loader, metrics, mode: str):
+    """Run `metrics` (a torchmetrics collection; synced across ranks by `compute`) over the
+    val loader; returns (metric dict, first batch, its prediction) for the image grid."""
+    metrics.reset()
+    first = None
+    for batch in loader:  # always the whole split: a loader epoch is never cut short
+        pred = colorize_triplet(G, batch.cond, mode)
+        truth = truth_lab(batch, mode)
+        grey = (truth[:, :, :1].float() + 1) / 2  # the frames' luminance, for the flow
+        metrics.update(lab_to_rgb(pred), lab_to_rgb(truth), grey)
+        if first is None:
+            first = (batch, pred)
+    return {k: float(v) for k, v in metrics.compute().items()}, first
