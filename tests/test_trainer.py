@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,12 +35,18 @@ def shards(tmp_path_factory) -> Path:
     return out
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(*args: str, processes: int = 2, cwd=ROOT, timeout=600):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
            "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
+           "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=timeout)
@@ -87,7 +94,7 @@ def test_world_size_guard_refuses_a_mismatch(shards, tmp_path):
     env.pop("ACCELERATE_USE_CPU", None)
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-         "2", "--main_process_port", str(29700 + os.getpid() % 200), "trainer/main.py",
+         "2", "--main_process_port", str(free_port()), "trainer/main.py",
          "--config", "configs/demo.yaml", f"data.shards={shards}", f"runs_dir={tmp_path}"],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert result.returncode != 0
