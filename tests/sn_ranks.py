@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from omegaconf import OmegaConf
 
 from models import d_in_channels
+from trainer.checkpoint import Checkpointer
 from trainer.config import load_config
 from trainer.data import TripletLoader
 from trainer.sn_sync import broadcast_spectral_norm, ranks_disagree
@@ -50,11 +52,15 @@ if accelerator.is_main_process:  # a single-rank forward in train mode moves u o
 report["rank0_forward_unsynced"] = ranks_disagree(D)
 broadcast_spectral_norm(D)
 report["rank0_forward_synced"] = ranks_disagree(D)
-torch.save(D.state_dict(), ckpt_dir / f"D-{rank}.pt")  # each rank saves, then "resumes"
+# Save a real sharded checkpoint, then resume into a fresh GAN (seeded per rank again).
+checkpointer = Checkpointer(ckpt_dir / "run")
+model = OmegaConf.to_container(OmegaConf.structured(cfg.model), enum_to_str=True)
+path = checkpointer.save(3, gan, {"step": 3, "model": model}, loader.state_dict())
+torch.manual_seed(200 + rank)
 gan2 = build_gan(cfg, accelerator)
 D2 = accelerator.unwrap_model(gan2.D)
-D2.load_state_dict(torch.load(ckpt_dir / f"D-{rank}.pt"))
-broadcast_spectral_norm(D2)
+checkpointer.load(path, gan2, cfg.model)
+broadcast_spectral_norm(D2)  # what trainer.train.resume does after loading
 report["after_resume"] = ranks_disagree(D2)
 train_step(accelerator, gan2, next(batches))
 report["after_resume_step"] = ranks_disagree(D2)

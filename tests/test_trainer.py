@@ -4,52 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
+from launching import ROOT, free_port, launch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from videos import scene_video
 
-from shards.cli import main as shards_main
 from trainer.config import load_config
 from trainer.data import Batch
 from trainer.export import load_generator
 from trainer.train import build_gan
-
-ROOT = Path(__file__).parent.parent
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """Three videos of two scenes each (96x64): train and val splits, by scene."""
-    tmp = tmp_path_factory.mktemp("trainer")
-    videos = [scene_video(tmp / f"v{i}.mp4", [14, 14], width=96, height=64) for i in range(3)]
-    out = tmp / "shards"
-    assert shards_main(["build", *map(str, videos), "--out", str(out), "--short-side", "64",
-                        "--val-fraction", "0.34", "--samples-per-shard", "16"]) == 0
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(*args: str, processes: int = 2, cwd=ROOT, timeout=600):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
-           "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-           "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=timeout)
 
 
 def test_demo_config_trains_end_to_end_on_two_processes(shards, tmp_path):

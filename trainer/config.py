@@ -70,7 +70,7 @@ class TrainConfig:
     log_every: int = 10  # steps between scalar logs
     image_every: int = 100  # steps between image grids in TensorBoard; 0 = never
     val_every: int = 200  # steps between validations (and at the end); 0 = only at the end
-    checkpoint_every: int = 500  # steps between checkpoints; 0 = only at the end
+    checkpoint_every: int = 500  # steps between checkpoints; 0 = only at the end (and on stop)
     keep_checkpoints: int = 3  # most recent complete checkpoints kept on disk
 
 
@@ -78,6 +78,7 @@ class TrainConfig:
 class Config:
     name: str = "default"  # the run lives in <runs_dir>/<name>/
     runs_dir: str = "runs"
+    resume_from: str = ""  # a checkpoint directory (runs/x/checkpoints/step_N); "" = latest
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

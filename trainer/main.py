@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -23,6 +24,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.add_argument("--dry-run", action="store_true", help="print the config and exit")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start over even if the run directory holds checkpoints "
+                             "(they are moved aside, not deleted)")
     return parser.parse_args(argv)
 
 
@@ -91,12 +95,30 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.runs_dir) / cfg.name
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+        old = run_dir / "checkpoints"
+        if args.no_resume and old.exists():
+            aside = run_dir / f"checkpoints.before-{int(time.time())}"
+            old.rename(aside)
+            logging.getLogger(__name__).warning("--no-resume: moved %s to %s", old, aside)
+        (run_dir / "COMPLETE").unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(
             f"# git commit {git_commit()}\n" + OmegaConf.to_yaml(cfg))
     accelerator.wait_for_everyone()
-    final = train(cfg, accelerator, run_dir)
-    if accelerator.is_main_process and final:
-        print(validation_table(final))
+    from trainer.checkpoint import CheckpointError
+
+    explicit = Path(cfg.resume_from) if cfg.resume_from else None
+    try:
+        final = train(cfg, accelerator, run_dir, explicit, allow_resume=not args.no_resume)
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return 1
+    if final is None:  # stopped on request, checkpoint saved: a requeued job resumes
+        accelerator.end_training()
+        return 0
+    if accelerator.is_main_process:
+        (run_dir / "COMPLETE").write_text("done\n")
+        if final:
+            print(validation_table(final))
     accelerator.end_training()
     return 0
 

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from models import build_discriminator, build_generator, build_loss
 from shards.manifest import load_manifest
+from trainer.checkpoint import Checkpointer
 from trainer.data import TripletLoader
 from trainer.ema import EMA
 from trainer.export import export_generator
@@ -21,6 +22,7 @@ from trainer.metrics import ColorizationMetrics
 from trainer.run_log import RunLog
 from trainer.sn_sync import broadcast_spectral_norm, spectral_norm_sigmas
 from trainer.step import GAN, train_step
+from trainer.stop import StopRequest, stop_file_from_env
 from trainer.validate import colorize_triplet, image_grid, validate
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,47 @@ def make_val_loader(cfg, accelerator: Accelerator, mode: str):
                          shuffle=False)
 
 
-def train(cfg, accelerator: Accelerator, run_dir: Path) -> dict[str, float]:
+def resume(cfg, accelerator, gan, loader, schedulers, checkpointer, explicit):
+    """Restore everything saved at a step boundary; returns the progress counters."""
+    restored = checkpointer.restore(gan, cfg.model, explicit)
+    if restored is None:
+        return {"step": 0, "samples_seen": 0, "skipped_total": 0}
+    path, (state, position, tensors) = restored
+    for scheduler, key in zip(schedulers, ("sched_G", "sched_D")):
+        scheduler.load_state_dict(state[key])
+    if accelerator.scaler is not None and state.get("scaler"):
+        accelerator.scaler.load_state_dict(state["scaler"])
+    loader.load_state_dict(position)
+    if tensors is not None:  # same world size: this rank's RNG continues where it stopped
+        torch.set_rng_state(tensors["rng_cpu"])
+        if "rng_cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng_cuda"])
+    broadcast_spectral_norm(accelerator.unwrap_model(gan.D))
+    if accelerator.is_main_process:
+        print(f"resumed from {path} at step {state['step']}", flush=True)
+    log.info("resumed from %s at step %d", path, state["step"])
+    return state
+
+
+def save_checkpoint(cfg, accelerator, checkpointer, gan, loader, schedulers, progress):
+    from omegaconf import OmegaConf
+
+    state = {
+        **progress,
+        "sched_G": schedulers[0].state_dict(),
+        "sched_D": schedulers[1].state_dict(),
+        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        "model": OmegaConf.to_container(OmegaConf.structured(cfg.model), enum_to_str=True),
+    }
+    return checkpointer.save(progress["step"], gan, state, loader.state_dict())
+
+
+def train(
+    cfg, accelerator: Accelerator, run_dir: Path, resume_from: Path | None = None,
+    allow_resume: bool = True,
+) -> dict[str, float] | None:
+    """Train to `total_steps`; returns the last validation metrics, or None when a stop was
+    requested (a checkpoint was saved; the caller exits 0 without marking the run complete)."""
     mode = cfg.model.mode.value
     gan = build_gan(cfg, accelerator)
     loader = TripletLoader(cfg.data, mode, "train", accelerator.process_index,
@@ -93,11 +135,19 @@ def train(cfg, accelerator: Accelerator, run_dir: Path) -> dict[str, float]:
     log.info("training %d steps, %d triplets per step over %d processes",
              total_steps, global_batch, accelerator.num_processes)
 
-    step, samples_seen, nonfinite_streak, skipped_total = 0, 0, 0, 0
+    checkpointer = Checkpointer(run_dir, cfg.train.keep_checkpoints)
+    progress = {"step": 0, "samples_seen": 0, "skipped_total": 0}
+    if allow_resume:
+        state = resume(cfg, accelerator, gan, loader, schedulers, checkpointer, resume_from)
+        progress = {k: state[k] for k in progress}
+    step, samples_seen, skipped_total = (progress[k] for k in progress)
+    nonfinite_streak = 0
+    stop = StopRequest(stop_file_from_env())
+    stopped = False
     sums: dict[str, torch.Tensor] = {}
     wait = compute = 0.0
     final: dict[str, float] = {}
-    bar = tqdm(total=total_steps, desc="train", unit="step",
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
                disable=not accelerator.is_main_process)
     try:
         while step < total_steps:
@@ -164,7 +214,20 @@ def train(cfg, accelerator: Accelerator, run_dir: Path) -> dict[str, float]:
                     if first is not None:
                         run_log.images("Images/val", image_grid(first[0], first[1], mode), step)
                     log.info("step %d validation: %s", step, format_metrics(final))
+
+                stopped = stop.agreed(accelerator.device)
+                every = cfg.train.checkpoint_every
+                if stopped or last or (every and step % every == 0):
+                    progress = {"step": step, "samples_seen": samples_seen,
+                                "skipped_total": skipped_total}
+                    save_checkpoint(cfg, accelerator, checkpointer, gan, loader, schedulers,
+                                    progress)
+                if stopped:
+                    log.warning("stopped on request at step %d; rerun the same command to "
+                                "resume", step)
+                    return None
     finally:
+        stop.close()
         bar.close()
         run_log.close()
     if accelerator.is_main_process:

@@ -1,0 +1,195 @@
+"""Checkpoints with real processes: exact resume after SIGTERM and SIGKILL, kills during a
+save, resharding 2 -> 1 ranks, and damaged checkpoints."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from launching import TINY, launch, popen
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from trainer.checkpoint import Checkpointer, CheckpointError
+from trainer.config import load_config
+from trainer.train import build_gan
+
+STEPS = 40
+
+
+def train_args(shards: Path, runs: Path, name: str, *extra: str) -> list[str]:
+    return ["trainer/main.py", "--config", "configs/demo.yaml", f"data.shards={shards}",
+            f"runs_dir={runs}", f"name={name}", *TINY, f"train.max_steps={STEPS}",
+            "train.log_every=1", "train.val_every=0", "train.image_every=0",
+            "train.checkpoint_every=10", *extra]
+
+
+def workers(launcher: subprocess.Popen) -> list[int]:
+    """PIDs of the trainer ranks started by an `accelerate launch` process."""
+    children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
+                              text=True).stdout.split()
+    return [int(p) for p in children
+            if b"trainer/main.py" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout=120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def final_state(run: Path) -> dict:
+    """The last checkpoint of a run as plain tensors (DCP -> torch.save, then loaded)."""
+    ckpt = Checkpointer(run).latest()
+    out = run.parent / f"{run.name}-final.pt"
+    dcp_to_torch_save(str(ckpt), str(out))
+    return torch.load(out, weights_only=False)
+
+
+def assert_same(a, b, where="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def losses(run: Path) -> dict[int, float]:
+    events = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    events.Reload()  # a restart's events replace those logged after the resumed step
+    return {e.step: e.value for e in events.Scalars("Loss/G/total")}
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory) -> Path:
+    """An uninterrupted run of STEPS steps on 2 ranks."""
+    runs = tmp_path_factory.mktemp("ref")
+    result = launch(*train_args(shards, runs, "ref"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return runs / "ref"
+
+
+@pytest.mark.parametrize("kill", ["SIGTERM", "SIGKILL"])
+def test_killed_and_resumed_run_equals_the_uninterrupted_one(shards, reference, tmp_path, kill):
+    args = train_args(shards, tmp_path, "cut")
+    proc = popen(*args)
+    wait_for(tmp_path / "cut" / "checkpoints" / "step_000010", proc)
+    victim = workers(proc)[1]  # one rank only: the ranks must agree (or fail) together
+    os.kill(victim, getattr(signal, kill))
+    output, _ = proc.communicate(timeout=300)
+    if kill == "SIGTERM":
+        assert proc.returncode == 0, output[-3000:]
+        assert not (tmp_path / "cut" / "COMPLETE").exists()
+    else:
+        assert proc.returncode != 0
+    resumed = launch(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    step = int(resumed.stdout.split("resumed from", 1)[1].split("at step")[1].split()[0])
+    assert 10 <= step < STEPS
+    assert (tmp_path / "cut" / "COMPLETE").exists()
+    assert_same(final_state(tmp_path / "cut"), final_state(reference))
+    ref_losses, cut_losses = losses(reference), losses(tmp_path / "cut")
+    assert sorted(cut_losses) == list(range(1, STEPS + 1))
+    assert all(cut_losses[s] == ref_losses[s] for s in range(step + 1, STEPS + 1))
+
+
+def test_a_kill_during_a_save_resumes_from_the_previous_complete_checkpoint(shards, reference,
+                                                                           tmp_path):
+    args = train_args(shards, tmp_path, "saves", "train.checkpoint_every=1")
+    for round_ in range(3):  # saves every step: a kill lands in or near a save each time
+        proc = popen(*args)
+        wait_for(tmp_path / "saves" / "checkpoints" / f"step_{6 * (round_ + 1):06d}", proc)
+        for pid in [*workers(proc), proc.pid]:  # the ranks run in sessions of their own
+            os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        ckpts = Checkpointer(tmp_path / "saves")
+        complete = ckpts.complete_checkpoints()
+        assert complete and all((p / "COMPLETE").exists() for p in complete)
+    result = launch(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {complete[-1]}" in result.stdout  # the newest complete one
+    assert_same(final_state(tmp_path / "saves"), final_state(reference))
+
+
+def test_saved_on_two_ranks_resumed_on_one(shards, reference, tmp_path):
+    run = tmp_path / "reshard"
+    shutil.copytree(reference, run)
+    saved = Checkpointer(run).complete_checkpoints()[-2]  # step 30
+    expected = run.parent / "expected.pt"
+    dcp_to_torch_save(str(saved), str(expected))
+    expected = torch.load(expected, weights_only=False)
+
+    cfg = load_config("configs/demo.yaml", [f"data.shards={shards}", *TINY])
+    gan = build_gan(cfg, Accelerator(cpu=True))
+    state, position, tensors = Checkpointer(run).load(saved, gan, cfg.model)
+    assert state["step"] == 30 and tensors is None  # another world size: no per-rank state
+    assert_same({k: v for k, v in gan.G.state_dict().items()}, expected["G"])
+    moments = gan.opt_G.state_dict()["state"]
+    saved_moments = expected["opt_G"]["state"]
+    assert len(moments) == len(saved_moments)
+    for name, value in saved_moments.items():  # FQN-keyed in the checkpoint
+        index = list(dict(gan.G.named_parameters())).index(name)
+        assert torch.equal(moments[index]["exp_avg"], value["exp_avg"])
+        assert torch.equal(moments[index]["exp_avg_sq"], value["exp_avg_sq"])
+
+    result = launch(*train_args(shards, tmp_path, "reshard", f"resume_from={saved}",
+                                "train.max_steps=36"), processes=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "at step 30" in result.stdout
+    assert "the data epoch restarts" in result.stderr or "restarting epoch" in result.stderr
+
+
+def damaged_copy(reference: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "damaged"
+    shutil.copytree(reference, run)
+    return run
+
+
+def test_damaged_latest_falls_back_and_an_explicit_one_is_an_error(shards, reference, tmp_path,
+                                                                   caplog):
+    run = damaged_copy(reference, tmp_path)
+    ckpts = Checkpointer(run)
+    latest = ckpts.latest()
+    shard = next(latest.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])  # truncated shard
+    cfg = load_config("configs/demo.yaml", [f"data.shards={shards}", *TINY])
+    gan = build_gan(cfg, Accelerator(cpu=True))
+    path, (state, _, _) = ckpts.restore(gan, cfg.model)
+    assert path == ckpts.complete_checkpoints()[-2] and state["step"] == 30
+    assert f"cannot resume from {latest}" in caplog.text
+    with pytest.raises(CheckpointError, match=str(latest)):
+        ckpts.restore(gan, cfg.model, explicit=latest)
+
+    (ckpts.complete_checkpoints()[-2] / "rank1.safetensors").unlink()  # missing rank file
+    with pytest.raises(CheckpointError, match="rank1.safetensors: missing"):
+        ckpts.load(ckpts.complete_checkpoints()[-2], gan, cfg.model)
+
+    tmp = run / "checkpoints" / "step_000099.tmp"  # a crashed save is never a candidate
+    tmp.mkdir()
+    assert tmp not in ckpts.complete_checkpoints()
+
+
+def test_resuming_with_another_model_config_is_a_clear_error(shards, reference, tmp_path):
+    run = damaged_copy(reference, tmp_path)
+    result = launch(*train_args(shards, tmp_path, "damaged", "model.ngf=16",
+                                "train.max_steps=50"))
+    assert result.returncode != 0
+    assert "trainer.json: saved with another model config" in result.stderr
+    assert "ngf" in result.stderr
+    assert run.exists()

@@ -1,0 +1,53 @@
+"""Stopping cleanly on request: SIGTERM, SIGINT, SIGUSR1, or a stop file.
+
+Slurm announces preemption and time limits with a signal (see slurm/train.sbatch, which
+touches the file named by TRICOLOR_STOP_FILE), and a signal may reach one rank only. So each
+rank records the request, and at every step boundary the ranks agree through a reduced flag:
+all save a checkpoint at the same step and exit 0, and no rank waits alone in a collective.
+A second signal aborts at once (the default handlers are restored after the first).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class StopRequest:
+    def __init__(self, stop_file: str | None = None):
+        self.stop_file = Path(stop_file) if stop_file else None
+        self.requested = False
+        self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        log.warning("received %s: saving a checkpoint at the next step boundary, then exiting "
+                    "(send it again to abort at once)", signal.Signals(signum).name)
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank when any rank was asked to stop. A collective: call it on
+        every rank at the same point of each step."""
+        local = self.requested or bool(self.stop_file and self.stop_file.exists())
+        flag = torch.tensor(float(local), device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def stop_file_from_env() -> str | None:
+    return os.environ.get("TRICOLOR_STOP_FILE") or None
