@@ -56,6 +56,20 @@ def clip_and_measure(accelerator: Accelerator, model: nn.Module, optimizer, max_
     return torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
 
 
+def optimize(accelerator, loss: Tensor, model, optimizer, grad_clip: float, name: str,
+             out: dict) -> None:
+    """Backward and step on `loss` unless it is not finite on some rank (then every rank
+    skips, and `Skipped/<name>` is reported); records `Grad/<name>`, the gradient norm."""
+    if all_ranks_finite(loss):
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            out[f"Grad/{name}"] = clip_and_measure(accelerator, model, optimizer, grad_clip)
+        optimizer.step()
+    else:
+        out[f"Skipped/{name}"] = torch.ones(())
+    optimizer.zero_grad(set_to_none=True)
+
+
 def generate(gan: GAN, G: nn.Module, batch: Batch) -> Tensor:
     """G's colour for frame t: a,b [B, 2, H, W] (grey mode) or Lab [B, 3, H, W] (line art)."""
     if str(getattr(gan.model_cfg.mode, "value", gan.model_cfg.mode)) == "grey":
@@ -84,14 +98,7 @@ def train_step(accelerator: Accelerator, gan: GAN, batch: Batch) -> dict[str, Te
                 ])
                 real_logits, fake_logits = gan.D(d_in).chunk(2)
             d = gan.loss.d_loss(real_logits, fake_logits)
-            if all_ranks_finite(d.total):
-                accelerator.backward(d.total)
-                if accelerator.sync_gradients:
-                    out["Grad/D"] = clip_and_measure(accelerator, gan.D, gan.opt_D, gan.grad_clip)
-                gan.opt_D.step()
-            else:
-                out["Skipped/D"] = torch.ones(())
-            gan.opt_D.zero_grad(set_to_none=True)
+            optimize(accelerator, d.total, gan.D, gan.opt_D, gan.grad_clip, "D", out)
 
         # G phase: D frozen and called unwrapped, so DDP neither reduces nor waits for D's
         # gradients (none are computed; ZeRO and DDP both misbehave otherwise).
@@ -99,14 +106,7 @@ def train_step(accelerator: Accelerator, gan: GAN, batch: Batch) -> dict[str, Te
         with accelerator.autocast():
             fake_logits = D_raw(assemble_d_input(cfg, batch.cond, fake, batch.target))
         g = gan.loss.g_loss(fake_logits, fake, real)
-        if all_ranks_finite(g.total):
-            accelerator.backward(g.total)
-            if accelerator.sync_gradients:
-                out["Grad/G"] = clip_and_measure(accelerator, gan.G, gan.opt_G, gan.grad_clip)
-            gan.opt_G.step()
-        else:
-            out["Skipped/G"] = torch.ones(())
-        gan.opt_G.zero_grad(set_to_none=True)
+        optimize(accelerator, g.total, gan.G, gan.opt_G, gan.grad_clip, "G", out)
         D_raw.requires_grad_(True)
 
     if accelerator.sync_gradients and "Skipped/G" not in out:
