@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch that this machine kind carries locally; on other hosts set TORCH_SPEC=torch.
 TORCH_SPEC ?= torch==2.13.0
 # DALI publishes Linux x86_64 wheels only; elsewhere the webdataset backend is used.
-EXTRAS ?= dev,demo$(shell [ "$$(uname -sm)" = "Linux x86_64" ] && echo ,dali)
+EXTRAS ?= dev,demo,deepspeed$(shell [ "$$(uname -sm)" = "Linux x86_64" ] && echo ,dali)
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 

@@ -12,12 +12,14 @@ ends by PID whatever is left, whatever happened.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -95,6 +97,8 @@ class SlurmCluster:
         self.cpus = cpus
         self.conf = self.root / "etc" / "slurm.conf"
         self.nodes = [f"n{i}" for i in range(1, nnodes + 1)]
+        # munged wants o+x on every directory above its socket: pytest's tmp dirs are 0700
+        self.munge = Path(tempfile.mkdtemp(prefix="tricolor-munge-"))
         self.daemons: dict[str, subprocess.Popen] = {}
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
         self.env.update(SLURM_CONF=str(self.conf), PATH=f"{self.env.get('PATH', '')}:{SBIN_PATH}")
@@ -103,10 +107,9 @@ class SlurmCluster:
     # -- start and stop --------------------------------------------------------------------
 
     def write_config(self) -> None:
-        for d in ("etc", "state", "run", "log", "munge", *(f"spool/{n}" for n in self.nodes)):
+        for d in ("etc", "state", "run", "log", *(f"spool/{n}" for n in self.nodes)):
             (self.root / d).mkdir(parents=True, exist_ok=True)
-        self.root.chmod(0o755)
-        (self.root / "munge").chmod(0o755)  # munged refuses a socket dir without o+x
+        self.munge.chmod(0o755)
         host = socket.gethostname().split(".")[0]
         ctl_port, *node_ports = free_ports(1 + self.nnodes)
         mem = max(500, int(_mem_total_mb() * 0.8 / self.nnodes))
@@ -122,7 +125,7 @@ SlurmdUser=root
 SlurmctldPort={ctl_port}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={r}/munge/munge.socket,cred_expire=10
+AuthInfo=socket={self.munge}/munge.socket,cred_expire=10
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool/%n
 SlurmctldPidFile={r}/run/slurmctld.pid
@@ -159,19 +162,19 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
         out = open(self.root / "log" / f"{name}.out", "ab")  # noqa: SIM115 (closed in down)
         self.daemons[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                               stdin=subprocess.DEVNULL, env=self.env,
-                                              start_new_session=True)
+                                              start_new_session=True, preexec_fn=_die_with_parent)
         out.close()
 
     def up(self, timeout: float = 60) -> None:
         self.write_config()
-        m = self.root / "munge"
+        m = self.munge
         key = m / "munge.key"
         subprocess.run([_which("mungekey"), "--create", f"--keyfile={key}"], check=True,
                        capture_output=True, env=self.env)
         key.chmod(0o600)
         self._daemon("munged", _which("munged"), "--foreground", f"--socket={m}/munge.socket",
                      f"--key-file={key}", f"--pid-file={m}/munged.pid",
-                     f"--log-file={m}/munged.log", f"--seed-file={m}/munged.seed")
+                     f"--log-file={self.root}/log/munged.log", f"--seed-file={m}/munged.seed")
         self._wait(lambda: (m / "munge.socket").exists(), 10, "munged did not create its socket")
         self._daemon("slurmctld", _which("slurmctld"), "-D", "-f", str(self.conf))
         for n in self.nodes:
@@ -229,6 +232,7 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and self.processes():
                 time.sleep(0.2)
+        shutil.rmtree(self.munge, ignore_errors=True)
         still = self.processes()
         if still:
             raise RuntimeError(f"processes of the test cluster survived SIGKILL: {still}")
@@ -294,10 +298,15 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
 
     def logs(self, lines: int = 25) -> str:
         parts = []
-        for f in sorted((self.root / "log").glob("*.log")):
+        for f in sorted((self.root / "log").glob("*.*")):
             text = f.read_text(errors="replace").splitlines()[-lines:]
             parts.append(f"--- {f.name}\n" + "\n".join(text))
         return "\n".join(parts)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test process dies (even by SIGKILL)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _mem_total_mb() -> int:

@@ -4,7 +4,9 @@ Slurm announces preemption and time limits with a signal (see slurm/train.sbatch
 touches the file named by TRICOLOR_STOP_FILE), and a signal may reach one rank only. So each
 rank records the request, and at every step boundary the ranks agree through a reduced flag:
 all save a checkpoint at the same step and exit 0, and no rank waits alone in a collective.
-A second signal aborts at once (the default handlers are restored after the first).
+A second signal aborts at once, unless it arrives within `DUPLICATE_S` of the first: Slurm
+delivers SIGTERM twice within a millisecond (from slurmstepd and, forwarded, from torch's
+elastic agent), and that must count as one request, not as "abort".
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -20,20 +23,29 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+DUPLICATE_S = 1.0  # a repeat within this many seconds is the same request, delivered twice
 
 
 class StopRequest:
     def __init__(self, stop_file: str | None = None):
         self.stop_file = Path(stop_file) if stop_file else None
         self.requested = False
+        self._first_at = 0.0
         self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        now = time.monotonic()
+        if self.requested:
+            if now - self._first_at < DUPLICATE_S:
+                return  # the same request, delivered twice
+            log.warning("second %s: aborting at once", signal.Signals(signum).name)
+            for s in SIGNALS:
+                signal.signal(s, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.requested, self._first_at = True, now
         log.warning("received %s: saving a checkpoint at the next step boundary, then exiting "
                     "(send it again to abort at once)", signal.Signals(signum).name)
-        for s in SIGNALS:
-            signal.signal(s, signal.SIG_DFL)
 
     def agreed(self, device: torch.device) -> bool:
         """True on every rank when any rank was asked to stop. A collective: call it on

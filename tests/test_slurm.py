@@ -1,0 +1,197 @@
+"""slurm/ scripts on a real Slurm: a throw-away cluster of two emulated nodes on this machine
+(tests/slurm_cluster.py), brought up once for this module and torn down by PID afterwards.
+
+- slurm/shards.sbatch as an array job over the two sample clips: slices, merge, verify;
+- slurm/train.sbatch on 2 nodes x 1 CPU rank, preempted with SIGUSR1 to the batch shell (what
+  `--signal=B:USR1@N` does before the time limit) and, separately, requeued from outside with
+  `scontrol requeue` (what PreemptMode=REQUEUE does): each run checkpoints, is requeued once,
+  resumes from that checkpoint and completes, every step trained exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from launching import TINY, free_port
+from slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_installed
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from shards.video import sample_video
+
+ROOT = Path(__file__).parent.parent
+STEPS = 200  # ~10 s of steps on 2 emulated nodes x 1 CPU rank; a job with a requeue ~50 s
+BATCH_ENV = {"TRICOLOR_VENV": sys.prefix, "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("the test Slurm cluster runs its daemons as root; run the tests as root")
+    try:
+        ensure_installed()
+    except SlurmUnavailable as e:
+        pytest.skip(f"no Slurm on this machine: {e}")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), nnodes=2, cpus=2)
+    try:
+        cluster.up()
+        yield cluster
+    finally:
+        leftovers = cluster.down()
+    assert not leftovers, f"processes were still running after the daemons stopped: {leftovers}"
+
+
+@pytest.fixture(scope="module")
+def slurm_shards(slurm, tmp_path_factory):
+    """The two sample clips sharded by `slurm/shards.sbatch` as a 2-task array job."""
+    work = tmp_path_factory.mktemp("slurm-shards")
+    out = work / "shards"
+    videos = [str(sample_video("bigbuckbunny.mp4")), str(sample_video("bikes.mp4"))]
+    job = slurm.sbatch("--array=0-1", "--cpus-per-task=1", "--mem=500M",
+                       f"--output={work}/%x-%A_%a.log", "slurm/shards.sbatch", str(out), *videos,
+                       "--short-side", "64", "--seed", "2", env=BATCH_ENV, cwd=ROOT)
+    tasks = slurm.wait_finished(job, timeout=180)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(work.glob("*.log")))
+    return out, tasks, logs
+
+
+def test_shards_array_job_builds_slices_and_merges(slurm_shards):
+    out, tasks, logs = slurm_shards
+    assert sorted(t.get("ArrayTaskId") for t in tasks) == ["0", "1"], tasks
+    for t in tasks:
+        assert (t["JobState"], t["ExitCode"]) == ("COMPLETED", "0:0"), logs
+    assert (out / "manifest-s0of2.json").is_file() and (out / "manifest-s1of2.json").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(Path(s["path"]).name for s in manifest["sources"]) == [
+        "bigbuckbunny.mp4", "bikes.mp4"]
+    assert manifest["splits"]["train"]["samples"] > 0
+    assert "slices done: merging" in logs
+    verify = subprocess.run([sys.executable, "-m", "shards", "verify", str(out)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+# -- training ------------------------------------------------------------------------------
+
+
+def submit_training(slurm: SlurmCluster, shards: Path, work: Path, name: str) -> tuple[str, Path]:
+    job = slurm.sbatch(
+        "--nodes=2", "--time=00:15:00", f"--output={work}/%x-%j.log",
+        "slurm/train.sbatch", "configs/demo.yaml", f"data.shards={shards}",
+        f"runs_dir={work / 'runs'}", f"name={name}", *TINY, f"train.max_steps={STEPS}",
+        "train.log_every=1", "train.val_every=0", "train.image_every=0",
+        "train.checkpoint_every=0",  # the only checkpoint before the end is the one on stop
+        env={**BATCH_ENV, "TRICOLOR_PORT": str(free_port())}, cwd=ROOT)
+    return job, work / f"tricolor-train-{job}.log"
+
+
+def read(log: Path) -> str:
+    return log.read_text(errors="replace") if log.exists() else ""
+
+
+def wait_for_steps(slurm: SlurmCluster, job: str, log: Path, steps: int, timeout=150) -> None:
+    """Until the trainer's progress bar in the job's log shows `steps` steps."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = [int(n) for n in re.findall(rf"(\d+)/{STEPS} \[", read(log))]
+        if done and max(done) >= steps:
+            return
+        state = slurm.job(job).get("JobState")
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {job} {state}:\n{read(log)}"
+        assert time.monotonic() < deadline, f"no step {steps} in {timeout} s:\n{read(log)}"
+        time.sleep(0.3)
+
+
+def wait_requeued_then_finished(slurm: SlurmCluster, job: str, log: Path) -> dict[str, str]:
+    """The job comes back (Restarts=1), runs again and ends; its final state."""
+    def requeued(jobs):
+        j = jobs[0]
+        assert not (j["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+                    and j.get("Restarts") == "0"), f"job {job} ended unrequeued: {j}\n{read(log)}"
+        return j.get("Restarts") == "1" and j["JobState"] != "COMPLETING"
+
+    slurm.wait_until(job, requeued, timeout=120, what="requeued")
+    # Slurm starts it again by itself after cred_expire + 1 s (10 + 1 here; 120 + 1 by
+    # default). `scontrol update StartTime=now` in the same second as the requeue makes the
+    # nodes reject the job ("Job credential revoked"): it fails instead of running.
+    (j,) = slurm.wait_finished(job, timeout=240)
+    return j
+
+
+def logged_steps(run: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a scalar over every TensorBoard file of the run (one per start)."""
+    points = []
+    for events_file in sorted((run / "tb").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events_file), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            points += [(e.step, e.value) for e in acc.Scalars(tag)]
+    return sorted(points)
+
+
+def check_resumed_once(slurm: SlurmCluster, job: str, final: dict, log: Path, run: Path) -> int:
+    """Checkpointed at step S, requeued once, resumed at S, completed; every step once."""
+    text = read(log)
+    assert (final["JobState"], final["ExitCode"], final["Restarts"]) == (
+        "COMPLETED", "0:0", "1"), f"{final}\n{text}"
+    starts = re.findall(r"\[train\.sbatch\] job \d+ start (\d+) ", text)
+    assert starts == ["1", "2"], f"one log per job, appended per start:\n{text}"
+    stopped = {int(s) for s in re.findall(r"stopped on request at step (\d+)", text)}
+    assert len(stopped) == 1, f"ranks stopped at {stopped}:\n{text}"  # a line per rank
+    (step,) = stopped
+    assert 0 < step < STEPS, text
+    resumed = set(re.findall(r"resumed from (\S+) at step (\d+)", text))
+    assert resumed, f"no 'resumed from' line:\n{text}"
+    assert {int(n) for _, n in resumed} == {step}, f"resumed elsewhere than step {step}:\n{text}"
+    assert all(Path(p).is_relative_to(run / "checkpoints") and Path(p).exists()
+               for p, _ in resumed), resumed
+    assert (run / "COMPLETE").is_file(), text
+    # every step trained exactly once over the two starts, counters carried over
+    steps = [s for s, _ in logged_steps(run, "Loss/G/total")]
+    assert steps == list(range(1, STEPS + 1)), f"steps logged: {steps}"
+    seen = logged_steps(run, "Progress/samples_seen")
+    assert all(v == s * 2 * 2 for s, v in seen), seen  # batch 2 x 2 ranks
+    meta = json.loads((run / "export" / "generator.json").read_text())
+    assert meta["step"] == STEPS
+    final_val = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final_val["step"] == STEPS and "psnr" in final_val
+    return step
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(360)
+def test_train_preempted_by_usr1_checkpoints_requeues_resumes_completes(
+        slurm, slurm_shards, tmp_path):
+    shards = slurm_shards[0]
+    assert (shards / "manifest.json").is_file(), "the shards array job produced no data set"
+    job, log = submit_training(slurm, shards, tmp_path, "usr1")
+    wait_for_steps(slurm, job, log, 10)
+    # what `#SBATCH --signal=B:USR1@N` sends before the time limit, here at once
+    slurm.run("scancel", "--batch", "--signal=USR1", job)
+    final = wait_requeued_then_finished(slurm, job, log)
+    text = read(log)
+    assert "SIGUSR1" in text and text.count("stopped on request: requeueing job") == 1, text
+    assert "training complete" in text, text
+    check_resumed_once(slurm, job, final, log, tmp_path / "runs" / "usr1")
+    assert not list((tmp_path / "runs" / "usr1").glob("stop-*")), "stop file left behind"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(360)
+def test_train_requeued_by_scontrol_checkpoints_and_resumes(slurm, slurm_shards, tmp_path):
+    shards = slurm_shards[0]
+    assert (shards / "manifest.json").is_file(), "the shards array job produced no data set"
+    job, log = submit_training(slurm, shards, tmp_path, "requeue")
+    wait_for_steps(slurm, job, log, 10)
+    # what PreemptMode=REQUEUE does: SIGTERM to every process of the job, SIGKILL after KillWait
+    slurm.run("scontrol", "requeue", job)
+    final = wait_requeued_then_finished(slurm, job, log)
+    text = read(log)
+    assert "stopped on request: requeueing job" not in text, "Slurm requeued it, not the script"
+    check_resumed_once(slurm, job, final, log, tmp_path / "runs" / "requeue")
