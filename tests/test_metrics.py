@@ -9,6 +9,7 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -22,10 +23,19 @@ from torchmetrics.functional.image import (
 from trainer.metrics import (
     PSNR_CAP_DB,
     ColorizationMetrics,
+    VideoScores,
+    ciede2000,
     clip_cdc,
+    clip_psnr,
+    clip_ssim,
+    clip_warp_error,
+    colourfulness,
     farneback_flows,
+    histograms,
     js_divergence,
+    mean_ciede2000,
     non_occlusion_mask,
+    rgb_to_cielab,
 )
 
 LUMA = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
@@ -236,3 +246,212 @@ def test_two_ranks_equal_one_process(tmp_path):
     for k in ("psnr", "ssim", "cdc", "warp"):
         averaged = (local[0][k] + local[1][k]) / 2
         assert averaged != pytest.approx(whole[k], rel=1e-2), k
+
+
+# --- colourfulness, CIEDE2000 and whole-video scores (tricolor-eval) ------------------------
+
+
+# Sharma, Wu & Dalal (2005), Table 1: (L1, a1, b1), (L2, a2, b2), CIEDE2000.
+SHARMA = [
+    ((50.0000, 2.6772, -79.7751), (50.0000, 0.0000, -82.7485), 2.0425),
+    ((50.0000, 3.1571, -77.2803), (50.0000, 0.0000, -82.7485), 2.8615),
+    ((50.0000, 2.8361, -74.0200), (50.0000, 0.0000, -82.7485), 3.4412),
+    ((50.0000, -1.3802, -84.2814), (50.0000, 0.0000, -82.7485), 1.0000),
+    ((50.0000, -1.1848, -84.8006), (50.0000, 0.0000, -82.7485), 1.0000),
+    ((50.0000, -0.9009, -85.5211), (50.0000, 0.0000, -82.7485), 1.0000),
+    ((50.0000, 0.0000, 0.0000), (50.0000, -1.0000, 2.0000), 2.3669),
+    ((50.0000, -1.0000, 2.0000), (50.0000, 0.0000, 0.0000), 2.3669),
+    ((50.0000, 2.4900, -0.0010), (50.0000, -2.4900, 0.0009), 7.1792),
+    ((50.0000, 2.4900, -0.0010), (50.0000, -2.4900, 0.0010), 7.1792),
+    ((50.0000, 2.4900, -0.0010), (50.0000, -2.4900, 0.0011), 7.2195),
+    ((50.0000, 2.4900, -0.0010), (50.0000, -2.4900, 0.0012), 7.2195),
+    ((50.0000, -0.0010, 2.4900), (50.0000, 0.0009, -2.4900), 4.8045),
+    ((50.0000, -0.0010, 2.4900), (50.0000, 0.0010, -2.4900), 4.8045),
+    ((50.0000, -0.0010, 2.4900), (50.0000, 0.0011, -2.4900), 4.7461),
+    ((50.0000, 2.5000, 0.0000), (50.0000, 0.0000, -2.5000), 4.3065),
+    ((50.0000, 2.5000, 0.0000), (73.0000, 25.0000, -18.0000), 27.1492),
+    ((50.0000, 2.5000, 0.0000), (61.0000, -5.0000, 29.0000), 22.8977),
+    ((50.0000, 2.5000, 0.0000), (56.0000, -27.0000, -3.0000), 31.9030),
+    ((50.0000, 2.5000, 0.0000), (58.0000, 24.0000, 15.0000), 19.4535),
+    ((50.0000, 2.5000, 0.0000), (50.0000, 3.1736, 0.5854), 1.0000),
+    ((50.0000, 2.5000, 0.0000), (50.0000, 3.2972, 0.0000), 1.0000),
+    ((50.0000, 2.5000, 0.0000), (50.0000, 1.8634, 0.5757), 1.0000),
+    ((50.0000, 2.5000, 0.0000), (50.0000, 3.2592, 0.3350), 1.0000),
+    ((60.2574, -34.0099, 36.2677), (60.4626, -34.1751, 39.4387), 1.2644),
+    ((63.0109, -31.0961, -5.8663), (62.8187, -29.7946, -4.0864), 1.2630),
+    ((61.2901, 3.7196, -5.3901), (61.4292, 2.2480, -4.9620), 1.8731),
+    ((35.0831, -44.1164, 3.7933), (35.0232, -40.0716, 1.5901), 1.8645),
+    ((22.7233, 20.0904, -46.6940), (23.0331, 14.9730, -42.5619), 2.0373),
+    ((36.4612, 47.8580, 18.3852), (36.2715, 50.5065, 21.2231), 1.4146),
+    ((90.8027, -2.0831, 1.4410), (91.1528, -1.6435, 0.0447), 1.4441),
+    ((90.9257, -0.5406, -0.9208), (88.6381, -0.8985, -0.7239), 1.5381),
+    ((6.7747, -0.2908, -2.4247), (5.8714, -0.0985, -2.2286), 0.6377),
+    ((2.0776, 0.0795, -1.1350), (0.9033, -0.0636, -0.5514), 0.9082),
+]
+
+
+def lab_image(values) -> torch.Tensor:
+    """Lab triplets [N, 3] -> an image [3, 1, N] (one pixel per triplet)."""
+    return torch.tensor(values, dtype=torch.float64).T.unsqueeze(1)
+
+
+def test_ciede2000_matches_sharma_table():
+    lab1, lab2 = lab_image([p[0] for p in SHARMA]), lab_image([p[1] for p in SHARMA])
+    expected = torch.tensor([p[2] for p in SHARMA], dtype=torch.float64)
+    got = ciede2000(lab1, lab2)[0]
+    assert torch.allclose(got, expected, atol=5e-5), (got - expected).abs().max()
+    assert torch.allclose(ciede2000(lab2, lab1)[0], got, atol=1e-12)  # symmetric
+    assert ciede2000(lab1, lab1).abs().max().item() == 0.0
+
+
+def ciede2000_scalar(lab1, lab2) -> float:
+    """A second, scalar transcription of Sharma et al.'s equations (1)-(22), in `math`."""
+    (L1, a1, b1), (L2, a2, b2) = lab1, lab2
+    c_bar = (math.hypot(a1, b1) + math.hypot(a2, b2)) / 2
+    g = 0.5 * (1 - math.sqrt(c_bar**7 / (c_bar**7 + 25**7)))
+    a1p, a2p = (1 + g) * a1, (1 + g) * a2
+    c1p, c2p = math.hypot(a1p, b1), math.hypot(a2p, b2)
+
+    def hue(b, ap):
+        return 0.0 if b == 0 and ap == 0 else math.degrees(math.atan2(b, ap)) % 360
+
+    h1p, h2p = hue(b1, a1p), hue(b2, a2p)
+    if c1p * c2p == 0:
+        dhp = 0.0
+    elif abs(h2p - h1p) <= 180:
+        dhp = h2p - h1p
+    elif h2p - h1p > 180:
+        dhp = h2p - h1p - 360
+    else:
+        dhp = h2p - h1p + 360
+    dHp = 2 * math.sqrt(c1p * c2p) * math.sin(math.radians(dhp / 2))
+    Lp, Cp = (L1 + L2) / 2, (c1p + c2p) / 2
+    if c1p * c2p == 0:
+        hp = h1p + h2p
+    elif abs(h1p - h2p) <= 180:
+        hp = (h1p + h2p) / 2
+    elif h1p + h2p < 360:
+        hp = (h1p + h2p + 360) / 2
+    else:
+        hp = (h1p + h2p - 360) / 2
+    T = (1 - 0.17 * math.cos(math.radians(hp - 30)) + 0.24 * math.cos(math.radians(2 * hp))
+         + 0.32 * math.cos(math.radians(3 * hp + 6)) - 0.20 * math.cos(math.radians(4 * hp - 63)))
+    dtheta = 30 * math.exp(-(((hp - 275) / 25) ** 2))
+    Rc = 2 * math.sqrt(Cp**7 / (Cp**7 + 25**7))
+    Sl = 1 + 0.015 * (Lp - 50) ** 2 / math.sqrt(20 + (Lp - 50) ** 2)
+    Sc, Sh = 1 + 0.045 * Cp, 1 + 0.015 * Cp * T
+    Rt = -math.sin(math.radians(2 * dtheta)) * Rc
+    dl, dc, dh = (L2 - L1) / Sl, (c2p - c1p) / Sc, dHp / Sh
+    return math.sqrt(dl**2 + dc**2 + dh**2 + Rt * dc * dh)
+
+
+def test_ciede2000_scalar_reference_on_sharma_and_random_pairs():
+    for lab1, lab2, expected in SHARMA:  # the reference itself is right...
+        assert ciede2000_scalar(lab1, lab2) == pytest.approx(expected, abs=5e-5)
+    g = torch.Generator().manual_seed(3)  # ...and agrees with the tensor version anywhere
+    lab = torch.rand(2, 200, 3, generator=g, dtype=torch.float64)
+    lab = lab * torch.tensor([100.0, 220.0, 220.0], dtype=torch.float64) - torch.tensor(
+        [0.0, 110.0, 110.0], dtype=torch.float64)
+    got = ciede2000(lab_image(lab[0].tolist()), lab_image(lab[1].tolist()))[0]
+    ref = [ciede2000_scalar(p, q) for p, q in zip(lab[0].tolist(), lab[1].tolist())]
+    assert torch.allclose(got, torch.tensor(ref, dtype=torch.float64), atol=1e-9)
+
+
+def test_mean_ciede2000_of_rgb_images():
+    rgb, _ = moving_texture(T=2, H=8, W=10)
+    assert mean_ciede2000(rgb, rgb).abs().max().item() == 0.0
+    lab = rgb_to_cielab(rgb).double()
+    ref = [sum(ciede2000_scalar(lab[0, :, y, x].tolist(), lab[1, :, y, x].tolist())
+               for y in range(8) for x in range(10)) / 80]
+    assert mean_ciede2000(rgb[:1], rgb[1:]).item() == pytest.approx(ref[0], rel=1e-6)
+
+
+def test_colourfulness_by_hand():
+    # Half the pixels pure red, half pure blue: rg = 255 | 0, yb = 127.5 | -255.
+    img = torch.zeros(3, 2, 2)
+    img[0, 0], img[2, 1] = 1.0, 1.0
+    sigma = math.sqrt(127.5**2 + 191.25**2)  # std(rg) = 127.5, std(yb) = 191.25
+    mu = math.sqrt(127.5**2 + 63.75**2)  # mean(rg) = 127.5, mean(yb) = -63.75
+    assert colourfulness(img).item() == pytest.approx(sigma + 0.3 * mu, rel=1e-12)
+    grey = torch.rand(1, 5, 7).expand(3, -1, -1)
+    assert colourfulness(grey).item() == pytest.approx(0.0, abs=1e-9)
+    # Random images, batched, against numpy.
+    imgs = torch.rand(4, 3, 6, 9, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for img, got in zip(imgs, colourfulness(imgs)):
+        R, G, B = (img.numpy() * 255)
+        rg, yb = R - G, (R + G) / 2 - B
+        expected = np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())
+        assert got.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_cdc_of_two_alternating_frames_is_their_js_divergence():
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.rand(2, 3, 16, 20, generator=g)
+    pa, pb = histograms(a), histograms(b)
+    js = js_divergence(pa, pb).mean().item()  # mean over the three channels
+    # Independent reference for the JS of the histograms (numpy, natural log).
+    def kl(x, m):
+        return np.sum(x[x > 0] * np.log(x[x > 0] / m[x > 0]))
+
+    ref = []
+    for c in range(3):
+        p = np.bincount(np.round(a[c].numpy() * 255).astype(int).ravel(), minlength=256) / 320
+        q = np.bincount(np.round(b[c].numpy() * 255).astype(int).ravel(), minlength=256) / 320
+        m = (p + q) / 2
+        ref.append((kl(p, m) + kl(q, m)) / 2)
+    assert js == pytest.approx(np.mean(ref), rel=1e-5)
+    assert clip_cdc(torch.stack([a, b])[None]).item() == pytest.approx(js, rel=1e-6)
+    # a, b, a, b, ... : dilation 1 pairs differ, dilations 2 and 4 pair equal frames.
+    alternating = torch.stack([a, b] * 4)  # T = 8
+    assert clip_cdc(alternating[None]).item() == pytest.approx(js / 3, rel=1e-6)
+    scores = VideoScores(["static"])  # the streaming version, against a constant output
+    for f in alternating:
+        scores.update(f, f.mean(dim=0, keepdim=True), {"static": a})
+    out = scores.compute()["static"]
+    assert out["cdc_truth"] == pytest.approx(js / 3, rel=1e-6)
+    assert out["cdc"] == 0.0
+
+
+def test_video_scores_equal_the_clip_metrics_of_the_whole_video():
+    """Streaming, frame by frame, gives what the clip functions give on the whole video."""
+    truth, grey = moving_texture(T=6, H=32, W=40, shift=2, seed=4)
+    g = torch.Generator().manual_seed(9)
+    preds = {"noisy": (truth + 0.05 * torch.randn(truth.shape, generator=g)).clamp(0, 1),
+             "flicker": torch.stack([truth[t].roll(t, dims=0) for t in range(6)])}
+    scores = VideoScores(list(preds))
+    for t in range(6):
+        scores.update(truth[t], grey[t], {k: v[t] for k, v in preds.items()})
+    out = scores.compute()
+    fwd, bwd = farneback_flows(grey[None])
+    mask = non_occlusion_mask(fwd[0], bwd[0])[None]
+    warp_truth, valid = clip_warp_error(truth[None], fwd, mask)
+    assert valid.item()
+    for name, video in preds.items():
+        got = out[name]
+        assert got["psnr"] == pytest.approx(clip_psnr(video[None], truth[None]).item(), rel=1e-5)
+        assert got["ssim"] == pytest.approx(clip_ssim(video[None], truth[None]).item(), rel=1e-5)
+        assert got["cdc"] == pytest.approx(clip_cdc(video[None]).item(), rel=1e-5)
+        assert got["cdc_truth"] == pytest.approx(clip_cdc(truth[None]).item(), rel=1e-5)
+        warp, _ = clip_warp_error(video[None], fwd, mask)
+        assert got["warp"] == pytest.approx(warp.item(), rel=1e-5)
+        assert got["warp_truth"] == pytest.approx(warp_truth.item(), rel=1e-5)
+        assert got["warp_excess"] == pytest.approx(got["warp"] - got["warp_truth"])
+        m, m_truth = colourfulness(video).mean().item(), colourfulness(truth).mean().item()
+        assert got["colourfulness"] == pytest.approx(m, rel=1e-9)
+        assert got["colourfulness_diff"] == pytest.approx(abs(m - m_truth), rel=1e-9)
+        assert got["ciede2000"] == pytest.approx(mean_ciede2000(video, truth).mean().item(),
+                                                 rel=1e-9)
+    assert out["flicker"]["warp_excess"] > 10 * abs(out["noisy"]["warp_excess"])
+
+
+def test_video_scores_of_the_truth_itself():
+    truth, grey = moving_texture(T=3, H=24, W=32)
+    scores = VideoScores(["same"])
+    for t in range(3):
+        scores.update(truth[t], grey[t], {"same": truth[t]})
+    out = scores.compute()["same"]
+    assert out["psnr"] == PSNR_CAP_DB and out["ssim"] == pytest.approx(1.0)
+    assert out["ciede2000"] == 0.0 and out["colourfulness_diff"] == 0.0
+    assert out["cdc"] == out["cdc_truth"] and out["warp_excess"] == 0.0
+    with pytest.raises(ValueError, match="expected predictions"):
+        scores.update(truth[0], grey[0], {"other": truth[0]})

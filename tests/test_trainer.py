@@ -112,3 +112,23 @@ def test_a_non_finite_loss_is_skipped_and_counted(shards):
     out = train_step(accelerator, gan, good)
     assert "Skipped/G" not in out and torch.isfinite(out["Loss/G/total"])
     assert not all(torch.equal(a, b) for a, b in zip(before, gan.G.parameters()))
+
+
+def test_ema_warms_up_then_follows_its_decay():
+    from trainer.ema import EMA
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.999)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)  # n = 0: decay 0.1, the average jumps most of the way
+    assert ema.model.weight.item() == pytest.approx(0.9)
+    for _ in range(2000):
+        ema.update(model)
+    assert ema.model.weight.item() == pytest.approx(1.0, abs=1e-6)
+    state = ema.state_dict()
+    assert int(state["_num_updates"]) == 2001
+    fresh = EMA(model, decay=0.999)
+    fresh.load_state_dict(state)
+    assert int(fresh.num_updates) == 2001 and fresh.model.weight.item() == ema.model.weight.item()

@@ -1,4 +1,5 @@
-"""Validation metrics, reduced across ranks by torchmetrics: PSNR, SSIM, CDC and warp error.
+"""Colorization metrics: PSNR, SSIM, CDC and warp error (validation, reduced across ranks by
+torchmetrics), colourfulness and CIEDE2000, and whole-video scores for `tricolor-eval`.
 
 The definitions are those of `../shared/docs/metrics.md`; the conventions it leaves open:
 
@@ -26,11 +27,16 @@ The definitions are those of `../shared/docs/metrics.md`; the conventions it lea
   motion alone gives. `warp_excess = warp - warp_truth`.
 
 Everything is computed in fp32 outside autocast; states are fp64 sums and int64 counts.
+
+`VideoScores` (tricolor-eval) applies the same functions to whole videos streamed frame by
+frame (a video is one clip: CDC over the dilations {1, 2, 4}), and adds colourfulness (mean
+over frames, |dM| of the means) and the mean CIEDE2000; see its docstring.
 """
 
 from __future__ import annotations
 
 import cv2
+import kornia
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -217,4 +223,216 @@ class ColorizationMetrics(Metric):
             count = self.warp_clips if name.startswith("warp") else self.clips
             out[name] = (getattr(self, f"{name}_sum") / count).item()
         out["warp_excess"] = out["warp"] - out["warp_truth"]
+        return out
+
+
+# --- colourfulness and CIEDE2000 -----------------------------------------------------------
+# Conventions: both take RGB in [0, 1] (as everything above); colourfulness scales it to
+# [0, 255] without rounding; CIEDE2000 converts sRGB (D65) to CIELAB with kornia, the same
+# conversion as the data pipeline, and is computed in fp64.
+
+
+def colourfulness(rgb: Tensor) -> Tensor:
+    """Hasler & Süsstrunk's M of each image [..., 3, H, W] RGB in [0, 1] -> [...] (fp64).
+
+    On [0, 255]: rg = R - G, yb = (R + G) / 2 - B (signed); sigma = sqrt(var rg + var yb)
+    (population variances over the pixels), mu = sqrt(mean rg^2 + mean yb^2),
+    M = sigma + 0.3 mu.
+    """
+    R, G, B = (rgb.double() * 255).unbind(dim=-3)
+    rg, yb = (R - G).flatten(-2), ((R + G) / 2 - B).flatten(-2)
+    sigma = (rg.var(dim=-1, unbiased=False) + yb.var(dim=-1, unbiased=False)).sqrt()
+    mu = (rg.mean(dim=-1).square() + yb.mean(dim=-1).square()).sqrt()
+    return sigma + 0.3 * mu
+
+
+def ciede2000(lab1: Tensor, lab2: Tensor) -> Tensor:
+    """CIEDE2000 colour difference (Sharma, Wu & Dalal 2005; k_L = k_C = k_H = 1) between
+    CIELAB images in CIE units [..., 3, H, W] -> [..., H, W], computed in fp64."""
+    L1, a1, b1 = lab1.double().unbind(dim=-3)
+    L2, a2, b2 = lab2.double().unbind(dim=-3)
+    c_bar7 = ((a1.hypot(b1) + a2.hypot(b2)) / 2).pow(7)
+    g = 0.5 * (1 - (c_bar7 / (c_bar7 + 25.0**7)).sqrt())
+    a1p, a2p = (1 + g) * a1, (1 + g) * a2
+    c1p, c2p = a1p.hypot(b1), a2p.hypot(b2)
+    # Hue angles in degrees in [0, 360); atan2(0, 0) = 0, as the paper sets it.
+    h1p = torch.rad2deg(torch.atan2(b1, a1p)) % 360
+    h2p = torch.rad2deg(torch.atan2(b2, a2p)) % 360
+    chroma_zero = (c1p * c2p) == 0
+
+    dh = h2p - h1p
+    dh = torch.where(dh > 180, dh - 360, torch.where(dh < -180, dh + 360, dh))
+    dh = torch.where(chroma_zero, torch.zeros_like(dh), dh)
+    dL, dC = L2 - L1, c2p - c1p
+    dH = 2 * (c1p * c2p).sqrt() * torch.sin(torch.deg2rad(dh) / 2)
+
+    L_bar, c_bar_p = (L1 + L2) / 2, (c1p + c2p) / 2
+    h_sum = h1p + h2p
+    h_bar = torch.where((h1p - h2p).abs() <= 180, h_sum / 2,
+                        torch.where(h_sum < 360, (h_sum + 360) / 2, (h_sum - 360) / 2))
+    h_bar = torch.where(chroma_zero, h_sum, h_bar)
+
+    def cos_deg(x: Tensor) -> Tensor:
+        return torch.cos(torch.deg2rad(x))
+
+    T = (1 - 0.17 * cos_deg(h_bar - 30) + 0.24 * cos_deg(2 * h_bar)
+         + 0.32 * cos_deg(3 * h_bar + 6) - 0.20 * cos_deg(4 * h_bar - 63))
+    d_theta = 30 * torch.exp(-(((h_bar - 275) / 25).square()))
+    c_bar_p7 = c_bar_p.pow(7)
+    R_C = 2 * (c_bar_p7 / (c_bar_p7 + 25.0**7)).sqrt()
+    S_L = 1 + 0.015 * (L_bar - 50).square() / (20 + (L_bar - 50).square()).sqrt()
+    S_C = 1 + 0.045 * c_bar_p
+    S_H = 1 + 0.015 * c_bar_p * T
+    R_T = -torch.sin(torch.deg2rad(2 * d_theta)) * R_C
+    tL, tC, tH = dL / S_L, dC / S_C, dH / S_H
+    return (tL.square() + tC.square() + tH.square() + R_T * tC * tH).clamp(min=0).sqrt()
+
+
+def rgb_to_cielab(rgb: Tensor) -> Tensor:
+    """sRGB in [0, 1] [..., 3, H, W] -> CIELAB (D65) in CIE units, fp32 (kornia, as the data
+    pipeline converts)."""
+    with torch.autocast(device_type=rgb.device.type, enabled=False):
+        return kornia.color.rgb_to_lab(rgb.float().clamp(0, 1))
+
+
+def mean_ciede2000(pred: Tensor, truth: Tensor) -> Tensor:
+    """Mean CIEDE2000 over the pixels of each RGB image [..., 3, H, W] in [0, 1] -> [...]."""
+    return ciede2000(rgb_to_cielab(pred), rgb_to_cielab(truth)).mean(dim=(-2, -1))
+
+
+# --- whole videos, streamed frame by frame (tricolor-eval) ---------------------------------
+
+
+class _StreamingCDC:
+    """CDC of a video pushed frame by frame: the same definition as `clip_cdc` (dilations
+    {1, 2, 4}, those with at least one frame pair), keeping only the last 4 histograms."""
+
+    def __init__(self) -> None:
+        self.recent: list[Tensor] = []
+        self.sums = {d: torch.zeros(3, dtype=torch.float64) for d in CDC_DILATIONS}
+        self.pairs = dict.fromkeys(CDC_DILATIONS, 0)
+
+    def push(self, frame: Tensor) -> None:
+        hist = histograms(frame.float()).cpu()  # [3, 256]
+        for d in CDC_DILATIONS:
+            if len(self.recent) >= d:
+                self.sums[d] += js_divergence(self.recent[-d], hist).double()
+                self.pairs[d] += 1
+        self.recent = [*self.recent, hist][-max(CDC_DILATIONS):]
+
+    def value(self) -> float:
+        per_dilation = [self.sums[d] / self.pairs[d] for d in CDC_DILATIONS if self.pairs[d]]
+        if not per_dilation:
+            return float("nan")  # a one-frame video has no CDC
+        return torch.stack(per_dilation).mean(dim=0).mean().item()
+
+
+class _VideoAccumulator:
+    """Running sums of one colorization (or of the ground truth) over a video."""
+
+    def __init__(self) -> None:
+        self.sq_err = 0.0  # sum of squared RGB errors, for the PSNR of the whole video
+        self.values = 0  # how many values went into sq_err
+        self.ssim = 0.0
+        self.ciede = 0.0
+        self.colourfulness = 0.0
+        self.warp = 0.0
+        self.cdc = _StreamingCDC()
+        self.prev: Tensor | None = None
+
+
+class VideoScores:
+    """Whole-video scores of several colorizations of one video, fed frame by frame.
+
+    `update(truth, grey, preds)`: truth and each of `preds` (a dict: method name -> frame)
+    are one RGB frame [3, H, W] in [0, 1]; grey [1, H, W] in [0, 1] is the greyscale input,
+    from which the flow is computed (once per frame pair, shared by all methods and the
+    ground truth). Only the previous frame and the last CDC histograms are kept, so a video
+    of any length is scored in constant memory. `compute()` returns per method:
+
+    - psnr: 10 log10(1 / MSE over every frame, channel and pixel of the video), capped at
+      `PSNR_CAP_DB` -- what `clip_psnr` gives for the whole video as one clip;
+    - ssim: the mean over frames of torchmetrics' SSIM (`clip_ssim`);
+    - cdc, cdc_truth: `clip_cdc` of the whole video (dilations {1, 2, 4});
+    - warp, warp_truth, warp_excess: E_warp over the frame pairs whose mask is not empty
+      (flows, masks and E_pair as `ColorizationMetrics`); NaN when no pair is valid;
+    - colourfulness, colourfulness_truth: the mean over frames of M; colourfulness_diff:
+      |M(output) - M(truth)| of these means;
+    - ciede2000: the mean over pixels and frames.
+    """
+
+    def __init__(self, methods: list[str]) -> None:
+        self.methods = list(methods)
+        self.acc = {name: _VideoAccumulator() for name in [*self.methods, "truth"]}
+        self.frames = 0
+        self.warp_pairs = 0
+        self.prev_grey: Tensor | None = None
+
+    @torch.no_grad()
+    def update(self, truth: Tensor, grey: Tensor, preds: dict[str, Tensor]) -> None:
+        if truth.ndim != 3 or truth.shape[0] != 3:
+            raise ValueError(f"truth must be one RGB frame [3, H, W]; got {tuple(truth.shape)}")
+        if grey.shape != (1, *truth.shape[1:]):
+            raise ValueError(f"grey must be [1, H, W] matching truth; got {tuple(grey.shape)}")
+        if set(preds) != set(self.methods):
+            raise ValueError(f"expected predictions for {self.methods}; got {sorted(preds)}")
+        with torch.autocast(device_type=truth.device.type, enabled=False):
+            frames = {name: p.float() for name, p in preds.items()} | {"truth": truth.float()}
+            for name, frame in frames.items():
+                if frame.shape != truth.shape:
+                    raise ValueError(f"{name}: frame {tuple(frame.shape)} does not match the "
+                                     f"truth {tuple(truth.shape)}")
+            pair = None
+            if self.prev_grey is not None:  # flow between the previous frame and this one
+                fwd, bwd = farneback_flows(torch.stack([self.prev_grey, grey.float()])[None])
+                pair = fwd, non_occlusion_mask(fwd[0], bwd[0])[None]  # [1,1,2,H,W], [1,1,H,W]
+            pair_valid = False
+            truth_b = truth.float()[None, None]
+            for name, frame in frames.items():
+                acc, x = self.acc[name], frame[None, None]  # [1, 1, 3, H, W]
+                if name != "truth":
+                    acc.sq_err += (frame - truth.float()).double().square().sum().item()
+                    acc.values += frame.numel()
+                    acc.ssim += clip_ssim(x, truth_b).item()
+                    acc.ciede += mean_ciede2000(frame, truth.float()).item()
+                acc.colourfulness += colourfulness(frame).item()
+                acc.cdc.push(frame)
+                if pair is not None:
+                    err, valid = clip_warp_error(torch.cat([acc.prev[None, None], x], dim=1),
+                                                 *pair)
+                    acc.warp += err.item() if valid.item() else 0.0
+                    pair_valid = bool(valid.item())
+                acc.prev = frame
+        self.warp_pairs += int(pair_valid)
+        self.prev_grey = grey.float()
+        self.frames += 1
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        if not self.frames:
+            raise ValueError("no frames were scored")
+        nan = float("nan")
+        truth = self.acc["truth"]
+        cdc_truth = truth.cdc.value()
+        warp_truth = truth.warp / self.warp_pairs if self.warp_pairs else nan
+        m_truth = truth.colourfulness / self.frames
+        out = {}
+        for name in self.methods:
+            acc = self.acc[name]
+            mse = acc.sq_err / acc.values
+            psnr = PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, -10 * np.log10(mse))
+            warp = acc.warp / self.warp_pairs if self.warp_pairs else nan
+            m = acc.colourfulness / self.frames
+            out[name] = {
+                "psnr": float(psnr),
+                "ssim": acc.ssim / self.frames,
+                "cdc": acc.cdc.value(),
+                "cdc_truth": cdc_truth,
+                "warp": warp,
+                "warp_truth": warp_truth,
+                "warp_excess": warp - warp_truth,
+                "colourfulness": m,
+                "colourfulness_truth": m_truth,
+                "colourfulness_diff": abs(m - m_truth),
+                "ciede2000": acc.ciede / self.frames,
+            }
         return out

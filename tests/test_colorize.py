@@ -1,0 +1,411 @@
+"""tricolor-colorize: the plumbing (frames, fps, size, audio, luminance, memory, errors) and
+the temporal handling (windows, recurrence, resets at scene cuts), with tiny random models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import kornia
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from videos import scene_video, textured_frames
+
+from models import build_generator
+from models.colour import black_lab_like
+from models.config import ModelConfig
+from trainer import colorize
+from trainer.colorize import Colorizer, Model, compose_grey, load_model, main, prepare
+from trainer.export import export_generator
+from trainer.video_io import Source
+
+ROOT = Path(__file__).resolve().parents[1]
+LUMINANCE = torch.tensor([0.212671, 0.715160, 0.072169]).view(3, 1, 1)
+
+
+# --- helpers shared with test_evaluate.py ---------------------------------------------------
+
+def write_clip(path: Path, frames: list[np.ndarray], fps: int = 25, audio: bool = True,
+               pix_fmt: str = "yuv420p", faststart: bool = False) -> Path:
+    """H.264 video of `frames`, with a mono AAC sine tone of the same duration if `audio`."""
+    h, w = frames[0].shape[:2]
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", options=options) as c:
+        video = c.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = w, h, pix_fmt
+        video.options = {"crf": "10", "preset": "ultrafast"}
+        if audio:
+            sound = c.add_stream("aac", rate=44100)
+            sound.layout = "mono"
+        start = 0
+        for rgb in frames:
+            for packet in video.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                c.mux(packet)
+            if audio:
+                n = 44100 // fps
+                tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(start, start + n) / 44100)
+                frame = av.AudioFrame.from_ndarray(tone.astype(np.float32)[None], format="fltp",
+                                                   layout="mono")
+                frame.sample_rate, frame.pts = 44100, start
+                start += n
+                for packet in sound.encode(frame):
+                    c.mux(packet)
+        for packet in video.encode():
+            c.mux(packet)
+        if audio:
+            for packet in sound.encode():
+                c.mux(packet)
+    return path
+
+
+def tiny_export(out: Path, mode: str = "grey", seed: int = 0) -> Path:
+    """A randomly initialised generator, exported as training exports it."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(mode=mode, ngf=4, depth=2, norm="group")
+    export_generator(build_generator(cfg), cfg, out, step=1)
+    return out
+
+
+def decode(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+def luminance(frames) -> torch.Tensor:
+    """CIE Y (relative luminance, linear light, D65) of sRGB uint8 frames [T, H, W]."""
+    rgb = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255
+    return (kornia.color.rgb_to_linear_rgb(rgb) * LUMINANCE).sum(dim=1)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (10 * torch.log10(1 / (a - b).square().mean())).item()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two cores shared with other tests: torch's spinning threads only slow tiny models."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def grey_export(tmp_path_factory) -> Path:
+    return tiny_export(tmp_path_factory.mktemp("grey") / "export")
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    """24 frames of 96x64 at 25 fps, yuv420p, with AAC audio."""
+    frames = textured_frames(24, 96, 64, seed=1, tint=(1.0, 0.8, 0.5))
+    return write_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", frames)
+
+
+def run(*args) -> int:
+    return main([str(a) for a in args])
+
+
+# --- the output matches the input -----------------------------------------------------------
+
+def test_video_out_matches_input_frames_fps_size_audio(tmp_path, grey_export, clip):
+    out = tmp_path / "out.mp4"
+    assert run("--model", grey_export, "--input", clip, "--output", out, "--size", 32) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]  # no temporary left
+    with av.open(str(clip)) as a, av.open(str(out)) as b:
+        va, vb = a.streams.video[0], b.streams.video[0]
+        assert vb.average_rate == va.average_rate == Fraction(25)
+        assert (vb.codec_context.width, vb.codec_context.height) == (96, 64)
+        assert vb.codec_context.format.name == "yuv420p"
+        pts_a = [f.pts * f.time_base for f in a.decode(va)]
+        pts_b = [f.pts * f.time_base for f in b.decode(vb)]
+        assert len(pts_b) == len(pts_a) == 24
+        assert pts_b == pts_a  # the same timestamps, so the same sync with the audio
+    with av.open(str(clip)) as a, av.open(str(out)) as b:
+        sa, sb = a.streams.audio[0], b.streams.audio[0]
+        assert (sb.codec_context.name, sb.sample_rate) == ("aac", sa.sample_rate)
+        packets_a = [bytes(p) for p in a.demux(sa) if p.size]
+        packets_b = [bytes(p) for p in b.demux(sb) if p.size]
+        assert packets_b == packets_a  # copied, not re-encoded
+
+
+def test_luminance_is_kept(tmp_path, grey_export):
+    """The output's luminance (CIE Y) equals the input's, in PNG frames and in a lossless
+    4:4:4 video (--crf 0); the chroma is the model's, far from grey. (A lossy --crf adds
+    the codec's error on top: this random model's noisy chroma is a hard case for it.)"""
+    frames = textured_frames(12, 96, 64, seed=2, tint=(0.9, 0.9, 0.6))
+    src = write_clip(tmp_path / "in444.mp4", frames, audio=False, pix_fmt="yuv444p")
+    truth = luminance(decode(src))
+    run("--model", grey_export, "--input", src, "--output", tmp_path / "png", "--size", 32)
+    pngs = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "png").glob("*.png"))]
+    assert len(pngs) == 12
+    assert psnr(luminance(pngs), truth) > 45
+    assert np.abs(np.diff(np.stack(pngs).astype(int), axis=-1)).mean() > 5  # coloured
+    run("--model", grey_export, "--input", src, "--output", tmp_path / "out.mkv", "--size", 32,
+        "--crf", 0)
+    out = decode(tmp_path / "out.mkv")
+    assert len(out) == 12
+    assert psnr(luminance(out), truth) > 45
+
+
+def test_compose_grey_is_kornias_lab_in_gamut():
+    g = torch.Generator().manual_seed(0)
+    rgb = (torch.rand(3, 16, 20, generator=g) * 0.5 + 0.25)  # mid-tones: small ab fit
+    rgb8 = (rgb * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    ab = (torch.rand(2, 4, 5, generator=g) - 0.5) * 0.1  # +-5.5 a,b units, in gamut
+    x = torch.from_numpy(rgb8).permute(2, 0, 1).float() / 255
+    up = torch.nn.functional.interpolate(ab[None], (16, 20), mode="bilinear",
+                                         align_corners=False, antialias=True)[0] * 110
+    lab = torch.cat([kornia.color.rgb_to_lab(x)[:1], up])
+    expected = (kornia.color.lab_to_rgb(lab) * 255).round().permute(1, 2, 0).numpy()
+    got = compose_grey(rgb8, ab)
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    grey = compose_grey(rgb8, torch.zeros(2, 1, 1)).astype(int)
+    assert np.abs(grey - grey[..., :1]).max() <= 1  # zero chroma: R = G = B
+
+
+# --- temporal handling ----------------------------------------------------------------------
+
+class RecordingGrey(nn.Module):
+    """Stands in for GreyUNet: records every window, predicts zero chroma."""
+
+    def __init__(self):
+        super().__init__()
+        self.windows, self.temporal = [], True
+
+    def forward(self, cond):
+        self.windows += list(cond)
+        return torch.zeros(cond.shape[0], 2, *cond.shape[-2:])
+
+
+class RecordingLineart(nn.Module):
+    """Stands in for LineartUNet: records every previous-colour input, returns a new Lab."""
+
+    def __init__(self):
+        super().__init__()
+        self.prevs, self.outs, self.temporal = [], [], True
+
+    def forward(self, lineart, prev):
+        self.prevs.append(prev.clone())
+        out = torch.full_like(prev, 0.1 * len(self.outs) - 0.5)
+        self.outs.append(out)
+        return out
+
+
+def stub(G: nn.Module, mode: str) -> Model:
+    return Model(G, mode, 2, Path("stub"), 0, None, "stub", (0.1, 0.2))
+
+
+@pytest.fixture(scope="module")
+def two_scenes(tmp_path_factory) -> Path:
+    return scene_video(tmp_path_factory.mktemp("scenes") / "cut.mp4", [4, 5])
+
+
+def test_grey_windows_are_padded_at_the_ends_and_at_scene_cuts(two_scenes):
+    source, G = Source(two_scenes), RecordingGrey()
+    model = stub(G, "grey")
+    items = list(Colorizer(model, batch_size=3)(
+        prepare(source.read(), (64, 48), model, torch.device("cpu"), 25.0), "out"))
+    scenes = [it.scene for it in items]
+    assert scenes == [0] * 4 + [1] * 5  # the detector of tricolor-shards finds the cut
+    assert [it.index for it in items] == list(range(9))  # in order, all of them
+    conds = [it.cond for it in items]
+    for t, window in enumerate(G.windows):
+        prev = t - 1 if t > 0 and scenes[t - 1] == scenes[t] else t
+        nxt = t + 1 if t < 8 and scenes[t + 1] == scenes[t] else t
+        expected = torch.stack([conds[prev], conds[t], conds[nxt]])
+        assert torch.equal(window, expected), t
+    assert len(G.windows) == 9
+
+
+def test_cuts_are_found_in_greyscale_input(tmp_path):
+    """A greyscale video has no hue or saturation change at a cut, only luma: the detector's
+    threshold is divided by 3 for it (at the full threshold this cut would be missed)."""
+    frames = (textured_frames(4, 64, 48, seed=100, tint=(1, 0.5, 0.3))
+              + textured_frames(5, 64, 48, seed=101, tint=(0.3, 0.6, 1)))
+    grey = [np.repeat(f.mean(axis=-1, keepdims=True), 3, -1).astype(np.uint8) for f in frames]
+    source = Source(write_clip(tmp_path / "grey.mp4", grey, audio=False))
+    model = stub(RecordingGrey(), "grey")
+    items = list(prepare(source.read(), (64, 48), model, torch.device("cpu"), 25.0))
+    assert [it.scene for it in items] == [0] * 4 + [1] * 5
+
+
+def test_lineart_recurrence_restarts_from_black_at_scene_cuts(two_scenes):
+    source, G = Source(two_scenes), RecordingLineart()
+    model = stub(G, "lineart")
+    items = list(Colorizer(model)(
+        prepare(source.read(), (64, 48), model, torch.device("cpu"), 25.0), "out"))
+    assert len(items) == 9
+    for t, prev in enumerate(G.prevs):
+        if t in (0, 4):  # a scene's first frame
+            assert torch.equal(prev, black_lab_like(prev)), t
+        else:
+            assert torch.equal(prev, G.outs[t - 1]), t
+    # The line art is the training transform's: black lines (-1) on white (+1).
+    assert set(torch.unique(items[0].cond).tolist()) <= {-1.0, 1.0}
+
+
+def test_the_run_config_sets_working_size_and_canny(tmp_path):
+    run_dir = tmp_path / "runs" / "r"
+    tiny_export(run_dir / "export", mode="lineart")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text(json.dumps({"params": {"short_side": 48}}))
+    (run_dir / "config.yaml").write_text(
+        f"# git commit x\ndata:\n  shards: {tmp_path / 'shards'}\n  canny_low: 0.3\n"
+        "  canny_high: 0.4\n")
+    model = load_model(run_dir, torch.device("cpu"))  # a run folder: its export/
+    assert (model.short_side, model.canny, model.mode) == (48, (0.3, 0.4), "lineart")
+    size, why = colorize.resolve_size(model, 320, 180, None)
+    assert size == (84, 48) and "manifest.json" in why  # 85.3 -> a multiple of 4
+    assert colorize.resolve_size(model, 320, 180, 64)[0] == (112, 64)
+
+
+# --- other inputs and outputs ---------------------------------------------------------------
+
+def test_frames_folder_in_side_by_side_video_out(tmp_path, grey_export):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, rgb in enumerate(textured_frames(6, 48, 32, seed=3)):
+        Image.fromarray(rgb).save(folder / f"f{i}.png")  # f10 would sort after f9
+    out = tmp_path / "sbs.mp4"
+    assert run("--model", grey_export, "--input", folder, "--output", out, "--fps", 10,
+               "--side-by-side", "--size", 32) == 0
+    frames = decode(out)
+    assert len(frames) == 6 and frames[0].shape == (32, 96, 3)
+    with av.open(str(out)) as c:
+        assert c.streams.video[0].average_rate == 10 and not c.streams.audio
+    left = frames[0][:, :48].astype(int)
+    assert np.abs(left - left[..., :1]).max() <= 3  # the greyscale input (after 4:2:0)
+
+
+def test_lineart_model(tmp_path, clip, grey_export):
+    export = tiny_export(tmp_path / "la", mode="lineart")
+    assert run("--model", export, "--input", clip, "--output", tmp_path / "la.mp4",
+               "--size", 32) == 0
+    assert len(decode(tmp_path / "la.mp4")) == 24
+    assert run("--model", export, "--input", clip, "--output", tmp_path / "la2",
+               "--size", 32, "--lineart") == 0
+    assert len(list((tmp_path / "la2").glob("*.png"))) == 24
+
+
+# --- bad inputs -----------------------------------------------------------------------------
+
+def test_bad_input_model_and_output(tmp_path, grey_export, clip, capsys):
+    out = tmp_path / "out.mp4"
+
+    def fails(*args, names):
+        assert run(*args) == 1
+        err = capsys.readouterr().err
+        assert "error" in err and str(names) in err, err
+        assert not out.exists()
+        assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"not a video at all" * 100)
+    fails("--model", grey_export, "--input", garbage, "--output", out, names=garbage)
+    missing = tmp_path / "missing.mp4"
+    fails("--model", grey_export, "--input", missing, "--output", out, names=missing)
+    fails("--model", tmp_path, "--input", clip, "--output", out, names=tmp_path)
+    fails("--model", grey_export, "--input", clip, "--output", out, "--lineart",
+          names=grey_export)
+    # An export whose settings do not match its weights.
+    wrong = tmp_path / "wrong"
+    tiny_export(wrong)
+    meta = json.loads((wrong / "generator.json").read_text())
+    meta["model"]["ngf"] = 8
+    (wrong / "generator.json").write_text(json.dumps(meta))
+    fails("--model", wrong, "--input", clip, "--output", out,
+          names=wrong / "generator.safetensors")
+    # Outputs that cannot be written.
+    nowhere = tmp_path / "no" / "such" / "dir" / "x.mp4"
+    assert run("--model", grey_export, "--input", clip, "--output", nowhere) == 1
+    assert str(nowhere) in capsys.readouterr().err
+    assert run("--model", grey_export, "--input", clip, "--output", tmp_path / "x.xyz") == 1
+    assert "x.xyz" in capsys.readouterr().err
+    out.write_bytes(b"precious")
+    assert run("--model", grey_export, "--input", clip, "--output", out) == 1
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"precious"
+    assert run("--model", grey_export, "--input", clip, "--output", out, "--overwrite",
+               "--size", 32) == 0
+    assert len(decode(out)) == 24
+
+
+def test_a_failure_midway_leaves_no_output(tmp_path, grey_export, capsys, monkeypatch):
+    # moov first (faststart), then cut: the container declares 20 frames, fewer decode.
+    whole = write_clip(tmp_path / "whole.mp4", textured_frames(20, 96, 64, seed=4),
+                       audio=False, faststart=True)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
+    out = tmp_path / "out.mp4"
+    assert run("--model", grey_export, "--input", cut, "--output", out, "--size", 32) == 1
+    assert str(cut) in capsys.readouterr().err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if "partial" in p.name]
+    # Interrupted (Ctrl-C) while writing frames: nothing under the final name either.
+    calls = []
+
+    def interrupt(self, rgb, pts=None):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("trainer.video_io.FrameFolderSink.write", interrupt)
+    assert run("--model", grey_export, "--input", whole, "--output", tmp_path / "frames",
+               "--size", 32) == 130
+    assert not (tmp_path / "frames").exists()
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+# --- memory ---------------------------------------------------------------------------------
+
+PEAK_RSS = """
+import resource, sys
+from trainer.colorize import main
+rc = main(sys.argv[1:])
+print("maxrss_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "rc", rc)
+"""
+
+
+def long_clip(path: Path, n: int, width: int = 320, height: int = 240) -> Path:
+    rng = np.random.default_rng(0)
+    base = (rng.random((height // 16 + 1, (width + 2 * n) // 16 + 2, 3)) * 255).astype(np.uint8)
+    canvas = np.kron(base, np.ones((16, 16, 1), dtype=np.uint8))
+    with av.open(str(path), "w") as c:
+        video = c.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"preset": "ultrafast"}
+        for t in range(n):
+            rgb = np.ascontiguousarray(canvas[:height, 2 * t: 2 * t + width])
+            for packet in video.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                c.mux(packet)
+        for packet in video.encode():
+            c.mux(packet)
+    return path
+
+
+@pytest.mark.slow
+def test_long_input_in_bounded_memory(tmp_path, grey_export):
+    """Peak RSS of colorizing 600 frames is that of 60: nothing grows with the length. Were
+    the frames kept, 540 more 320x240 RGB frames would add 124 MB (decoded input alone)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    peaks = {}
+    for n in (60, 600):
+        src = long_clip(tmp_path / f"in{n}.mp4", n)
+        proc = subprocess.run(
+            [sys.executable, "-c", PEAK_RSS, "--model", str(grey_export), "--input", str(src),
+             "--output", str(tmp_path / f"out{n}.mp4"), "--size", "32", "--preset",
+             "ultrafast"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        words = proc.stdout.split()
+        assert words[words.index("rc") + 1] == "0"
+        peaks[n] = int(words[words.index("maxrss_kb") + 1]) / 1024  # MiB (Linux: KiB)
+        with av.open(str(tmp_path / f"out{n}.mp4")) as c:
+            assert c.streams.video[0].frames == n
+    assert peaks[600] - peaks[60] < 30, peaks

@@ -1,0 +1,123 @@
+"""tricolor-eval: the report (per video, overall, baselines, floors), the per-frame ablation,
+and bad inputs; with tiny random models on small synthetic videos."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import kornia
+import numpy as np
+import pytest
+import torch
+from test_colorize import decode, tiny_export, write_clip
+from videos import scene_video, textured_frames
+
+from trainer.evaluate import METHODS, main
+
+FLOORS = ("cdc_truth", "warp_truth", "colourfulness_truth")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def grey_export(tmp_path_factory) -> Path:
+    return tiny_export(tmp_path_factory.mktemp("grey") / "export")
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> list[Path]:
+    tmp = tmp_path_factory.mktemp("videos")
+    moving = write_clip(tmp / "moving.mp4", textured_frames(14, 64, 48, seed=5,
+                                                            tint=(1.0, 0.7, 0.4)))
+    cut = scene_video(tmp / "cut.mp4", [6, 6], width=64, height=48)
+    return [moving, cut]
+
+
+def run(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def zero_chroma_psnr(path: Path, n: int) -> float:
+    """Independent reference: PSNR of the greyscale of the video (its L, a = b = 0, through
+    kornia's Lab) against the video itself, over the first n frames."""
+    frames = torch.from_numpy(np.stack(decode(path)[:n])).permute(0, 3, 1, 2).float() / 255
+    lab = kornia.color.rgb_to_lab(frames)
+    grey = kornia.color.lab_to_rgb(torch.cat([lab[:, :1], torch.zeros_like(lab[:, 1:])], 1))
+    grey = (grey * 255).round() / 255
+    return (10 * torch.log10(1 / (grey - frames).square().mean())).item()
+
+
+def test_report_per_video_and_overall(tmp_path, grey_export, videos, capsys):
+    out = tmp_path / "report.json"
+    assert run("--model", grey_export, "--videos", *videos, "--json", out, "--max-frames", 10,
+               "--size", 32) == 0
+    table = capsys.readouterr().out
+    for word in ("moving.mp4", "cut.mp4", "overall (2 videos)", *METHODS, "PSNR", "dE00"):
+        assert word in table
+    report = json.loads(out.read_text())
+    assert report["mode"] == "grey" and "CIEDE2000" in report["conventions"]
+    assert [v["frames"] for v in report["videos"]] == [10, 10]
+    assert [v["scenes"] for v in report["videos"]] == [1, 2]
+    for v in report["videos"]:
+        assert v["size"] == [64, 48] and v["working_size"] == [44, 32]
+        methods = v["methods"]
+        assert set(methods) == set(METHODS)
+        for floor in FLOORS:  # the ground truth's own values: the same for every method
+            assert len({m[floor] for m in methods.values()}) == 1
+        for m in methods.values():
+            assert m["warp_excess"] == pytest.approx(m["warp"] - m["warp_truth"])
+            assert m["colourfulness_diff"] == pytest.approx(
+                abs(m["colourfulness"] - m["colourfulness_truth"]))
+            assert all(math.isfinite(x) for x in m.values())
+        # The greyscale baseline is exactly the video's own L with zero chroma.
+        assert methods["zero_chroma"]["psnr"] == pytest.approx(
+            zero_chroma_psnr(Path(v["path"]), 10), abs=0.05)
+        assert methods["zero_chroma"]["colourfulness"] < 1.0
+    for method in METHODS:
+        for key, value in report["overall"][method].items():
+            per_video = [v["methods"][method][key] for v in report["videos"]]
+            assert value == pytest.approx(np.mean(per_video)), (method, key)
+
+
+def test_per_frame_ablation(tmp_path, grey_export, videos):
+    """Without motion the temporal input is the centre frame anyway: model = per-frame; with
+    motion (and a random model, which uses its neighbours) they differ."""
+    static = write_clip(tmp_path / "static.mp4", textured_frames(1, 64, 48, seed=6) * 6,
+                        audio=False)
+    out = tmp_path / "r.json"
+    assert run("--model", grey_export, "--videos", static, videos[0], "--json", out,
+               "--size", 32) == 0
+    still, moving = (v["methods"] for v in json.loads(out.read_text())["videos"])
+    # (The encoded static frames differ by codec noise only: near-equal, not bitwise.)
+    assert still["model"]["psnr"] == pytest.approx(still["per_frame"]["psnr"], abs=0.05)
+    assert moving["model"]["psnr"] != pytest.approx(moving["per_frame"]["psnr"], abs=1e-3)
+
+
+def test_lineart_model(tmp_path, videos):
+    export = tiny_export(tmp_path / "la", mode="lineart")
+    out = tmp_path / "r.json"
+    assert run("--model", export, "--videos", videos[1], "--json", out, "--size", 32) == 0
+    report = json.loads(out.read_text())
+    assert report["mode"] == "lineart" and report["videos"][0]["frames"] == 12
+
+
+def test_bad_inputs(tmp_path, grey_export, videos, capsys):
+    garbage = tmp_path / "bad.mp4"
+    garbage.write_bytes(b"\0" * 1000)
+    assert run("--model", grey_export, "--videos", videos[0], garbage) == 1
+    assert str(garbage) in capsys.readouterr().err
+    assert run("--model", grey_export, "--videos", tmp_path / "none.mp4") == 1
+    assert "none.mp4" in capsys.readouterr().err
+    assert run("--model", tmp_path, "--videos", videos[0]) == 1
+    assert str(tmp_path) in capsys.readouterr().err
+    nowhere = tmp_path / "no" / "dir" / "r.json"
+    assert run("--model", grey_export, "--videos", videos[0], "--json", nowhere) == 1
+    assert str(nowhere) in capsys.readouterr().err

@@ -1,0 +1,460 @@
+"""`tricolor-colorize` (also `python -m trainer.colorize`): a video in, the colored video out.
+
+    tricolor-colorize --model RUN_OR_EXPORT_DIR --input IN --output OUT
+        [--device auto|cpu|cuda] [--batch-size N] [--side-by-side] [--lineart]
+        [--size S] [--scene-threshold T] [--fps F] [--crf Q] [--preset P] [--overwrite]
+
+IN is a video file or a folder of frames (sorted by name, `--fps` for their rate). OUT is a
+video (.mp4 .mkv .mov .m4v .avi: H.264 at `--crf`, default 16, with the input's frame rate,
+size, frame count, timestamps and chroma subsampling (4:2:0 unless the input is 4:2:2 or
+4:4:4), its audio stream copied packet for packet) or a folder of PNG frames (any other
+path without a suffix). An existing OUT is replaced only with `--overwrite`; OUT is written
+under a temporary name beside it and renamed when complete. Each frame is colored as the
+model was trained:
+
+- Working resolution: the frame is resized (area averaging, as the shards were made) so
+  that its short side is S -- by default the short side of the frames the model was
+  trained on (the run's `config.yaml` -> shards `manifest.json`), else 256 -- and both
+  sides are rounded to multiples of 2**depth. G is fully convolutional; S sets the scale
+  of what it sees, which is what it learned (the training crop only sets the field of view).
+- Grey mode: G sees the L of frames (t-1, t, t+1) and predicts a,b of frame t. These are
+  upsampled (bilinear) to the input's full resolution and combined with the input's own
+  full-resolution L, so luminance is kept exactly and the picture is never blurred. Where
+  that colour falls outside sRGB, its chroma is reduced towards the grey of the same
+  luminance (closed form in linear RGB) instead of clipping channels, which would change
+  the luminance.
+- Line-art mode: line art is extracted from each frame at the working resolution as in
+  training (`trainer.data.transforms.line_art`, with the run's Canny thresholds), or the
+  input is line art already (`--lineart`: its L is the condition). G gets its own previous
+  output, black at a scene's first frame; its Lab output is upsampled to full resolution.
+- Scene cuts: the content detector of `tricolor-shards` (`shards.scenes.SceneCuts`) on the
+  working-resolution frames. At a cut the temporal context restarts: the grey-mode window
+  is padded with frame t, as at a video's first and last frames ((t, t, t+1) and
+  (t-1, t, t)); the line-art recurrence starts from black. For a greyscale input the
+  detector's hue and saturation terms are constant, so its score (the mean of the three)
+  is a third of the luma change: the threshold is divided by 3 for such videos.
+- Memory: frames stream through decoding, G and encoding; grey mode holds at most
+  batch size + 2 frames; line-art mode is recurrent, one frame at a time (its batch is 1).
+
+Errors (exit status 1, a message naming the file): an unreadable, empty or truncated input,
+a model folder without an export or whose weights do not match its settings, an output
+that cannot be written. Ctrl-C exits 130. Neither leaves anything under OUT's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import cv2
+import kornia
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors import SafetensorError
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from models.colour import AB_SCALE, black_lab_like
+from shards.scenes import SceneCuts
+from shards.video import VideoError
+from trainer.config import DataConfig
+from trainer.data.transforms import line_art, rgb_to_lab_triplets
+from trainer.export import load_generator
+from trainer.validate import lab_to_rgb
+from trainer.video_io import (
+    DEFAULT_CRF,
+    DEFAULT_PRESET,
+    X264_PRESETS,
+    FrameFolderSink,
+    OutputError,
+    Source,
+    VideoSink,
+    check_output,
+    output_kind,
+)
+
+DEFAULT_SHORT_SIDE = 256  # when the run does not say: `tricolor-shards build`'s default
+SCENE_THRESHOLD = 27.0  # `tricolor-shards build --scene-threshold` default
+GREY_LEVELS = 3  # a frame whose channels differ by at most this many levels is greyscale
+# The Y row of kornia's sRGB (D65) -> XYZ matrix: luminance from linear RGB.
+LUMINANCE = (0.212671, 0.715160, 0.072169)
+
+
+class ModelError(Exception):
+    """A model directory that cannot be used; the message names the file and why."""
+
+
+# --- the model and its training settings ---------------------------------------------------
+
+
+@dataclass
+class Model:
+    G: nn.Module
+    mode: str  # "grey" or "lineart"
+    depth: int
+    export_dir: Path
+    step: int
+    short_side: int | None  # of the training frames, None when the run does not say
+    short_side_from: str  # where short_side came from, or why it is unknown
+    canny: tuple[float, float]  # line-art mode: the Canny thresholds of training
+
+    def with_temporal(self, temporal: bool) -> Model:
+        """The same weights with `temporal` set: False is the per-frame ablation (grey: frame
+        t stands in for its neighbours; line art: never a colour hint)."""
+        G = copy.copy(self.G)  # a shallow copy: the same modules and weights
+        G.temporal = temporal
+        return replace(self, G=G)
+
+
+def find_export(path: Path) -> Path:
+    """The export folder of RUN_OR_EXPORT_DIR: itself, or the run's `export/`."""
+    for candidate in (path, path / "export"):
+        if (candidate / "generator.json").is_file():
+            return candidate
+    if not path.exists():
+        raise ModelError(f"{path}: no such folder")
+    raise ModelError(f"{path}: no model export here (expected generator.json and "
+                     "generator.safetensors, or a run folder with export/)")
+
+
+def training_settings(export_dir: Path) -> tuple[int | None, str, tuple[float, float]]:
+    """(short side of the training frames, where it came from, Canny thresholds), read from
+    the run's resolved `config.yaml` beside `export/` and its shards' `manifest.json`."""
+    canny = (DataConfig.canny_low, DataConfig.canny_high)
+    cfg_path = export_dir.parent / "config.yaml"
+    if not cfg_path.is_file():
+        return None, f"no run config.yaml beside {export_dir}", canny
+    try:
+        cfg = OmegaConf.load(cfg_path)
+        canny = (float(OmegaConf.select(cfg, "data.canny_low", default=canny[0])),
+                 float(OmegaConf.select(cfg, "data.canny_high", default=canny[1])))
+        shards = OmegaConf.select(cfg, "data.shards", default=None)
+    except (OmegaConfBaseException, ValueError, TypeError) as e:
+        raise ModelError(f"{cfg_path}: not a readable run config ({e})") from e
+    if not shards:
+        return None, f"{cfg_path} names no shards", canny
+    manifest = Path(shards) / "manifest.json"  # as the trainer saw it: relative to its cwd
+    try:
+        short = int(json.loads(manifest.read_text())["params"]["short_side"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, f"{manifest} not readable", canny
+    return short, str(manifest), canny
+
+
+def load_model(path: Path, device: torch.device) -> Model:
+    export_dir = find_export(Path(path))
+    try:
+        G, meta = load_generator(export_dir)
+        mode, depth = str(meta["model"]["mode"]), int(meta["model"]["depth"])
+    except (ValueError, RuntimeError, KeyError, TypeError, OSError, SafetensorError,
+            OmegaConfBaseException) as e:
+        # Wrong format, weights of another architecture, a damaged or missing file.
+        reason = " ".join(str(e).split())[:400] or type(e).__name__
+        raise ModelError(f"{export_dir / 'generator.safetensors'} cannot be loaded with "
+                         f"{export_dir / 'generator.json'} by this version of tricolor: "
+                         f"{reason}") from e
+    short, short_from, canny = training_settings(export_dir)
+    return Model(G.to(device).eval(), mode, depth, export_dir, int(meta.get("step", 0)),
+                 short, short_from, canny)
+
+
+def working_size(width: int, height: int, short_side: int, depth: int) -> tuple[int, int]:
+    """(w, h): short side `short_side`, aspect kept, each rounded to a multiple of 2**depth."""
+    m = 2**depth
+    scale = short_side / min(width, height)
+    return tuple(max(m, int(round(x * scale / m)) * m) for x in (width, height))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda: no CUDA device is available (use --device cpu)")
+    return torch.device(name)
+
+
+# --- frames in, frames out -----------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    """One frame on its way through: the full-resolution input, its scene and G's condition
+    at the working resolution ([1, h, w] in [-1, 1]: L, or line art), and what the
+    colorizers made of it (name -> RGB uint8 [H, W, 3])."""
+
+    index: int
+    rgb: np.ndarray
+    pts: int | None
+    scene: int
+    cond: Tensor
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def is_greyscale(rgb: np.ndarray) -> bool:
+    spread = rgb.max(axis=-1).astype(np.int16) - rgb.min(axis=-1)
+    return int(spread.max(initial=0)) <= GREY_LEVELS
+
+
+@torch.inference_mode()
+def prepare(frames: Iterable, size: tuple[int, int], model: Model, device: torch.device,
+            fps: float, threshold: float = SCENE_THRESHOLD,
+            lineart_input: bool = False) -> Iterator[Item]:
+    """Decoded frames (`video_io.Frame`) -> Items: resized to `size` (w, h), scene ids,
+    and the condition computed exactly as in training (`rgb_to_lab_triplets`, `line_art`)."""
+    cuts = None
+    for index, frame in enumerate(frames):
+        small = cv2.resize(frame.rgb, size, interpolation=cv2.INTER_AREA)
+        if cuts is None:
+            cuts = SceneCuts(fps, threshold / 3 if is_greyscale(small) else threshold)
+        scene = cuts.push(small)
+        lab = rgb_to_lab_triplets(torch.from_numpy(small).to(device)[None, None])[0, 0]
+        if model.mode == "grey" or lineart_input:
+            cond = lab[:1]
+        else:
+            cond = line_art(lab[None], *model.canny)[0]
+        yield Item(index, frame.rgb, frame.pts, scene, cond)
+
+
+def _to_uint8(rgb: Tensor) -> np.ndarray:
+    """RGB [3, H, W] in [0, 1] -> uint8 [H, W, 3] on the host."""
+    return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def _resize(x: Tensor, height: int, width: int) -> Tensor:
+    """[C, h, w] -> [C, height, width], bilinear (area-weighted where it shrinks)."""
+    if x.shape[-2:] == (height, width):
+        return x.float()
+    return F.interpolate(x[None].float(), (height, width), mode="bilinear",
+                         align_corners=False, antialias=True)[0]
+
+
+@functools.lru_cache(maxsize=4)
+def _srgb_to_linear_lut(device: torch.device) -> Tensor:
+    """kornia's sRGB -> linear RGB of the 256 8-bit levels, to index with uint8 frames."""
+    levels = (torch.arange(256, device=device, dtype=torch.float32) / 255).view(1, 256, 1)
+    return kornia.color.rgb_to_linear_rgb(levels.expand(3, -1, -1))[0, :, 0]
+
+
+@torch.inference_mode()
+def compose_grey(rgb: np.ndarray, ab: Tensor) -> np.ndarray:
+    """The input frame's full-resolution luminance with G's chroma.
+
+    rgb: uint8 [H, W, 3] (its L is kept); ab: normalized a,b [2, h, w] at the working
+    resolution (zeros: the greyscale frame itself). The colour (L, a, b) goes to XYZ as
+    kornia's `lab_to_rgb` takes it (same constants), except that Y is the input's own
+    luminance rather than one recomputed from L. Out-of-gamut colours are then pulled
+    towards the grey of the same luminance along a line in linear RGB, Y + s (c - Y), with
+    the largest s in [0, 1] that fits: Y, hence L, is unchanged.
+    """
+    device = ab.device
+    lin = _srgb_to_linear_lut(device)[torch.from_numpy(rgb).to(device).long()]  # [H, W, 3]
+    Y = lin @ torch.tensor(LUMINANCE, device=device)  # [H, W]
+    H, W = Y.shape
+    a, b = (_resize(ab, H, W) * AB_SCALE).unbind(0)
+    # kornia's Lab: f(t) = t^(1/3) above 0.008856, else 7.787 t + 4/29; L = 116 f(Y) - 16.
+    fy = torch.where(Y > 0.008856, Y.clamp(min=0.008856).pow(1 / 3), 7.787 * Y + 4 / 29)
+    fxz = torch.stack([fy + a / 500, (fy - b / 200).clamp(min=0)])
+    x, z = torch.where(fxz > 0.2068966, fxz.pow(3), (fxz - 4 / 29) / 7.787).unbind(0)
+    xyz = torch.stack([x * 0.95047, Y, z * 1.08883])
+    d = kornia.color.xyz_to_rgb(xyz) - Y  # [3, H, W], linear RGB minus the grey
+    inf = torch.full_like(d, float("inf"))
+    room = torch.where(d > 0, (1 - Y) / d.clamp(min=1e-12),
+                       torch.where(d < 0, Y / (-d).clamp(min=1e-12), inf))
+    s = room.amin(dim=0).clamp(max=1)
+    return _to_uint8(kornia.color.linear_rgb_to_rgb((Y + s * d).clamp(0, 1)))
+
+
+@torch.inference_mode()
+def lab_to_uint8(lab: Tensor, height: int, width: int) -> np.ndarray:
+    """G's normalized Lab [3, h, w] -> RGB uint8 [height, width, 3] (line-art mode)."""
+    return _to_uint8(lab_to_rgb(_resize(lab, height, width)))
+
+
+def condition_image(item: Item, mode: str) -> np.ndarray:
+    """What G was given, at full resolution, for --side-by-side: the greyscale frame, or the
+    line art (upsampled)."""
+    if mode == "grey":
+        return compose_grey(item.rgb, torch.zeros(2, 1, 1, device=item.cond.device))
+    H, W = item.rgb.shape[:2]
+    return _to_uint8(((_resize(item.cond, H, W) + 1) / 2).expand(3, -1, -1))
+
+
+class Colorizer:
+    """Colours a stream of Items with G, as the model was trained (see the module doc).
+
+    `colorizer(items, key)` yields the same Items in order, each with `outputs[key]` set;
+    a generator, so the next stage can consume frames while later ones are still decoding.
+    """
+
+    def __init__(self, model: Model, batch_size: int = 8):
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.model, self.batch_size = model, batch_size
+
+    def __call__(self, items: Iterable[Item], key: str) -> Iterator[Item]:
+        if self.model.mode == "grey":
+            return self._grey(items, key)
+        return self._lineart(items, key)
+
+    @staticmethod
+    def _window(prev: Item | None, cur: Item, nxt: Item | None) -> Tensor:
+        """L of (t-1, t, t+1) [3, 1, h, w], padded with t at the ends and across cuts."""
+        p = prev if prev is not None and prev.scene == cur.scene else cur
+        n = nxt if nxt is not None and nxt.scene == cur.scene else cur
+        return torch.stack([p.cond, cur.cond, n.cond])
+
+    def _grey(self, items: Iterable[Item], key: str) -> Iterator[Item]:
+        prev = cur = None
+        batch: list[tuple[Item, Tensor]] = []
+        for nxt in items:
+            if cur is not None:  # frame t is ready once t+1 (and its scene) is known
+                batch.append((cur, self._window(prev, cur, nxt)))
+                if len(batch) == self.batch_size:
+                    yield from self._run_grey(batch, key)
+                    batch = []
+            prev, cur = cur, nxt
+        if cur is not None:
+            batch.append((cur, self._window(prev, cur, None)))
+        yield from self._run_grey(batch, key)
+
+    @torch.inference_mode()
+    def _run_grey(self, batch: list[tuple[Item, Tensor]], key: str) -> Iterator[Item]:
+        if not batch:
+            return
+        ab = self.model.G(torch.stack([w for _, w in batch])).float()  # [B, 2, h, w]
+        for (item, _), item_ab in zip(batch, ab):
+            item.outputs[key] = compose_grey(item.rgb, item_ab)
+            yield item
+
+    @torch.inference_mode()
+    def _lineart(self, items: Iterable[Item], key: str) -> Iterator[Item]:
+        prev, scene = None, None
+        for item in items:
+            if prev is None or item.scene != scene:  # a scene's first frame: from black
+                prev = black_lab_like(item.cond.new_empty(1, 3, *item.cond.shape[-2:]))
+            prev = self.model.G(item.cond[None], prev).float()  # Lab of t [1, 3, h, w]
+            scene = item.scene
+            item.outputs[key] = lab_to_uint8(prev[0], *item.rgb.shape[:2])
+            yield item
+
+
+# --- the command ---------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tricolor-colorize",
+                                description="Colorize a video (or a folder of frames) with a "
+                                            "trained tricolor generator.")
+    p.add_argument("--model", required=True, type=Path,
+                   help="run folder (runs/NAME) or its export/ folder")
+    p.add_argument("--input", required=True, type=Path, help="video file or folder of frames")
+    p.add_argument("--output", required=True, type=Path,
+                   help="video (.mp4 .mkv .mov .m4v .avi) or a folder for PNG frames")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when available")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="frames per G forward (grey mode; line-art mode is recurrent: 1)")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="output G's input (greyscale or line art) | colored, twice as wide")
+    p.add_argument("--lineart", action="store_true",
+                   help="line-art model: the input is line art already (no extraction)")
+    p.add_argument("--size", type=int, default=None,
+                   help="short side of the working resolution, px (default: that of the "
+                        f"training frames, else {DEFAULT_SHORT_SIDE})")
+    p.add_argument("--scene-threshold", type=float, default=SCENE_THRESHOLD,
+                   help="content-detector threshold for scene cuts (as tricolor-shards)")
+    p.add_argument("--fps", type=float, default=25.0,
+                   help="frame rate of a folder of frames (videos keep their own)")
+    p.add_argument("--crf", type=int, default=DEFAULT_CRF,
+                   help="x264 quality of a video output: 0 lossless .. 51 worst")
+    p.add_argument("--preset", choices=X264_PRESETS, default=DEFAULT_PRESET, metavar="PRESET",
+                   help=f"x264 preset of a video output, {X264_PRESETS[0]} .. "
+                        f"{X264_PRESETS[-1]} (default {DEFAULT_PRESET}; faster: larger files)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.size is not None and args.size < 1:
+        p.error(f"--size must be >= 1, got {args.size}")
+    if not 0 <= args.crf <= 51:
+        p.error(f"--crf must lie in [0, 51], got {args.crf}")
+    return args
+
+
+def resolve_size(model: Model, width: int, height: int, size: int | None) -> tuple[
+        tuple[int, int], str]:
+    """The working (w, h) and a line saying where its short side came from."""
+    if size is not None:
+        short, why = size, "--size"
+    elif model.short_side is not None:
+        short, why = model.short_side, f"training frames, {model.short_side_from}"
+    else:
+        short, why = DEFAULT_SHORT_SIDE, f"default; {model.short_side_from}"
+    return working_size(width, height, short, model.depth), f"short side {short} ({why})"
+
+
+def run(args: argparse.Namespace) -> int:
+    check_output(args.output, args.overwrite)
+    device = pick_device(args.device)
+    model = load_model(args.model, device)
+    if args.lineart and model.mode != "lineart":
+        raise ModelError(f"--lineart needs a line-art model; {model.export_dir} is a "
+                         f"{model.mode}-mode model")
+    source = Source(args.input, fps=args.fps)
+    size, why = resolve_size(model, source.width, source.height, args.size)
+    print(f"model: {model.export_dir} ({model.mode} mode, step {model.step}) on {device}; "
+          f"working size {size[0]}x{size[1]}, {why}", file=sys.stderr)
+    print(f"input: {source.path}: {source.width}x{source.height}, {float(source.fps):.3f} fps, "
+          f"{source.frames or 'unknown'} frames{', audio' if source.audio else ''}",
+          file=sys.stderr)
+    out_w = source.width * (2 if args.side_by_side else 1)
+    if output_kind(args.output) == "video":
+        sink = VideoSink(args.output, out_w, source.height, source.fps, source.time_base,
+                         source.path if source.audio else None, args.crf, source.pix_fmt,
+                         args.preset)
+    else:
+        sink = FrameFolderSink(args.output, args.overwrite)
+    items = prepare(source.read(), size, model, device, float(source.fps),
+                    args.scene_threshold, args.lineart)
+    written = 0
+    try:
+        with tqdm(total=source.frames or None, unit="frame", desc="colorize",
+                  file=sys.stderr, dynamic_ncols=True) as bar:
+            for item in Colorizer(model, args.batch_size)(items, "out"):
+                out = item.outputs.pop("out")
+                if args.side_by_side:
+                    out = np.concatenate([condition_image(item, model.mode), out], axis=1)
+                sink.write(out, item.pts)
+                written += 1
+                bar.update(1)
+        sink.commit()
+    except BaseException:
+        sink.abort()
+        raise
+    print(f"wrote {args.output} ({written} frames)", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ModelError, VideoError, OutputError) as e:
+        print(f"tricolor-colorize: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tricolor-colorize: interrupted; no output written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""`tricolor-eval` (also `python -m trainer.evaluate`): score a model against two baselines.
+
+    tricolor-eval --model RUN_OR_EXPORT_DIR --videos V... [--json OUT] [--max-frames N]
+        [--device auto|cpu|cuda] [--batch-size N] [--size S] [--scene-threshold T]
+
+Each colour video is colorized from its own greyscale (grey mode: its L; line-art mode: line
+art extracted as in training) exactly as `tricolor-colorize` colours it (the same working
+resolution, windows, scene-cut resets and full-resolution recombination), and scored
+against the original at the original's resolution, next to two baselines made the same way:
+
+- zero_chroma: the greyscale itself (the original's L with a = b = 0);
+- per_frame: the same weights with the temporal input replaced by the centre frame
+  (`temporal=False`: GreyUNet sees frame t in place of t-1 and t+1; LineartUNet never gets a
+  colour hint), the ablation that shows what the temporal input buys.
+
+Metrics (`trainer.metrics.VideoScores`; definitions in shared/docs/metrics.md), per video:
+PSNR and SSIM on RGB in [0, 1]; CDC (dilations {1, 2, 4}) with the ground truth's own CDC as
+the floor; the Farnebäck warp error (flow on the original's L, the same flows for every
+method) with the ground truth's as the floor, and the excess over it; colourfulness
+(Hasler & Süsstrunk, mean over frames) and |ΔM| to the ground truth; mean CIEDE2000. Overall:
+the mean over videos of the per-video values. Frames are streamed: a video of any length is
+scored in constant memory (`--max-frames` scores only the first N frames).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from shards.atomic import write_json_atomic
+from shards.video import VideoError, find_videos
+from trainer.colorize import (
+    SCENE_THRESHOLD,
+    Colorizer,
+    Model,
+    ModelError,
+    compose_grey,
+    load_model,
+    pick_device,
+    prepare,
+    resolve_size,
+)
+from trainer.metrics import VideoScores, rgb_to_cielab
+from trainer.video_io import Frame, OutputError, Source
+
+METHODS = ("model", "per_frame", "zero_chroma")
+CONVENTIONS = (
+    "RGB in [0, 1] at each video's own resolution, 8-bit frames as decoded / written; "
+    "PSNR over all frames of a video (capped at 100 dB), SSIM (Gaussian 11, sigma 1.5) the "
+    "mean over frames; CDC on 8-bit RGB histograms, JS in nats, dilations {1, 2, 4}; warp "
+    "error: Farnebäck flow on the ground truth's L / 100 as uint8, forward-backward "
+    "occlusion mask, mean over frame pairs of the masked per-channel squared error; "
+    "colourfulness (Hasler & Süsstrunk) on [0, 255], mean over frames, |dM| of the means; "
+    "CIEDE2000 (k_L = k_C = k_H = 1, D65) mean over pixels and frames; overall: the mean "
+    "over videos of the per-video values (warp: over videos with a valid frame pair)")
+# (key, header, scale, format): CDC and warp errors are printed x 1e3.
+COLUMNS = (("psnr", "PSNR", 1, "{:7.2f}"), ("ssim", "SSIM", 1, "{:7.4f}"),
+           ("cdc", "CDC", 1e3, "{:7.3f}"), ("cdc_truth", "floor", 1e3, "{:7.3f}"),
+           ("warp", "warp", 1e3, "{:7.3f}"), ("warp_truth", "floor", 1e3, "{:7.3f}"),
+           ("warp_excess", "excess", 1e3, "{:7.3f}"), ("colourfulness_diff", "|dM|", 1,
+                                                        "{:7.2f}"),
+           ("ciede2000", "dE00", 1, "{:7.2f}"))
+
+
+def first(frames: Iterator[Frame], n: int | None) -> Iterator[Frame]:
+    """The first `n` frames (all for None), closing the decoder when stopping early."""
+    try:
+        for i, frame in enumerate(frames):
+            if n is not None and i >= n:
+                return
+            yield frame
+    finally:
+        frames.close()
+
+
+def to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> RGB [3, H, W] in [0, 1], fp32 on the host."""
+    return torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+
+
+def score_video(path: Path, model: Model, per_frame: Model, device: torch.device,
+                args: argparse.Namespace) -> dict:
+    source = Source(path)
+    size, why = resolve_size(model, source.width, source.height, args.size)
+    total = min(source.frames, args.max_frames) if args.max_frames else source.frames
+    frames = first(source.read(), args.max_frames)
+    items = prepare(frames, size, model, device, float(source.fps), args.scene_threshold)
+    items = Colorizer(model, args.batch_size)(items, "model")
+    items = Colorizer(per_frame, args.batch_size)(items, "per_frame")
+    scores = VideoScores(list(METHODS))
+    scenes = 0
+    zero_ab = torch.zeros(2, 1, 1, device=device)
+    for item in tqdm(items, total=total or None, unit="frame", desc=path.name,
+                     file=sys.stderr, dynamic_ncols=True):
+        truth = to_tensor(item.rgb)
+        grey = rgb_to_cielab(truth)[:1] / 100  # L in [0, 1]: the flow's input
+        preds = {"model": to_tensor(item.outputs["model"]),
+                 "per_frame": to_tensor(item.outputs["per_frame"]),
+                 "zero_chroma": to_tensor(compose_grey(item.rgb, zero_ab))}
+        scores.update(truth, grey, preds)
+        scenes = item.scene + 1
+    return {"path": str(path), "frames": scores.frames, "size": [source.width, source.height],
+            "fps": float(source.fps), "working_size": list(size), "working_size_from": why,
+            "scenes": scenes, "methods": scores.compute()}
+
+
+def overall(videos: list[dict]) -> dict[str, dict[str, float]]:
+    """The mean over videos of each per-video value (NaN values, e.g. the warp error of a
+    video without a valid frame pair, are left out)."""
+    out = {}
+    for method in METHODS:
+        keys = videos[0]["methods"][method].keys()
+        out[method] = {}
+        for key in keys:
+            vals = [v["methods"][method][key] for v in videos]
+            vals = [x for x in vals if not math.isnan(x)]
+            out[method][key] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
+def table(report: dict) -> str:
+    head = f"{'':28s}" + "".join(f"{h:>8s}" for _, h, _, _ in COLUMNS)
+    lines = [head]
+
+    def rows(title: str, methods: dict) -> None:
+        lines.append(title)
+        for method in METHODS:
+            cells = []
+            for key, _, scale, fmt in COLUMNS:
+                x = methods[method][key]
+                cells.append(" " + (f"{'-':>7s}" if math.isnan(x) else fmt.format(x * scale)))
+            lines.append(f"  {method:26s}" + "".join(cells))
+
+    for v in report["videos"]:
+        w, h = v["size"]
+        rows(f"{Path(v['path']).name} ({v['frames']} frames, {w}x{h}, {v['scenes']} scenes)",
+             v["methods"])
+    n = len(report["videos"])
+    rows(f"overall ({n} video{'s' if n != 1 else ''})", report["overall"])
+    lines.append("PSNR (dB) and SSIM: higher is better. CDC, warp error and excess (all x 1e-3; "
+                 "floor: the ground truth's own), |dM| (colourfulness difference) and dE00 "
+                 "(mean CIEDE2000): lower is better.")
+    return "\n".join(lines)
+
+
+def json_safe(x):
+    """NaN (undefined, e.g. no valid warp pair) -> null: valid JSON."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [json_safe(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tricolor-eval", description="Score a tricolor model "
+                                "against the zero-chroma and per-frame baselines.")
+    p.add_argument("--model", required=True, type=Path,
+                   help="run folder (runs/NAME) or its export/ folder")
+    p.add_argument("--videos", required=True, nargs="+", metavar="V",
+                   help="colour videos (files or folders of them)")
+    p.add_argument("--json", type=Path, help="also write the report here")
+    p.add_argument("--max-frames", type=int, help="score only the first N frames of each")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--batch-size", type=int, default=8, help="frames per G forward (grey)")
+    p.add_argument("--size", type=int, default=None,
+                   help="short side of the working resolution (as tricolor-colorize)")
+    p.add_argument("--scene-threshold", type=float, default=SCENE_THRESHOLD)
+    args = p.parse_args(argv)
+    for name in ("max_frames", "batch_size", "size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.json is not None:
+        parent = args.json.absolute().parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError(f"{args.json}: the folder {parent} does not exist or is not "
+                              "writable")
+    try:
+        paths = find_videos(args.videos)
+    except FileNotFoundError as e:
+        raise VideoError(str(e)) from e
+    if not paths:
+        raise VideoError(f"no videos in {' '.join(args.videos)}")
+    for path in paths:  # every input readable before the long work starts
+        Source(path)
+    device = pick_device(args.device)
+    model = load_model(args.model, device)
+    per_frame = model.with_temporal(False)
+    print(f"model: {model.export_dir} ({model.mode} mode, step {model.step}) on {device}",
+          file=sys.stderr)
+    videos = [score_video(path, model, per_frame, device, args) for path in paths]
+    report = {"model": str(model.export_dir), "mode": model.mode, "step": model.step,
+              "conventions": CONVENTIONS, "videos": videos, "overall": overall(videos)}
+    print(table(report))
+    if args.json is not None:
+        write_json_atomic(args.json, json_safe(report))
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ModelError, VideoError, OutputError) as e:
+        print(f"tricolor-eval: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tricolor-eval: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

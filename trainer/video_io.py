@@ -1,0 +1,299 @@
+"""Streaming video input and output for `tricolor-colorize` and `tricolor-eval` (PyAV).
+
+Input: a video file, decoded one frame at a time, or a folder of images (sorted by name,
+numbers compared as numbers). Output: a video (H.264, the input's frame timestamps, its
+audio packets copied unchanged) or a folder of PNG frames. Output is written under a
+temporary name in the destination folder and renamed when complete: an interrupted or
+failed run never leaves a partial file under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+from shards.atomic import publish
+from shards.video import VideoError, open_video
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+# Output containers that take H.264 (and, usually, the input's audio codec as it is).
+VIDEO_OUT_SUFFIXES = {".mp4", ".mkv", ".mov", ".m4v", ".avi"}
+# The output keeps the input's chroma subsampling when it is one of these (full range
+# "yuvj" inputs map to their limited-range twins), else 4:2:0, which every player takes.
+# 4:2:0 stores chroma at half resolution: where a saturated colour meets an edge, the
+# luminance of the decoded RGB moves a little (Y PSNR about 40-45 dB against the input);
+# 4:4:4 keeps it (and PNG frames keep it exactly, up to 8-bit rounding).
+PIX_FMTS = {"yuv420p": "yuv420p", "yuvj420p": "yuv420p", "yuv422p": "yuv422p",
+            "yuvj422p": "yuv422p", "yuv444p": "yuv444p", "yuvj444p": "yuv444p"}
+DEFAULT_CRF = 16  # x264 constant rate factor: 0 lossless, 18 "visually lossless", 23 default
+DEFAULT_PRESET = "medium"  # x264 speed / compression trade-off: ultrafast ... veryslow
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
+                "slower", "veryslow")
+
+
+class OutputError(Exception):
+    """An output path that cannot be written; the message names it."""
+
+
+@dataclass
+class Frame:
+    """One decoded frame: RGB uint8 [H, W, 3] and its timestamp in the source's time base
+    (None for image folders)."""
+
+    rgb: np.ndarray
+    pts: int | None
+
+
+def _natural_key(path: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+class Source:
+    """A video file or a folder of frames, read one frame at a time.
+
+    fps: frames per second (for a folder: the `fps` given); time_base: of the timestamps
+    (None for a folder); frames: the count the container declares (0: unknown); audio:
+    whether a video file has an audio stream (it is copied into a video output).
+    """
+
+    def __init__(self, path: Path, fps: float = 25.0):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise VideoError(f"{self.path}: no such file or folder")
+        self.audio = False
+        self.time_base: Fraction | None = None
+        self.pix_fmt: str | None = None  # the video's pixel format, e.g. yuv420p
+        if self.path.is_dir():
+            self.images = sorted((p for p in self.path.iterdir()
+                                  if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
+            if not self.images:
+                raise VideoError(f"{self.path}: a folder without image frames "
+                                 f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+            self.width, self.height = self._read_image(self.images[0]).shape[1::-1]
+            self.fps, self.frames = Fraction(fps).limit_denominator(1001), len(self.images)
+            return
+        self.images = []
+        container, stream = open_video(self.path)  # VideoError naming the file
+        try:
+            ctx = stream.codec_context
+            if not ctx.width or not ctx.height:
+                raise VideoError(f"{self.path}: the video stream has no frame size")
+            self.width, self.height = ctx.width, ctx.height
+            rate = stream.average_rate or stream.guessed_rate
+            self.fps = Fraction(rate) if rate else Fraction(fps).limit_denominator(1001)
+            self.time_base = Fraction(stream.time_base) if stream.time_base else None
+            self.frames = stream.frames or 0
+            self.audio = bool(container.streams.audio)
+            self.pix_fmt = ctx.format.name if ctx.format else None
+        finally:
+            container.close()
+
+    def _read_image(self, path: Path) -> np.ndarray:
+        try:
+            with Image.open(path) as im:
+                return np.array(im.convert("RGB"))  # a writable copy, for torch
+        except (OSError, ValueError) as e:
+            raise VideoError(f"{path}: not a readable image ({e})") from e
+
+    def read(self) -> Iterator[Frame]:
+        """The frames in order; a decoding error, a frame of another size or a container
+        that declares more frames than it holds raise VideoError naming the file."""
+        if self.images:
+            for path in self.images:
+                rgb = self._read_image(path)
+                if rgb.shape[:2] != (self.height, self.width):
+                    raise VideoError(f"{path}: frame size {rgb.shape[1]}x{rgb.shape[0]} differs "
+                                     f"from the first frame's {self.width}x{self.height}")
+                yield Frame(rgb, None)
+            return
+        container, stream = open_video(self.path)
+        stream.thread_type = "AUTO"
+        decoded = 0
+        try:
+            for frame in container.decode(stream):
+                if (frame.width, frame.height) != (self.width, self.height):
+                    raise VideoError(f"{self.path}: frame {decoded} is {frame.width}x"
+                                     f"{frame.height}, not {self.width}x{self.height}")
+                yield Frame(frame.to_ndarray(format="rgb24"), frame.pts)
+                decoded += 1
+        except av.error.FFmpegError as e:
+            raise VideoError(f"{self.path}: decoding failed after {decoded} frames ({e})") from e
+        finally:
+            container.close()
+        if decoded == 0:
+            raise VideoError(f"{self.path}: no frame could be decoded")
+        if self.frames and decoded < self.frames:
+            raise VideoError(f"{self.path}: truncated: the container declares {self.frames} "
+                             f"frames but only {decoded} could be decoded")
+
+
+def output_kind(path: Path) -> str:
+    """"video" for a path with a video suffix, "frames" for a folder (an existing one or a
+    path without suffix); anything else is an OutputError."""
+    if path.suffix.lower() in VIDEO_OUT_SUFFIXES:
+        return "video"
+    if path.is_dir() or not path.suffix:
+        return "frames"
+    raise OutputError(f"{path}: unknown output format {path.suffix!r}; name a video "
+                      f"({', '.join(sorted(VIDEO_OUT_SUFFIXES))}) or a folder for PNG frames")
+
+
+def check_output(path: Path, overwrite: bool) -> None:
+    """Fail early, before any work, when `path` cannot be written."""
+    output_kind(path)
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise OutputError(f"{path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: the folder {parent} is not writable")
+    if path.exists() and not overwrite and not (path.is_dir() and not any(path.iterdir())):
+        raise OutputError(f"{path}: exists; pass --overwrite to replace it")
+
+
+def _temp_name(path: Path) -> Path:
+    # Same folder (so the final rename is atomic), hidden, unique per process, same suffix
+    # (FFmpeg picks the container format from it).
+    return path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+
+
+class FrameFolderSink:
+    """PNG frames `frame_000000.png`, ... in a folder that appears only when complete."""
+
+    def __init__(self, path: Path, overwrite: bool):
+        self.path, self.overwrite = Path(path), overwrite
+        self.tmp = _temp_name(self.path)
+        try:
+            self.tmp.mkdir()
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot write here ({e})") from e
+        self.count = 0
+
+    def write(self, rgb: np.ndarray, pts: int | None = None) -> None:
+        Image.fromarray(rgb).save(self.tmp / f"frame_{self.count:06d}.png", compress_level=1)
+        self.count += 1
+
+    def commit(self) -> None:
+        old = None
+        if self.path.exists():  # check_output allowed it: empty, or --overwrite
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class VideoSink:
+    """H.264 video at the source's frame rate and timestamps, with the source's audio stream
+    copied packet for packet (interleaved by time as the video is written)."""
+
+    def __init__(self, path: Path, width: int, height: int, fps: Fraction,
+                 time_base: Fraction | None, audio_from: Path | None, crf: int = DEFAULT_CRF,
+                 pix_fmt: str | None = None, preset: str = DEFAULT_PRESET):
+        self.path = Path(path)
+        self.tmp = _temp_name(self.path)
+        self.fps = fps
+        # Timestamps: the source's, in its time base, so variable frame rates and the sync
+        # with the copied audio survive; for image folders 0, 1, 2, ... frame durations.
+        self.time_base = time_base or 1 / fps
+        self.step = max(1, round(1 / (fps * self.time_base)))  # one frame in time_base units
+        self.last_pts: int | None = None
+        self.out = self.audio_in = None
+        try:
+            self.out = av.open(str(self.tmp), "w")
+        except (av.error.FFmpegError, OSError) as e:
+            raise OutputError(f"{self.path}: cannot write here ({e})") from e
+        try:
+            stream = self.out.add_stream("libx264", rate=fps)
+            stream.width, stream.height = width, height
+            pix_fmt = PIX_FMTS.get(pix_fmt or "", "yuv420p")
+            if width % 2 or height % 2:  # subsampled chroma needs even sides
+                pix_fmt = "yuv444p"
+            stream.pix_fmt = pix_fmt
+            stream.options = {"crf": str(crf), "preset": preset}
+            stream.time_base = self.time_base
+            stream.codec_context.time_base = self.time_base
+            self.video = stream
+            if audio_from is not None:
+                self.audio_in = av.open(str(audio_from))
+                src = self.audio_in.streams.audio[0]
+                self.audio = self.out.add_stream_from_template(src)
+                self.audio_packets = self.audio_in.demux(src)
+                self.next_audio = None
+        except (av.error.FFmpegError, ValueError) as e:
+            self.abort()
+            raise OutputError(f"{self.path}: cannot set up the output streams ({e})") from e
+
+    def _mux(self, packets) -> None:
+        for packet in packets:
+            if self.audio_in is not None and packet.pts is not None and packet.time_base:
+                self._mux_audio(packet.pts * packet.time_base)  # audio up to this frame
+            self.out.mux(packet)
+
+    def _mux_audio(self, until: float | None) -> None:
+        """Copy the source's audio packets up to time `until` (seconds; None: all)."""
+        while True:
+            if self.next_audio is None:
+                packet = next(self.audio_packets, None)
+                if packet is None:
+                    self.audio_in.close()
+                    self.audio_in = None
+                    return
+                if packet.dts is None or packet.size == 0:  # the demuxer's flush packet
+                    continue
+                self.next_audio = packet
+            p = self.next_audio
+            if until is not None and p.pts is not None and p.pts * p.time_base > until:
+                return
+            p.stream = self.audio
+            try:
+                self.out.mux(p)
+            except av.error.FFmpegError as e:
+                raise OutputError(f"{self.path}: cannot copy the audio stream "
+                                  f"({self.audio.codec_context.name}) into this container "
+                                  f"({e}); choose another, e.g. .mkv") from e
+            self.next_audio = None
+
+    def write(self, rgb: np.ndarray, pts: int | None) -> None:
+        # Presentation order means increasing timestamps; repair the rare stream that
+        # repeats or lacks one, since the encoder refuses them.
+        if pts is None or self.last_pts is not None and pts <= self.last_pts:
+            pts = 0 if self.last_pts is None else self.last_pts + self.step
+        self.last_pts = pts
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        frame.pts, frame.time_base = pts, self.time_base
+        try:
+            self._mux(self.video.encode(frame))
+        except av.error.FFmpegError as e:
+            raise OutputError(f"{self.path}: writing failed ({e})") from e
+
+    def commit(self) -> None:
+        try:
+            self._mux(self.video.encode())
+            if self.audio_in is not None:
+                self._mux_audio(None)
+            self.out.close()
+        except av.error.FFmpegError as e:
+            raise OutputError(f"{self.path}: writing failed ({e})") from e
+        publish(self.tmp, self.path)  # fsync, then the atomic rename
+
+    def abort(self) -> None:
+        for container in (self.out, self.audio_in):
+            if container is not None:
+                try:
+                    container.close()
+                except av.error.FFmpegError:
+                    pass  # already failing; the partial file is removed below
+        self.audio_in = None
+        self.tmp.unlink(missing_ok=True)
