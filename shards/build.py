@@ -75,6 +75,7 @@ class SpooledVideo:
 
     path: str
     name: str  # unique, dot-free id used in sample keys
+    split_id: str  # what the split hashes: file name and size, the same on every machine
     info: VideoInfo
     spool: str
     offsets: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) per frame
@@ -104,7 +105,8 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
 def spool_video(path: Path, spool_file: Path, params: BuildParams, progress=None) -> SpooledVideo:
     """Pass 1 for one video: decode, resize, detect cuts, JPEG-encode into `spool_file`."""
     info, frames = decode_frames(path, params.short_side)
-    spooled = SpooledVideo(str(path), video_name(path), info, str(spool_file))
+    split_id = f"{path.name}:{path.stat().st_size}"
+    spooled = SpooledVideo(str(path), video_name(path), split_id, info, str(spool_file))
     cuts = SceneCuts(info.fps, params.scene_threshold)
     with open(spool_file, "wb") as out:
         for rgb in frames:
@@ -351,7 +353,11 @@ def _write_all(spooled, skipped, out_dir, prefix, params, log):
 
 
 def _unit(video: SpooledVideo, t: int, params: BuildParams) -> str:
-    return video.name if params.split_by == "video" else f"{video.name}#{video.scenes[t]}"
+    """The split unit of frame t: its video or its scene. Not the path: the same videos must
+    split the same way wherever they are stored."""
+    if params.split_by == "video":
+        return video.split_id
+    return f"{video.split_id}#{video.scenes[t]}"
 
 
 __all__ = ["BuildParams", "build", "MANIFEST"]

@@ -318,3 +318,19 @@ def test_shards_are_plain_tar_files(tmp_path):
     listing = subprocess.run(["tar", "tf", str(out / "train-000000.tar")], capture_output=True,
                              text=True, check=True).stdout.split()
     assert len(listing) == 4 * 4 and all(os.sep not in n for n in listing)
+
+
+def test_the_split_does_not_depend_on_where_the_videos_are_stored(tmp_path):
+    splits = []
+    for where in ("a", "b/deeper"):
+        folder = tmp_path / where
+        folder.mkdir(parents=True)
+        videos = [scene_video(folder / f"v{i}.mp4", [6, 7, 6, 8]) for i in range(2)]
+        out = tmp_path / f"shards-{where.replace('/', '-')}"
+        assert main(["build", *map(str, videos), "--out", str(out), "--val-fraction", "0.3"]) == 0
+        splits.append({
+            split: sorted((Path(s["json"]["source"]).name, s["json"]["frame"])
+                          for s in read_samples(out, split).values())
+            for split in ("train", "val")
+        })
+    assert splits[0] == splits[1] and splits[0]["val"]
