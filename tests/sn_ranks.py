@@ -42,7 +42,12 @@ gan = build_gan(cfg, accelerator)
 D = accelerator.unwrap_model(gan.D)
 report["start"] = ranks_disagree(D)
 loader = TripletLoader(cfg.data, "grey", "train", rank, 2, accelerator.device, 0)
-batches = iter(loader)
+def endless(loader):
+    while True:  # the split may hold fewer batches per epoch than the steps below
+        yield from loader
+
+
+batches = endless(loader)
 for _ in range(3):
     train_step(accelerator, gan, next(batches))
 report["after_steps"] = ranks_disagree(D)

@@ -3,19 +3,26 @@
 Layout of `runs/<name>/checkpoints/`:
 
     step_000200/            a complete checkpoint (never a partial one under this name)
-        .metadata, *.distcp     G, D, G_ema, both optimizers: torch.distributed.checkpoint
-                                (every rank writes its part; loads at any world size)
+        .metadata, *.distcp     DDP: G, D, G_ema, both optimizers through
+                                torch.distributed.checkpoint (every rank writes its part;
+                                loads at any world size)
+        G/, D/, G_ema.safetensors   DeepSpeed instead: each engine's own checkpoint
+                                (`engine.save_checkpoint`, a ZeRO partition per rank; loads
+                                at the same world size only) and the EMA of G
         rank0.safetensors ...   per rank: RNG state and the data loader's DALI state
         rank0.json ...          per rank: the loader's position (epoch, step, fingerprint)
-        trainer.json            step, samples seen, schedulers, model config, world size
+        trainer.json            step, samples seen, schedulers, model config, world size,
+                                backend (ddp, or deepspeed and its ZeRO stage)
         COMPLETE                written last, after every rank has finished
     step_000400.tmp/        being written (or left by a crash): never loaded
     latest                  "step_000400", replaced atomically once step_000400 is complete
 
 Publication: every rank writes into `step_N.tmp/`; after a barrier rank 0 writes COMPLETE,
 renames the directory to `step_N/`, replaces `latest` (temp file + fsync + rename) and only
-then deletes checkpoints beyond the last `keep`. Nothing here unpickles: tensors come from
-DCP and safetensors, everything else from JSON.
+then deletes checkpoints beyond the last `keep`. The model and optimizer part is the
+backend's (trainer/backend.py); the rest is the same for both. Nothing of the DDP format
+unpickles: tensors come from DCP and safetensors, everything else from JSON. DeepSpeed's own
+files are pickles (torch.load): resume only checkpoints you wrote.
 """
 
 from __future__ import annotations
@@ -29,16 +36,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from shards.atomic import fsync_dir
 
@@ -50,6 +49,11 @@ COMPLETE = "COMPLETE"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file."""
+
+
+class IncompatibleCheckpoint(CheckpointError):
+    """Intact, but not for this run as launched (another model config, backend, ZeRO stage or,
+    for DeepSpeed, world size): an older checkpoint of the run would not do either."""
 
 
 def _barrier() -> None:
@@ -78,19 +82,6 @@ class Checkpointer:
         self.dir = run_dir / "checkpoints"
         self.keep = keep
 
-    # -- what goes into a checkpoint -------------------------------------------------------
-
-    @staticmethod
-    def _sharded_state(gan) -> dict:
-        G, D = gan.G, gan.D
-        return {
-            "G": get_model_state_dict(G),
-            "D": get_model_state_dict(D),
-            "G_ema": gan.ema.state_dict(),
-            "opt_G": get_optimizer_state_dict(G, gan.opt_G),
-            "opt_D": get_optimizer_state_dict(D, gan.opt_D),
-        }
-
     # -- saving -----------------------------------------------------------------------------
 
     def save(self, step: int, gan, trainer_state: dict, loader_state: dict) -> Path:
@@ -103,7 +94,7 @@ class Checkpointer:
                 shutil.rmtree(tmp)  # left by a crash: never trusted, never reused
             tmp.mkdir(parents=True)
         _barrier()
-        dcp.save(self._sharded_state(gan), checkpoint_id=str(tmp))
+        written = gan.backend.save_state(gan, tmp)  # G, D, G_ema, optimizers
         dali = loader_state.get("source")
         tensors = {"rng_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -114,13 +105,13 @@ class Checkpointer:
         position = {k: v for k, v in loader_state.items() if k != "source"}
         (tmp / f"rank{rank}.json").write_text(json.dumps(position))
         if rank == 0:
-            (tmp / "trainer.json").write_text(
-                json.dumps({**trainer_state, "world_size": world}, indent=2)
-            )
-        for f in tmp.iterdir():  # each rank flushes its own files before the barrier
-            if f.name.startswith(f"rank{rank}.") or f.suffix == ".distcp":
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+            (tmp / "trainer.json").write_text(json.dumps(
+                {**trainer_state, "world_size": world, "backend": gan.backend.describe()},
+                indent=2))
+        # each rank flushes its own files before the barrier
+        for f in written + [f for f in tmp.iterdir() if f.name.startswith(f"rank{rank}.")]:
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
         _barrier()
         if rank == 0:
             _write_text_atomic(tmp / COMPLETE, f"{world}\n")
@@ -157,12 +148,10 @@ class Checkpointer:
 
     # -- loading ----------------------------------------------------------------------------
 
-    def _check(self, path: Path, model_cfg) -> dict:
+    def _check(self, path: Path, model_cfg, backend) -> dict:
         """Structural checks before any tensor is read; returns trainer.json."""
         if not (path / COMPLETE).exists():
             raise CheckpointError(f"{path}: incomplete checkpoint (no {COMPLETE} marker)")
-        if not (path / ".metadata").exists():
-            raise CheckpointError(f"{path / '.metadata'}: missing")
         state_file = path / "trainer.json"
         try:
             state = json.loads(state_file.read_text())
@@ -173,10 +162,12 @@ class Checkpointer:
         if saved != current:
             diff = {k: (saved.get(k) if saved else None, v) for k, v in current.items()
                     if not saved or saved.get(k) != v}
-            raise CheckpointError(
+            raise IncompatibleCheckpoint(
                 f"{state_file}: saved with another model config (saved, now): {diff}; "
                 "use the run's own config, or start over with --no-resume or a new name"
             )
+        backend.check_state(path, {"world_size": state["world_size"],
+                                   **state.get("backend", {"name": "ddp"})})
         world = state["world_size"]
         for r in range(world):
             for suffix in ("safetensors", "json"):
@@ -188,18 +179,8 @@ class Checkpointer:
     def load(self, path: Path, gan, model_cfg) -> tuple[dict, dict | None, dict | None]:
         """Load `path` into `gan`; return (trainer state, this rank's loader position or
         None, its DALI bytes and RNG or None when the world size changed)."""
-        state = self._check(path, model_cfg)
-        sharded = self._sharded_state(gan)
-        try:
-            dcp.load(sharded, checkpoint_id=str(path))
-        except (Exception, CheckpointException) as e:  # the latter is a BaseException
-            first = str(e).strip().splitlines()[-1][:300]
-            raise CheckpointError(f"{path}: cannot read the sharded state ({first})") from None
-        set_model_state_dict(gan.G, sharded["G"])
-        set_model_state_dict(gan.D, sharded["D"])
-        gan.ema.load_state_dict(sharded["G_ema"])
-        set_optimizer_state_dict(gan.G, gan.opt_G, sharded["opt_G"])
-        set_optimizer_state_dict(gan.D, gan.opt_D, sharded["opt_D"])
+        state = self._check(path, model_cfg, gan.backend)
+        gan.backend.load_state(gan, path)
         rank, world = _rank_world()
         if state["world_size"] != world:
             log.warning("%s was saved on %d ranks, resuming on %d: model and optimizer state "
@@ -231,9 +212,9 @@ class Checkpointer:
         for path in candidates:
             try:
                 return path, self.load(path, gan, model_cfg)
+            except IncompatibleCheckpoint:
+                raise  # every checkpoint of the run is like that: not a damage
             except CheckpointError as e:
-                if "another model config" in str(e):
-                    raise  # every checkpoint of the run has that config: not a damage
                 errors.append(str(e))
                 log.warning("cannot resume from %s: %s; trying the previous checkpoint", path, e)
         raise CheckpointError("no usable checkpoint: " + "; ".join(errors))

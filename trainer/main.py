@@ -4,6 +4,8 @@ Parses and checks the config (before any process group or data is touched), sets
 Accelerator, checks the world size, writes the resolved config into the run directory and
 trains. On a CPU host: `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu
 --num_processes 2 trainer/main.py ...` (plain `--cpu --num_processes 2` starts one process).
+The launch config picks the backend: `--config_file launch/deepspeed_zero2.yaml` trains G and
+D as DeepSpeed ZeRO engines (without ACCELERATE_USE_CPU, also on CPU); anything else is DDP.
 """
 
 from __future__ import annotations
@@ -77,10 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from trainer.backend import LaunchConfigError, make_accelerator
     from trainer.train import train
 
-    accelerator = Accelerator(mixed_precision=precision(cfg, Accelerator),
-                              gradient_accumulation_steps=cfg.train.grad_accum)
+    try:
+        accelerator = make_accelerator(cfg, precision(cfg, Accelerator))
+    except LaunchConfigError as e:
+        print(f"launch config error: {e}", file=sys.stderr)
+        return 1
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         print(f"error: the launcher started {launched} processes but the Accelerator sees "

@@ -4,9 +4,11 @@
     G phase:  G learns to make D call its output real, plus lambda_pixel * |G - colour_t|
 
 Gradient synchronization goes only through `accelerator.accumulate(G, D)` (one context for
-both, per batch); autocast and gradient scaling are Accelerate's. Losses are fp32 (models/).
-A phase whose loss is not finite on some rank is skipped on every rank (a reduced flag), so
-no rank waits alone in a collective and no optimizer trains on garbage.
+both, per batch). Wrapping, autocast, backward, clipping, loss scaling and the optimizer step
+are the backend's (`gan.backend`, trainer/backend.py: DDP or DeepSpeed); this file is the same
+for both. Losses are fp32 (models/). A phase whose loss is not finite on some rank is skipped
+on every rank (a reduced flag), so no rank waits alone in a collective and no optimizer trains
+on garbage.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from trainer.sn_sync import broadcast_spectral_norm
 
 @dataclass
 class GAN:
-    """Everything a step touches. G and D are the prepared (DDP-wrapped) modules."""
+    """Everything a step touches. G and D are the prepared modules (DDP-wrapped, or DeepSpeed
+    engines), `backend` the object that drives them."""
 
     G: nn.Module
     D: nn.Module
@@ -36,6 +39,7 @@ class GAN:
     loss: GANLoss
     ema: EMA
     model_cfg: object  # ModelConfig
+    backend: object  # trainer.backend.DDPBackend | DeepSpeedBackend
     grad_clip: float = 0.0
     d_steps_per_g: int = 1
 
@@ -47,70 +51,65 @@ def all_ranks_finite(*values: Tensor) -> bool:
     return bool(ok.item())
 
 
-def clip_and_measure(accelerator: Accelerator, model: nn.Module, optimizer, max_norm: float):
-    """Gradient norm of `model` (clipped to `max_norm` when > 0). Only this optimizer is
-    unscaled: Accelerate's `clip_grad_norm_` would unscale both G's and D's."""
-    if accelerator.scaler is not None:
-        accelerator.scaler.unscale_(getattr(optimizer, "optimizer", optimizer))
-    limit = max_norm if max_norm > 0 else float("inf")
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
-
-
-def optimize(accelerator, loss: Tensor, model, optimizer, grad_clip: float, name: str,
+def optimize(backend, loss: Tensor, model, optimizer, grad_clip: float, name: str,
              out: dict) -> None:
     """Backward and step on `loss` unless it is not finite on some rank (then every rank
-    skips, and `Skipped/<name>` is reported); records `Grad/<name>`, the gradient norm."""
+    skips, and `Skipped/<name>` is reported); records `Grad/<name>`, the gradient norm
+    (before clipping to `grad_clip`), and `Skipped/fp16_overflow` when the loss scaler
+    skipped the step."""
     if all_ranks_finite(loss):
-        accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            out[f"Grad/{name}"] = clip_and_measure(accelerator, model, optimizer, grad_clip)
-        optimizer.step()
+        norm, overflow = backend.backward_step(loss, model, optimizer, grad_clip)
+        if norm is not None:
+            out[f"Grad/{name}"] = norm
+        if overflow:
+            out["Skipped/fp16_overflow"] = torch.ones((), device=loss.device)
     else:
-        out[f"Skipped/{name}"] = torch.ones(())
-    optimizer.zero_grad(set_to_none=True)
+        out[f"Skipped/{name}"] = torch.ones((), device=loss.device)
+        backend.discard_gradients(loss, model, optimizer)
 
 
 def generate(gan: GAN, G: nn.Module, batch: Batch) -> Tensor:
     """G's colour for frame t: a,b [B, 2, H, W] (grey mode) or Lab [B, 3, H, W] (line art)."""
     if str(getattr(gan.model_cfg.mode, "value", gan.model_cfg.mode)) == "grey":
         return G(batch.cond)
-    G_raw = getattr(G, "module", G)  # the extra no-grad call must not go through DDP
+    G_raw = getattr(G, "module", G)  # the extra no-grad call must not go through the wrapper
     prev = previous_colour(G_raw, batch.cond, batch.target, gan.model_cfg)
     return G(batch.cond[:, 1], prev)
 
 
 def train_step(accelerator: Accelerator, gan: GAN, batch: Batch) -> dict[str, Tensor]:
     """One D update (or `d_steps_per_g`), then one G update. Returns scalars (not synced)."""
-    cfg = gan.model_cfg
+    cfg, backend = gan.model_cfg, gan.backend
     real = batch.target[:, 1]  # colour of the centre frame
-    D_raw = accelerator.unwrap_model(gan.D)
+    D_raw = backend.unwrap(gan.D)
     out: dict[str, Tensor] = {}
     with accelerator.accumulate(gan.G, gan.D):
-        with accelerator.autocast():
+        with backend.autocast():
             fake = generate(gan, gan.G, batch)
 
         # D phase: real and fake through one forward (one power iteration per step).
         for _ in range(gan.d_steps_per_g):
-            with accelerator.autocast():
+            with backend.autocast():
                 d_in = torch.cat([
                     assemble_d_input(cfg, batch.cond, real, batch.target),
                     assemble_d_input(cfg, batch.cond, fake.detach(), batch.target),
                 ])
                 real_logits, fake_logits = gan.D(d_in).chunk(2)
             d = gan.loss.d_loss(real_logits, fake_logits)
-            optimize(accelerator, d.total, gan.D, gan.opt_D, gan.grad_clip, "D", out)
+            optimize(backend, d.total, gan.D, gan.opt_D, gan.grad_clip, "D", out)
 
         # G phase: D frozen and called unwrapped, so DDP neither reduces nor waits for D's
-        # gradients (none are computed; ZeRO and DDP both misbehave otherwise).
+        # gradients (none are computed; ZeRO-2 fails and ZeRO-1 steps D on G's gradients
+        # otherwise).
         D_raw.requires_grad_(False)
-        with accelerator.autocast():
+        with backend.autocast():
             fake_logits = D_raw(assemble_d_input(cfg, batch.cond, fake, batch.target))
         g = gan.loss.g_loss(fake_logits, fake, real)
-        optimize(accelerator, g.total, gan.G, gan.opt_G, gan.grad_clip, "G", out)
+        optimize(backend, g.total, gan.G, gan.opt_G, gan.grad_clip, "G", out)
         D_raw.requires_grad_(True)
 
     if accelerator.sync_gradients and "Skipped/G" not in out:
-        gan.ema.update(accelerator.unwrap_model(gan.G))
+        gan.ema.update(backend.unwrap(gan.G))
     broadcast_spectral_norm(D_raw)
     out |= {
         "Loss/D/total": d.total.detach(),
@@ -120,6 +119,4 @@ def train_step(accelerator: Accelerator, gan: GAN, batch: Batch) -> dict[str, Te
         "Loss/G/adv": g.adv.detach(),
         "Loss/G/pixel": g.pixel.detach(),
     }
-    if accelerator.optimizer_step_was_skipped:  # fp16 scaler overflow
-        out["Skipped/fp16_overflow"] = torch.ones(())
     return out

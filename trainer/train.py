@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from models import build_discriminator, build_generator, build_loss
 from shards.manifest import load_manifest
+from trainer.backend import make_backend
 from trainer.checkpoint import Checkpointer
 from trainer.data import TripletLoader
 from trainer.ema import EMA
@@ -46,6 +47,8 @@ def lr_lambda(cfg, total_steps: int):
 
 
 def build_gan(cfg, accelerator: Accelerator) -> GAN:
+    """G, D and their optimizers, prepared by the backend of this launch (DDP or DeepSpeed)."""
+    backend = make_backend(accelerator)
     G, D = build_generator(cfg.model), build_discriminator(cfg.model)
     if cfg.model.norm.value == "batch" and accelerator.num_processes > 1:
         if accelerator.device.type == "cuda":
@@ -56,13 +59,16 @@ def build_gan(cfg, accelerator: Accelerator) -> GAN:
     betas = (cfg.optim.beta1, cfg.optim.beta2)
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g, betas=betas)
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d, betas=betas)
-    G, D, opt_G, opt_D = accelerator.prepare(G, D, opt_G, opt_D)
-    broadcast_spectral_norm(accelerator.unwrap_model(D))  # ranks start with rank 0's u, v
+    G, D, opt_G, opt_D = backend.prepare(G, D, opt_G, opt_D)
+    broadcast_spectral_norm(backend.unwrap(D))  # ranks start with rank 0's u, v
+    ema = EMA(backend.unwrap(G), cfg.train.ema_decay)
+    ema.model.float()  # fp32 even when G's weights are not (DeepSpeed fp16)
     return GAN(
         G, D, opt_G, opt_D,
         loss=build_loss(cfg.loss),
-        ema=EMA(accelerator.unwrap_model(G), cfg.train.ema_decay),
+        ema=ema,
         model_cfg=cfg.model,
+        backend=backend,
         grad_clip=cfg.optim.grad_clip,
         d_steps_per_g=cfg.optim.d_steps_per_g,
     )
@@ -88,14 +94,13 @@ def resume(cfg, accelerator, gan, loader, schedulers, checkpointer, explicit):
     path, (state, position, tensors) = restored
     for scheduler, key in zip(schedulers, ("sched_G", "sched_D")):
         scheduler.load_state_dict(state[key])
-    if accelerator.scaler is not None and state.get("scaler"):
-        accelerator.scaler.load_state_dict(state["scaler"])
+    gan.backend.load_trainer_state(state)
     loader.load_state_dict(position)
     if tensors is not None:  # same world size: this rank's RNG continues where it stopped
         torch.set_rng_state(tensors["rng_cpu"])
         if "rng_cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["rng_cuda"])
-    broadcast_spectral_norm(accelerator.unwrap_model(gan.D))
+    broadcast_spectral_norm(gan.backend.unwrap(gan.D))
     if accelerator.is_main_process:
         print(f"resumed from {path} at step {state['step']}", flush=True)
     log.info("resumed from %s at step %d", path, state["step"])
@@ -109,7 +114,7 @@ def save_checkpoint(cfg, accelerator, checkpointer, gan, loader, schedulers, pro
         **progress,
         "sched_G": schedulers[0].state_dict(),
         "sched_D": schedulers[1].state_dict(),
-        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        **gan.backend.trainer_state(),  # the fp16 scaler of the DDP path
         "model": OmegaConf.to_container(OmegaConf.structured(cfg.model), enum_to_str=True),
     }
     return checkpointer.save(progress["step"], gan, state, loader.state_dict())
@@ -192,7 +197,7 @@ def train(
                         "LR/G": schedulers[0].get_last_lr()[0],
                         "LR/D": schedulers[1].get_last_lr()[0],
                     }
-                    sigmas = spectral_norm_sigmas(accelerator.unwrap_model(gan.D))
+                    sigmas = spectral_norm_sigmas(gan.backend.unwrap(gan.D))
                     scalars |= {f"SpectralNorm/sigma/{n}": s.item() for n, s in sigmas.items()}
                     run_log.scalars(scalars, step)
                     bar.set_postfix(D=f"{scalars['Loss/D/total']:.3f}",
