@@ -27,3 +27,22 @@ def shards(tmp_path_factory) -> Path:
     assert shards_main(["build", *map(str, videos), "--out", str(out), "--short-side", "64",
                         "--val-fraction", "0.34", "--samples-per-shard", "16"]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Two cores shared with other tests: torch's spinning threads only slow tiny models."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def grey_export(tmp_path_factory) -> Path:
+    """A tiny, randomly initialised grey-mode generator exported like a run's."""
+    from test_colorize import tiny_export
+
+    return tiny_export(tmp_path_factory.mktemp("grey") / "export")

@@ -19,17 +19,7 @@ from trainer.evaluate import METHODS, main
 FLOORS = ("cdc_truth", "warp_truth", "colourfulness_truth")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def grey_export(tmp_path_factory) -> Path:
-    return tiny_export(tmp_path_factory.mktemp("grey") / "export")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
