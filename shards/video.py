@@ -87,6 +87,28 @@ def open_video(path: Path) -> tuple[av.container.InputContainer, av.video.stream
     return container, container.streams.video[0]
 
 
+def decode_checked(container, stream, path: Path, declared_frames: int) -> Iterator:
+    """Every frame of `stream` (PyAV frames), then closes the container. Decoding errors,
+    no frame at all, and a container that declares more frames than it holds (a copy cut
+    short: its tail would be missing silently) raise VideoError naming the file."""
+    decoded = 0
+    try:
+        for frame in container.decode(stream):
+            yield frame
+            decoded += 1
+    except av.error.FFmpegError as e:
+        raise VideoError(f"{path}: decoding failed after {decoded} frames ({e})") from e
+    finally:
+        container.close()
+    if decoded == 0:
+        raise VideoError(f"{path}: no frame could be decoded")
+    if declared_frames and decoded < declared_frames:
+        raise VideoError(
+            f"{path}: truncated: the container declares {declared_frames} frames "
+            f"but only {decoded} could be decoded"
+        )
+
+
 def decode_frames(path: Path, short_side: int) -> tuple[VideoInfo, Iterator[np.ndarray]]:
     """Open `path` and return its info and an iterator of RGB uint8 frames [H, W, 3], resized
     so the short side is `short_side`. Decoding errors and truncation raise VideoError."""
@@ -105,25 +127,8 @@ def decode_frames(path: Path, short_side: int) -> tuple[VideoInfo, Iterator[np.n
     stream.thread_type = "AUTO"
 
     def frames() -> Iterator[np.ndarray]:
-        decoded = 0
-        try:
-            for frame in container.decode(stream):
-                # AREA interpolation averages the pixels it drops: no aliasing on downscale.
-                small = frame.reformat(width, height, format="rgb24", interpolation="AREA")
-                yield small.to_ndarray()
-                decoded += 1
-        except av.error.FFmpegError as e:
-            raise VideoError(f"{path}: decoding failed after {decoded} frames ({e})") from e
-        finally:
-            container.close()
-        if decoded == 0:
-            raise VideoError(f"{path}: no frame could be decoded")
-        # A container that declares more frames than it holds was cut short (copy interrupted,
-        # disk full); its tail would be missing silently, so the whole video is refused.
-        if info.declared_frames and decoded < info.declared_frames:
-            raise VideoError(
-                f"{path}: truncated: the container declares {info.declared_frames} frames "
-                f"but only {decoded} could be decoded"
-            )
+        for frame in decode_checked(container, stream, path, info.declared_frames):
+            # AREA interpolation averages the pixels it drops: no aliasing on downscale.
+            yield frame.reformat(width, height, format="rgb24", interpolation="AREA").to_ndarray()
 
     return info, frames()

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from shards.atomic import publish
-from shards.video import VideoError, open_video
+from shards.video import VideoError, decode_checked, open_video
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 # Output containers that take H.264 (and, usually, the input's audio codec as it is).
@@ -117,23 +117,11 @@ class Source:
             return
         container, stream = open_video(self.path)
         stream.thread_type = "AUTO"
-        decoded = 0
-        try:
-            for frame in container.decode(stream):
-                if (frame.width, frame.height) != (self.width, self.height):
-                    raise VideoError(f"{self.path}: frame {decoded} is {frame.width}x"
-                                     f"{frame.height}, not {self.width}x{self.height}")
-                yield Frame(frame.to_ndarray(format="rgb24"), frame.pts)
-                decoded += 1
-        except av.error.FFmpegError as e:
-            raise VideoError(f"{self.path}: decoding failed after {decoded} frames ({e})") from e
-        finally:
-            container.close()
-        if decoded == 0:
-            raise VideoError(f"{self.path}: no frame could be decoded")
-        if self.frames and decoded < self.frames:
-            raise VideoError(f"{self.path}: truncated: the container declares {self.frames} "
-                             f"frames but only {decoded} could be decoded")
+        for i, frame in enumerate(decode_checked(container, stream, self.path, self.frames)):
+            if (frame.width, frame.height) != (self.width, self.height):
+                raise VideoError(f"{self.path}: frame {i} is {frame.width}x{frame.height}, "
+                                 f"not {self.width}x{self.height}")
+            yield Frame(frame.to_ndarray(format="rgb24"), frame.pts)
 
 
 def output_kind(path: Path) -> str:
