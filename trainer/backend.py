@@ -207,7 +207,9 @@ class DDPBackend:
         return self.accelerator.prepare(G, D, opt_G, opt_D)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        return self.accelerator.unwrap_model(model)
+        # keep_torch_compile=False: with a dynamo backend, the default re-points the compiled
+        # wrapper at the raw module, silently bypassing DDP's gradient all-reduce afterwards.
+        return self.accelerator.unwrap_model(model, keep_torch_compile=False)
 
     def autocast(self):
         return self.accelerator.autocast()
