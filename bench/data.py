@@ -62,7 +62,6 @@ import gc
 import io
 import json
 import logging
-import platform
 import random
 import resource
 import statistics
@@ -79,6 +78,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 import trainer.data
+from bench.common import cpu_model
 from models.colour import AB_SCALE, L_SCALE
 from shards.cli import main as shards_main
 from shards.video import sample_video
@@ -490,16 +490,6 @@ def build_shards(out: Path, short_side: int) -> Path:
     if shards_main(argv) != 0:
         raise SystemExit("building the benchmark shards failed")
     return out
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
