@@ -10,7 +10,7 @@ EXTRAS ?= dev,demo,deepspeed$(shell [ "$$(uname -sm)" = "Linux x86_64" ] && echo
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint bench clean
 
 install: $(STAMP)
 
@@ -55,9 +55,21 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	OMP_NUM_THREADS=1 $(PY) -m pytest
 
+# The three benchmarks of docs/benchmarks.md, each a table on stdout (saved as .md) and JSON, in
+# $(BENCH_OUT)/. On a CPU host about 20 minutes on 2 cores; on a GPU host the full grids.
+BENCH_OUT ?= bench_out
+bench: $(STAMP)
+	mkdir -p $(BENCH_OUT)
+	$(PY) -m bench.data --json $(BENCH_OUT)/data.json > $(BENCH_OUT)/data.md
+	cat $(BENCH_OUT)/data.md
+	$(PY) -m bench.step --json $(BENCH_OUT)/step.json > $(BENCH_OUT)/step.md
+	cat $(BENCH_OUT)/step.md
+	$(PY) -m bench.scaling --json $(BENCH_OUT)/scaling.json > $(BENCH_OUT)/scaling.md
+	cat $(BENCH_OUT)/scaling.md
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) build *.egg-info
+	rm -rf $(VENV) $(DEMO_OUT) $(BENCH_OUT) build *.egg-info

@@ -10,12 +10,11 @@ What is timed, per variant:
 - `ours`: `trainer.train.build_gan` + `trainer.step.train_step`, the trainer's own code: one D
   update, one G update, the EMA update, under Accelerate (`mixed_precision` = the row's
   precision; `torch.compile` through Accelerate's `dynamo_backend="inductor"`, the way
-  `accelerate launch --dynamo_backend inductor` would turn it on; `channels_last`: G, D and the
-  EMA copy converted after `build_gan`). The model is the first seed's configuration as our
+  `accelerate launch --dynamo_backend inductor` would turn it on; `channels_last`: the
+  trainer's `train.channels_last`, G, D and the EMA copy in NHWC). The model is the first seed's configuration as our
   settings, pinned here (not read from configs/): grey mode, `ngf 64`, `ndf 32`, depth 5,
-  BatchNorm, PatchGAN D, LSGAN, pixel weight 20, Adam lr 1e-3. `ours ngf=32` rows use half the
-  width, the seed's channel counts at 1/2 to 1/8 of the frame side (the seed's first conv
-  already has stride 2; below 1/8 ours caps at 8 ngf = 256 channels where the seed has 512).
+  BatchNorm, PatchGAN D, LSGAN, pixel weight 20, Adam lr 1e-3. `ngf` means the same widths in
+  both codebases (ngf .. 8 ngf at 1/2 .. 1/32 of the frame side).
 - `seed`: `bench/seed_reference.py`, the seed's step as published (fp32, eager; G runs forward
   twice per step), and `seed 1fwd`, the same reusing the first G forward.
 
@@ -137,10 +136,17 @@ class Group:
 # Grids.
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: without them oneDNN emulates bf16 convolutions, measured at ~15x
+    the fp32 cost on an AVX2-only EPYC (G forward + backward, 128², batch 8: 24 s vs 1.7 s)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def precisions_available(device: str) -> list[str]:
     if device == "cuda":
         return ["fp32", "bf16", "fp16"] if torch.cuda.is_bf16_supported() else ["fp32", "fp16"]
-    return ["fp32", "bf16"]  # CPU autocast: bf16 only (fp16 autocast is GPU-only here)
+    # CPU autocast: bf16 only (fp16 autocast is GPU-only here), and only where it is native
+    return ["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"]
 
 
 def full_grid(device: str, sizes, batches, precisions, compile_modes, rounds, seed) -> list[Group]:
@@ -154,11 +160,10 @@ def full_grid(device: str, sizes, batches, precisions, compile_modes, rounds, se
 
 
 def cpu_grid(sizes, batches, precisions, compile_modes, rounds, seed) -> list[Group]:
-    """The grid reduced to ~8 minutes on 2 cores (a 256², batch-32 step of ngf 64 alone takes
-    over a minute on one core): every mode at the seed's shape (128², batch 8), plus the
-    matched-width model, 3 rounds; at 256² batch 8 and 128² batch 32 only fp32 eager and the
-    best eager mode, 1 round (a step there takes 10-30 s on one core); 256² batch 32 not at all
-    unless asked for (`--grid full --sizes 256 --batches 32`)."""
+    """The grid reduced to ~10 minutes on 2 cores: every mode at the seed's shape (128², batch
+    8), 3 rounds; at 256² batch 8 and 128² batch 32 the eager modes, 1 round (a step there
+    takes several seconds on one core); 256² batch 32 not at all unless asked for
+    (`--grid full --sizes 256 --batches 32`)."""
     groups = []
     for size, batch in ((128, 8), (256, 8), (128, 32)):
         if size not in sizes or batch not in batches:
@@ -166,22 +171,16 @@ def cpu_grid(sizes, batches, precisions, compile_modes, rounds, seed) -> list[Gr
         variants = []
         if seed:
             variants.append(Variant("seed", size, batch))
+        for prec, cl in itertools.product(precisions, (False, True)):
+            variants.append(Variant("ours", size, batch, prec, False, cl))
         if (size, batch) == (128, 8):
             if seed:
-                variants.append(Variant("seed-1fwd", size, batch))
-            for prec, cl in itertools.product(precisions, (False, True)):
-                variants.append(Variant("ours", size, batch, prec, False, cl))
+                variants.insert(1, Variant("seed-1fwd", size, batch))
             if True in compile_modes:
                 best = "bf16" if "bf16" in precisions else precisions[0]
                 variants.append(Variant("ours", size, batch, best, True, True))
-            variants.append(Variant("ours", size, batch, "fp32", ngf=32))
-            if "bf16" in precisions:
-                variants.append(Variant("ours", size, batch, "bf16", False, True, ngf=32))
             groups.append(Group(size, batch, rounds or 3, variants))
         else:
-            variants.append(Variant("ours", size, batch, "fp32"))
-            if "bf16" in precisions:
-                variants.append(Variant("ours", size, batch, "bf16", False, True))
             groups.append(Group(size, batch, rounds or 1, variants))
     return groups
 
@@ -202,6 +201,7 @@ def _ours_config(v: Variant, shards: str | None):
         f"data.shards={shards or 'unused'}", "data.backend=webdataset", "data.num_threads=1",
         f"data.crop_size={v.size}", f"data.batch_size={v.batch}",
         *OURS_SETTINGS, f"model.ngf={v.ngf}", f"model.ndf={v.ndf}",
+        f"train.channels_last={v.channels_last}",
     ])
 
 
@@ -234,10 +234,7 @@ def build_ours(v: Variant, shards: str | None, device: torch.device, n_batches: 
         dynamo_backend="inductor" if v.compile else "no",
     )
     torch.manual_seed(0)
-    gan = build_gan(cfg, accelerator)
-    if v.channels_last:
-        for module in (gan.G, gan.D, gan.ema.model):
-            module.to(memory_format=torch.channels_last)  # same Parameters: optimizers keep them
+    gan = build_gan(cfg, accelerator)  # train.channels_last converts G, D and the EMA copy
     batches = itertools.cycle(_ours_batches(cfg, v, shards, accelerator.device, n_batches))
 
     def step() -> None:
@@ -404,7 +401,9 @@ def _reference_worker(conn, variants: list[Variant], threads: int, device_name: 
         for v in variants:
             if v.flops_key not in flops:
                 flops[v.flops_key] = count_flops(v, device)
-        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        dtypes = {"fp32": torch.float32}
+        if device.type == "cuda" or cpu_has_native_bf16():
+            dtypes["bf16"] = torch.bfloat16
         if device.type == "cuda":
             dtypes["fp16"] = torch.float16
         with torch.no_grad():
@@ -569,10 +568,17 @@ class Row:
     memory_mib: float | None
     gflop_per_triplet: float | None
     achieved_gflops: float | None
-    mfu_bf16: float | None  # achieved / measured bf16 matmul peak
+    mfu: float | None  # achieved / measured dense peak (bf16 where the device has it, else fp32)
     first_step_s: float | None  # first warm-up step (includes compilation)
     params_m: float | None
     note: str = ""
+
+
+def mfu_peak(peaks: dict) -> tuple[str, float]:
+    """The precision MFU is measured against, and its peak FLOP/s: bf16 where the device has
+    it natively, else fp32."""
+    name = "bf16" if "bf16" in peaks else "fp32"
+    return name, peaks[name]["peak"]
 
 
 def summarize(runs: list[Run], workers: list[Worker], flops: dict, peaks: dict,
@@ -607,7 +613,7 @@ def summarize(runs: list[Run], workers: list[Worker], flops: dict, peaks: dict,
             max((r.triplets_per_s for r in mine), default=None), cpu_ms, median(wall),
             median(cpu), w.memory_mib, f / 1e9 if f is not None else None,
             achieved / 1e9 if achieved is not None else None,
-            achieved / peaks["bf16"]["peak"] if achieved is not None else None,
+            achieved / mfu_peak(peaks)[1] if achieved is not None else None,
             w.warmup_s[0] if w.warmup_s else None,
             w.info["params"] / 1e6 if "params" in w.info else None, note,
         ))
@@ -633,7 +639,7 @@ def table(rows: list[Row]) -> str:
             f"{fmt(r.cpu_ms_per_triplet, '.0f')} | {fmt(r.vs_seed_wall, '.2f', 'x')} | "
             f"{fmt(r.vs_seed_cpu, '.2f', 'x')} | {fmt(r.memory_mib, '.0f')} | "
             f"{fmt(r.gflop_per_triplet, '.1f')} | {fmt(r.achieved_gflops, '.0f')} | "
-            f"{fmt(None if r.mfu_bf16 is None else 100 * r.mfu_bf16, '.1f', '%')} | "
+            f"{fmt(None if r.mfu is None else 100 * r.mfu, '.1f', '%')} | "
             f"{fmt(r.first_step_s, '.1f')} |"
         )
     return "\n".join(lines)
@@ -695,9 +701,9 @@ def _profile_worker(conn, v: Variant, shards, threads: int, device_name: str) ->
 
 def profile_variants(args, shards) -> list[dict]:
     size, batch = args.sizes[0], args.batches[0]
-    variants = [Variant("ours", size, batch, "fp32", False, True),
-                Variant("ours", size, batch, "bf16", False, True),
-                Variant("seed", size, batch)]
+    variants = [Variant("ours", size, batch, prec, False, True)
+                for prec in precisions_available(args.device) if prec != "fp16"]
+    variants.append(Variant("seed", size, batch))
     if args.device == "cuda":
         variants.insert(2, Variant("ours", size, batch, "bf16", True, True))
     results = []
@@ -827,9 +833,9 @@ def main(argv: list[str] | None = None) -> int:
     gpu_name = f" ({info['gpu']})" if info.get("gpu") else ""
     print(f"# {info['cpus']} CPUs ({info['cpu_model']}), device {args.device}{gpu_name}; torch "
           f"{torch.__version__}; {args.threads} torch thread(s) per worker; grid {grid}; "
-          f"median of interleaved rounds; measured dense peak bf16 "
-          f"{peaks['bf16']['peak'] / 1e9:.0f} GFLOP/s, fp32 {peaks['fp32']['peak'] / 1e9:.0f} "
-          f"(MFU is against bf16); load average "
+          f"median of interleaved rounds; measured dense peak "
+          + ", ".join(f"{k} {v['peak'] / 1e9:.0f}" for k, v in peaks.items())
+          + f" GFLOP/s (MFU is against {mfu_peak(peaks)[0]}); load average "
           f"{info['loadavg'][0]:.2f} before, {info['loadavg_after'][0]:.2f} after; "
           f"{elapsed:.0f} s")
     print(table(rows))

@@ -44,7 +44,7 @@ class PixelLoss(str, Enum):
 class ModelConfig:
     mode: Mode = Mode.grey
     # Generator (a U-Net).
-    ngf: int = 64  # G channels at full resolution; stage i has ngf * min(2**i, 8)
+    ngf: int = 64  # G channels at 1/2 resolution; at 1/2**i: ngf * min(2**(i-1), 8), as the seed
     depth: int = 5  # G down-sampling stages; frame sides must be multiples of 2**depth
     norm: Norm = Norm.batch  # G normalization layers (D has none: spectral norm instead)
     temporal: bool = True  # False: per-frame ablation, G sees frame t only (baselines)

@@ -1,20 +1,29 @@
 """Generators: one U-Net family, in the two modes of the seeds.
 
-Shapes for B clips of H x W frames; c_i = ngf * min(2**i, 8) channels at scale 1/2**i.
+Shapes for B clips of H x W frames; c_i = ngf * min(2**(i-1), 8) channels at scale 1/2**i,
+i = 1..depth: the first seed's widths (ngf, 2, 4, 8, 8 ngf at 1/2 .. 1/32), so `ngf 64` means
+the same network size in both codebases.
 
 Grey mode (first seed), `GreyUNet`:
     condition     [B, 3, 1, H, W]       L of frames t-1, t, t+1, in [-1, 1]
-    Encoder       [B, 3, c_i, H/2**i, W/2**i], i = 0..depth   one weight set, every frame
+    Encoder       [B, c_i, H/2**i, W/2**i], i = 1..depth, 3x3 stride-2 convs; one weight set:
+                  frame t in one pass (its features are the skips), t-1 and t+1 in another
+                  (only their bottlenecks are used)
     Fusion        [B, c_d, H/2**d, W/2**d]   per-frame 1x1 projections (t: half the channels,
                                              t-1 and t+1 a quarter each), concat, 3x3 conv
-    Decoder       [B, ngf, H, W]        upsample, concat the skip of frame t, conv; per stage
-    head, tanh    [B, 2, H, W]          a,b of frame t in [-1, 1]
+    Decoder       [B, c_1, H/2, W/2]    per stage: 3x3 conv at the low resolution, bilinear
+                                        upsampling, add the skip of frame t
+    head, tanh    [B, 2, H, W]          upsample, concat the full-resolution L of frame t,
+                                        3x3 conv: a,b of frame t in [-1, 1]
 The colour frame is the input L with these a,b (`colour.compose_lab`): luminance is kept
 exactly, G only has to find chroma.
 
 Line-art mode (second seed, TCVC), `LineartUNet`:
     line art of t [B, 1, H, W] ++ Lab of t-1 [B, 3, H, W]  -> [B, 4, H, W]
-    Encoder -> Fusion (one frame: 1x1 + 3x3) -> Decoder -> tanh   Lab of t [B, 3, H, W]
+    Encoder -> Fusion (one frame: 1x1 + 3x3) -> Decoder -> head on that input   Lab of t
+
+Where the FLOPs go (bench/step.py measures it): every conv runs at its input's resolution or
+lower, and nothing but the head's few output channels is computed at full resolution.
 """
 
 from __future__ import annotations
@@ -29,20 +38,26 @@ from models.config import Mode, ModelConfig, Norm, check_model_config, choice
 
 
 def widths(ngf: int, depth: int) -> list[int]:
-    """Channels c_0..c_depth; capped at 8 * ngf as in pix2pix, the deep stages are tiny."""
-    return [ngf * min(2**i, 8) for i in range(depth + 1)]
+    """Channels c_1..c_depth; capped at 8 * ngf as in pix2pix, the deep stages are tiny."""
+    return [ngf * min(2**i, 8) for i in range(depth)]
+
+
+def upsample(x: Tensor) -> Tensor:
+    """x2, bilinear: smooth, so no checkerboard artefacts (Odena et al. 2016), which would
+    flicker as they move from frame to frame."""
+    return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
 
 
 class Encoder(nn.Module):
-    """[N, c_in, H, W] -> features [N, c_i, H/2**i, W/2**i] for i = 0..depth."""
+    """[N, c_in, H, W] -> features [N, c_i, H/2**i, W/2**i] for i = 1..depth."""
 
     def __init__(self, c_in: int, chans: list[int], norm: Norm):
         super().__init__()
         # No normalization on the stem: on raw input it would erase each frame's mean
         # brightness, a strong cue for colour (sky, shadow).
-        self.stem = conv_block(c_in, chans[0], 3, 1, None, lrelu())
+        self.stem = conv_block(c_in, chans[0], 3, 2, None, lrelu())
         self.down = nn.ModuleList(
-            conv_block(a, b, 4, 2, norm, lrelu()) for a, b in zip(chans, chans[1:])
+            conv_block(a, b, 3, 2, norm, lrelu()) for a, b in zip(chans, chans[1:])
         )
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -71,26 +86,32 @@ class Fusion(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Bottleneck [B, c_d, H/2**d, W/2**d], skips [B, c_i, H/2**i, W/2**i] -> [B, c_out, H, W].
+    """Bottleneck [B, c_d, H/2**d, W/2**d], skips [B, c_i, H/2**i, W/2**i] (i < d) and the
+    full-resolution input [B, c_in, H, W] -> [B, c_out, H, W], tanh, in [-1, 1] like the
+    normalized Lab targets.
 
-    tanh output, in [-1, 1] like the normalized Lab targets.
+    Each stage convolves before it upsamples (the cost of the seed's stride-2 transposed conv,
+    a quarter of upsample-then-convolve) and adds its skip, as the seed does. The output is
+    predicted at half resolution, upsampled, and refined by one 3x3 conv that also sees the
+    input at full resolution, so output edges can follow the input's edges exactly. Only
+    c_out + c_in channels ever exist at full resolution: there, memory traffic, not FLOPs,
+    sets the cost (a 65-channel full-resolution head took a fifth of G's step time).
     """
 
-    def __init__(self, chans: list[int], c_out: int, norm: Norm):
+    def __init__(self, chans: list[int], c_in: int, c_out: int, norm: Norm):
         super().__init__()
-        # Nearest upsampling + conv instead of a transposed conv: no checkerboard artefacts
-        # (Odena et al. 2016), which flicker when they move from frame to frame.
         self.up = nn.ModuleList(
-            conv_block(chans[i] + chans[i - 1], chans[i - 1], 3, 1, norm, nn.ReLU())
+            conv_block(chans[i], chans[i - 1], 3, 1, norm, nn.ReLU())
             for i in range(len(chans) - 1, 0, -1)
         )
-        self.head = nn.Conv2d(chans[0], c_out, 3, 1, 1)
+        self.coarse = nn.Conv2d(chans[0], c_out, 3, 1, 1)
+        self.refine = nn.Conv2d(c_out + c_in, c_out, 3, 1, 1)
 
-    def forward(self, x: Tensor, skips: list[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, skips: list[Tensor], full_res: Tensor) -> Tensor:
         for block, skip in zip(self.up, reversed(skips)):
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-            x = block(torch.cat([x, skip], dim=1))
-        return torch.tanh(self.head(x))
+            x = upsample(block(x)) + skip
+        x = upsample(self.coarse(x))  # [B, c_out, H, W]
+        return torch.tanh(x + self.refine(torch.cat([x, full_res], dim=1)))
 
 
 def _expect(x: Tensor, tail: tuple[int, ...], what: str) -> None:
@@ -109,22 +130,26 @@ class GreyUNet(nn.Module):
         self.depth, self.temporal = cfg.depth, cfg.temporal
         self.encoder = Encoder(1, chans, norm)
         self.fusion = Fusion(chans[-1], 3, norm)
-        self.decoder = Decoder(chans, 2, norm)
+        self.decoder = Decoder(chans, 1, 2, norm)
 
     def forward(self, condition: Tensor) -> Tensor:
         _expect(condition, (3, 1), "grey-mode condition (L of frames t-1, t, t+1)")
         check_frame_size(*condition.shape[-2:], self.depth)
+        centre = condition[:, 1]  # [B, 1, H, W]
+        feats = self.encoder(centre)  # [B, c_i, h_i, w_i], i = 1..depth
         if self.temporal:
-            # Fold the frames into the batch: one pass, one weight set for all three.
-            feats = self.encoder(condition.flatten(0, 1))  # [B*3, c_i, h_i, w_i]
-            feats = [f.unflatten(0, (-1, 3)) for f in feats]  # [B, 3, c_i, h_i, w_i]
+            # t-1 and t+1 through the same encoder, folded into one batch. A pass apart from
+            # frame t: the skips are then whole tensors, and no backward has to scatter their
+            # gradient into a 3-frame buffer. (BatchNorm statistics are per pass, as in the
+            # seed, which encodes each frame on its own.)
+            neighbours = self.encoder(condition[:, 0::2].flatten(0, 1))[-1].unflatten(0, (-1, 2))
+            bottlenecks = torch.stack([neighbours[:, 0], feats[-1], neighbours[:, 1]], dim=1)
         else:
             # Per-frame ablation: frame t stands in for its neighbours. Same modules and
             # parameter count, so the baseline differs only in what it sees.
-            centre = self.encoder(condition[:, 1])  # [B, c_i, h_i, w_i]
-            feats = [f.unsqueeze(1).expand(-1, 3, -1, -1, -1) for f in centre]
-        x = self.fusion(feats[-1])
-        return self.decoder(x, [f[:, 1] for f in feats[:-1]])  # skips from frame t only
+            bottlenecks = feats[-1].unsqueeze(1).expand(-1, 3, -1, -1, -1)
+        x = self.fusion(bottlenecks)  # [B, c_d, h_d, w_d]
+        return self.decoder(x, feats[:-1], centre)  # skips from frame t only
 
 
 class LineartUNet(nn.Module):
@@ -137,7 +162,7 @@ class LineartUNet(nn.Module):
         self.depth, self.temporal = cfg.depth, cfg.temporal
         self.encoder = Encoder(1 + 3, chans, norm)
         self.fusion = Fusion(chans[-1], 1, norm)
-        self.decoder = Decoder(chans, 3, norm)
+        self.decoder = Decoder(chans, 1 + 3, 3, norm)
 
     def forward(self, lineart: Tensor, prev_colour: Tensor) -> Tensor:
         _expect(lineart, (1,), "line art of frame t")
@@ -145,9 +170,10 @@ class LineartUNet(nn.Module):
         check_frame_size(*lineart.shape[-2:], self.depth)
         if not self.temporal:  # per-frame ablation: never a colour hint
             prev_colour = black_lab_like(prev_colour)
-        feats = self.encoder(torch.cat([lineart, prev_colour], dim=1))
+        both = torch.cat([lineart, prev_colour], dim=1)
+        feats = self.encoder(both)
         x = self.fusion(feats[-1].unsqueeze(1))
-        return self.decoder(x, feats[:-1])
+        return self.decoder(x, feats[:-1], both)
 
 
 def build_generator(cfg: ModelConfig) -> GreyUNet | LineartUNet:

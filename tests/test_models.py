@@ -96,22 +96,24 @@ def test_shared_encoder_one_parameter_set_gradients_from_all_three_frames():
     # one encoder: exactly one conv reads a raw 1-channel frame
     assert len([m for m in G.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 1]) == 1
     stem = G.encoder.stem[0]
-    seen = {}
-    stem.register_forward_hook(lambda m, i, out: seen.update(out=out))
+    outs = []  # the stem runs twice: frame t [B, ...], then t-1 and t+1 folded [B * 2, ...]
+    stem.register_forward_hook(lambda m, i, out: outs.append(out))
     cond, target = grey_batch(2)
     loss = (G(cond) - target[:, 1]).abs().mean()
     loss.backward(retain_graph=True)
-    # frames are folded into the batch: [B * 3, c, H, W] -> split the stem's output per frame
-    out = seen["out"]
-    (g_out,) = torch.autograd.grad(loss, out, retain_graph=True)
-    parts = []
-    for k in range(3):
-        mask = torch.zeros(2, 3, 1, 1, 1)
-        mask[:, k] = 1
-        (part,) = torch.autograd.grad(
-            out, stem.weight, (g_out.unflatten(0, (2, 3)) * mask).flatten(0, 1), retain_graph=True
+    centre, neighbours = outs
+    assert centre.shape[0] == 2 and neighbours.shape[0] == 4
+    g_centre, g_neighbours = torch.autograd.grad(loss, [centre, neighbours], retain_graph=True)
+    parts = [None, None, None]
+    (parts[1],) = torch.autograd.grad(centre, stem.weight, g_centre, retain_graph=True)
+    for k, frame in ((0, 0), (2, 1)):  # t-1 and t+1 alternate in the folded batch
+        mask = torch.zeros(2, 2, 1, 1, 1)
+        mask[:, frame] = 1
+        (parts[k],) = torch.autograd.grad(
+            neighbours, stem.weight, (g_neighbours.unflatten(0, (2, 2)) * mask).flatten(0, 1),
+            retain_graph=True,
         )
-        parts.append(part)
+    for k, part in enumerate(parts):
         assert part.norm() > 1e-3 * stem.weight.grad.norm(), f"no gradient from frame {k}"
     # the one weight tensor's gradient is the sum of the three frames' contributions
     torch.testing.assert_close(sum(parts), stem.weight.grad)
@@ -123,7 +125,7 @@ def _decoder_inputs(G: GreyUNet, cond: torch.Tensor) -> tuple[torch.Tensor, list
     with torch.no_grad():
         out = G(cond)
     handle.remove()
-    bottleneck, skips = seen["args"]
+    bottleneck, skips, _ = seen["args"]
     return bottleneck, skips, out
 
 

@@ -132,3 +132,37 @@ def test_ema_warms_up_then_follows_its_decay():
     fresh = EMA(model, decay=0.999)
     fresh.load_state_dict(state)
     assert int(fresh.num_updates) == 2001 and fresh.model.weight.item() == ema.model.weight.item()
+
+
+def test_channels_last_trains_the_same_model_in_nhwc(shards):
+    """train.channels_last: G, D and the EMA copy hold NHWC weights, the optimizers step those
+    very tensors, and the step computes what the default layout computes (up to rounding)."""
+    from trainer.step import train_step
+
+    g = torch.Generator().manual_seed(0)
+    batches = [Batch(torch.rand(2, 3, 1, 32, 32, generator=g) * 2 - 1,
+                     torch.rand(2, 3, 2, 32, 32, generator=g) - 0.5, ["a", "b"])
+               for _ in range(3)]
+    results = {}
+    for channels_last in (False, True):
+        cfg = load_config("configs/demo.yaml", [
+            f"data.shards={shards}", "model.ngf=8", "model.ndf=8",
+            f"train.channels_last={channels_last}"])
+        torch.manual_seed(0)
+        accelerator = Accelerator(cpu=True)
+        gan = build_gan(cfg, accelerator)
+        convs = [p for m in (gan.G, gan.D, gan.ema.model) for p in m.parameters() if p.ndim == 4]
+        nhwc = [p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                for p in convs if p.shape[1] > 1 and p.shape[-1] > 1]
+        assert nhwc and all(nhwc) == channels_last and any(nhwc) == channels_last
+        adam = {id(p) for group in gan.opt_G.param_groups for p in group["params"]}
+        assert {id(p) for p in gan.G.parameters()} == adam
+        start = [p.detach().clone() for p in gan.G.parameters()]
+        losses = [float(train_step(accelerator, gan, b)["Loss/G/total"]) for b in batches]
+        weights = [p.detach().clone() for p in gan.G.parameters()]
+        assert all(not torch.equal(a, b) for a, b in zip(start, weights))  # every weight trained
+        results[channels_last] = losses, weights
+    (l0, w0), (l1, w1) = results[False], results[True]
+    assert l1 == pytest.approx(l0, rel=1e-4)
+    for a, b in zip(w0, w1):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-3)

@@ -63,6 +63,9 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int = 0  # stop after this many G steps; 0 = run all epochs
     mixed_precision: Precision = Precision.auto
+    # G and D weights (so activations) in NHWC: what oneDNN's and cuDNN's fastest convolutions
+    # read; the same maths in another memory layout (docs/benchmarks.md: the measured gain)
+    channels_last: bool = False
     seed: int = 0
     grad_accum: int = 1  # batches per optimizer step (gradient accumulation)
     ema_decay: float = 0.999  # exponential moving average of G, evaluated and exported

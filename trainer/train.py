@@ -50,6 +50,8 @@ def build_gan(cfg, accelerator: Accelerator) -> GAN:
     """G, D and their optimizers, prepared by the backend of this launch (DDP or DeepSpeed)."""
     backend = make_backend(accelerator)
     G, D = build_generator(cfg.model), build_discriminator(cfg.model)
+    if cfg.train.channels_last:  # before the optimizers and the EMA copy see the parameters
+        G, D = (m.to(memory_format=torch.channels_last) for m in (G, D))
     if cfg.model.norm.value == "batch" and accelerator.num_processes > 1:
         if accelerator.device.type == "cuda":
             G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(G)
