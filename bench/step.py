@@ -11,10 +11,11 @@ What is timed, per variant:
   update, one G update, the EMA update, under Accelerate (`mixed_precision` = the row's
   precision; `torch.compile` through Accelerate's `dynamo_backend="inductor"`, the way
   `accelerate launch --dynamo_backend inductor` would turn it on; `channels_last`: the
-  trainer's `train.channels_last`, G, D and the EMA copy in NHWC). The model is the first seed's configuration as our
-  settings, pinned here (not read from configs/): grey mode, `ngf 64`, `ndf 32`, depth 5,
-  BatchNorm, PatchGAN D, LSGAN, pixel weight 20, Adam lr 1e-3. `ngf` means the same widths in
-  both codebases (ngf .. 8 ngf at 1/2 .. 1/32 of the frame side).
+  trainer's `train.channels_last`, G, D and the EMA copy in NHWC). The model is the first
+  seed's configuration as our settings, pinned here (not read from configs/): grey mode,
+  `ngf 64`, `ndf 32`, depth 5, BatchNorm, PatchGAN D, LSGAN, pixel weight 20, Adam lr 1e-3.
+  `ngf` means the same widths in both codebases (ngf .. 8 ngf at 1/2 .. 1/32 of the frame
+  side).
 - `seed`: `bench/seed_reference.py`, the seed's step as published (fp32, eager; G runs forward
   twice per step), and `seed 1fwd`, the same reusing the first G forward.
 

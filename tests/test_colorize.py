@@ -313,6 +313,16 @@ def test_bad_input_model_and_output(tmp_path, grey_export, clip, capsys):
     (wrong / "generator.json").write_text(json.dumps(meta))
     fails("--model", wrong, "--input", clip, "--output", out,
           names=wrong / "generator.safetensors")
+    # An export of the earlier generator (format /1, other weights): refused, saying why.
+    older = tmp_path / "older"
+    tiny_export(older)
+    meta = json.loads((older / "generator.json").read_text())
+    meta["format"] = "tricolor-generator/1"
+    (older / "generator.json").write_text(json.dumps(meta))
+    assert run("--model", older, "--input", clip, "--output", out) == 1
+    err = capsys.readouterr().err
+    assert "not a tricolor-generator/2 export" in err and str(older / "generator.json") in err
+    assert not out.exists()
     # Outputs that cannot be written.
     nowhere = tmp_path / "no" / "such" / "dir" / "x.mp4"
     assert run("--model", grey_export, "--input", clip, "--output", nowhere) == 1

@@ -18,7 +18,9 @@ from torch import nn
 from models import build_generator
 from models.config import ModelConfig
 
-EXPORT_FORMAT = "tricolor-generator/1"
+# /2: the generator with the first seed's widths (2026-11-30); a /1 export holds the earlier
+# generator, whose weights do not fit it, and is refused by name.
+EXPORT_FORMAT = "tricolor-generator/2"
 
 
 def export_generator(G: nn.Module, model_cfg, out_dir: Path, step: int) -> None:
