@@ -56,7 +56,7 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest
 
 # The three benchmarks of docs/benchmarks.md, each a table on stdout (saved as .md) and JSON, in
-# $(BENCH_OUT)/. On a CPU host about 20 minutes on 2 cores; on a GPU host the full grids.
+# $(BENCH_OUT)/. On a CPU host about 12 minutes on 2 cores; on a GPU host the full grids.
 BENCH_OUT ?= bench_out
 bench: $(STAMP)
 	mkdir -p $(BENCH_OUT)

@@ -161,7 +161,7 @@ def full_grid(device: str, sizes, batches, precisions, compile_modes, rounds, se
 
 
 def cpu_grid(sizes, batches, precisions, compile_modes, rounds, seed) -> list[Group]:
-    """The grid reduced to ~10 minutes on 2 cores: every mode at the seed's shape (128², batch
+    """The grid reduced to ~7 minutes on 2 cores: every mode at the seed's shape (128², batch
     8), 3 rounds; at 256² batch 8 and 128² batch 32 the eager modes, 1 round (a step there
     takes several seconds on one core); 256² batch 32 not at all unless asked for
     (`--grid full --sizes 256 --batches 32`)."""
