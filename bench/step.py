@@ -402,13 +402,10 @@ def _reference_worker(conn, variants: list[Variant], threads: int, device_name: 
         for v in variants:
             if v.flops_key not in flops:
                 flops[v.flops_key] = count_flops(v, device)
-        dtypes = {"fp32": torch.float32}
-        if device.type == "cuda" or cpu_has_native_bf16():
-            dtypes["bf16"] = torch.bfloat16
-        if device.type == "cuda":
-            dtypes["fp16"] = torch.float16
-        with torch.no_grad():
-            peaks = {name: dense_peak(device, dtype) for name, dtype in dtypes.items()}
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+        with torch.no_grad():  # the peaks of the precisions the grid runs on this device
+            peaks = {name: dense_peak(device, dtypes[name])
+                     for name in precisions_available(device.type)}
         conn.send(("done", flops, peaks))
     except Exception:
         conn.send(("error", traceback.format_exc()))
