@@ -49,7 +49,8 @@ def widths(ngf: int, depth: int) -> list[int]:
 # channels, 1.48 s with 32, 1.37 s with 16 (the seed's G: 1.16 s). Predicting a,b at half
 # resolution and refining only those at full resolution was cheaper still, but scored 27.8 dB
 # PSNR / 0.941 SSIM on the demo's validation against 29.8 dB / 0.967 for this head (one run
-# each, 600 steps; runs with other seeds spread by about 2 dB).
+# each, 600 steps; runs with other seeds spread by about 2 dB). How each figure was measured:
+# docs/benchmarks.md, "One-off measurements".
 HEAD_CHANNELS = 32
 
 
