@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import sys
+import zlib
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -182,6 +183,9 @@ def write_split(
             with open(video.spool, "rb") as spool:
                 jpegs = [read_frame(spool, video, t + d) for d in (-1, 0, 1)]
             meta = {
+                # Per-member CRC-32: damaged JPEG data with intact markers decodes to wrong
+                # pixels; the loader's start-up scan and `verify` compare these.
+                "crc32": {m: zlib.crc32(j) for m, j in zip(MEMBERS, jpegs)},
                 "source": video.path,
                 "frame": t,
                 "fps": video.info.fps,

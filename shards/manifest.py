@@ -29,8 +29,36 @@ def manifest_name(slice_: tuple[int, int] | None) -> str:
     return f"manifest-s{slice_[0]}of{slice_[1]}.json" if slice_ else MANIFEST
 
 
+def shard_file(shard_dir: Path, name: object, where: Path | None = None) -> Path:
+    """`shard_dir / name` for a file name listed in a manifest, refused (ManifestError naming
+    the manifest) unless it is a plain name of a file inside `shard_dir`: a shared or
+    downloaded shard folder must not make a reader open any other file (`../`, absolute
+    paths, or a symlink that leads out of the folder)."""
+    where = where or shard_dir / MANIFEST
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
+            or "\\" in name or "\0" in name):
+        raise ManifestError(f"{where}: shard entry {name!r} is not a plain file name in "
+                            f"{shard_dir}; refusing to read outside the shard folder")
+    path = shard_dir / name
+    if path.is_symlink() and not path.resolve().is_relative_to(shard_dir.resolve()):
+        raise ManifestError(f"{where}: {path} is a symlink to {path.resolve()}, outside "
+                            f"{shard_dir}; refusing to read outside the shard folder")
+    return path
+
+
+def _check_shard_names(manifest: dict, shard_dir: Path, where: Path) -> None:
+    try:
+        shards = [s for info in manifest["splits"].values() for s in info["shards"]]
+        names = [s[k] for s in shards for k in ("tar", "index")]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ManifestError(f"{where}: malformed splits/shards entry ({e!r})") from None
+    for name in names:
+        shard_file(shard_dir, name, where)
+
+
 def load_manifest(path: Path) -> dict:
-    """Read a manifest (a file, or the directory holding `manifest.json`)."""
+    """Read a manifest (a file, or the directory holding `manifest.json`). Every shard file
+    it lists must be a plain name inside its folder (see `shard_file`)."""
     if path.is_dir():
         path = path / MANIFEST
     if not path.exists():
@@ -41,6 +69,7 @@ def load_manifest(path: Path) -> dict:
         raise ManifestError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ManifestError(f"{path}: not a tricolor shard manifest (expected format {FORMAT})")
+    _check_shard_names(manifest, path.parent, path)
     return manifest
 
 
