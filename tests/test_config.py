@@ -89,3 +89,60 @@ def test_cli_prints_the_resolved_config_or_fails_with_exit_1(tmp_path):
     assert OmegaConf.create(ok.stdout).train.seed == 7
     bad = subprocess.run([*run, "train.sede=7"], capture_output=True, text=True)
     assert bad.returncode == 1 and "train.sede" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.keep_checkpoints=0", ">= 1"),  # would delete every checkpoint once written
+        ("train.keep_checkpoints=-2", ">= 1"),
+        ("train.log_every=0", ">= 1"),
+        ("train.grad_accum=0", ">= 1"),
+        ("train.max_nonfinite=0", ">= 1"),
+        ("data.num_threads=0", ">= 1"),
+        ("train.max_steps=-5", ">= 0"),  # would write COMPLETE and export an untrained G
+        ("train.image_every=-1", ">= 0"),
+        ("train.val_every=-1", ">= 0"),
+        ("train.checkpoint_every=-1", ">= 0"),
+        ("optim.warmup_steps=-1", ">= 0"),
+        ("optim.grad_clip=-0.5", ">= 0"),
+        ("optim.grad_clip=inf", ">= 0"),
+        ("optim.lr_g=-1e-4", "> 0"),
+        ("optim.lr_d=0", "> 0"),
+        ("optim.lr_d=nan", "> 0"),
+        ("optim.beta1=1.0", "in [0, 1)"),
+        ("optim.beta2=-0.1", "in [0, 1)"),
+        ("data.brightness_jitter=1.0", "in [0, 1)"),
+        ("data.brightness_jitter=-0.1", "in [0, 1)"),
+        ("train.seed=-1", "in [0, 2**31)"),
+    ],
+)
+def test_values_out_of_range_are_refused_naming_the_key(override, expected):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "demo.yaml", [override])
+    assert f"key '{key}': must be {expected}" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "/tmp/x", ".", "a/../../b"])
+def test_a_run_name_stays_inside_runs_dir(name):
+    with pytest.raises(ConfigError, match="key 'name'"):
+        load_config(CONFIGS / "demo.yaml", [f"name={name}"])
+
+
+def test_the_edges_of_the_ranges_are_accepted():
+    cfg = load_config(CONFIGS / "demo.yaml", [
+        "train.keep_checkpoints=1", "train.max_steps=0", "train.image_every=0",
+        "train.val_every=0", "train.checkpoint_every=0", "optim.grad_clip=0", "optim.beta1=0",
+        "data.brightness_jitter=0", "train.seed=0", "name=group/run"])
+    assert cfg.train.keep_checkpoints == 1 and cfg.name == "group/run"
+
+
+def test_a_bad_value_stops_the_trainer_before_the_run_directory_exists(tmp_path, capsys):
+    from trainer.main import main
+
+    assert main(["--config", str(CONFIGS / "demo.yaml"), f"runs_dir={tmp_path / 'runs'}",
+                 f"data.shards={tmp_path}", "train.keep_checkpoints=0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config error: key 'train.keep_checkpoints'" in err
+    assert not (tmp_path / "runs").exists()

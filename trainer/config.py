@@ -10,6 +10,7 @@ starts, with an error that names the key and where it came from.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from enum import Enum
@@ -74,7 +75,7 @@ class TrainConfig:
     image_every: int = 100  # steps between image grids in TensorBoard; 0 = never
     val_every: int = 200  # steps between validations (and at the end); 0 = only at the end
     checkpoint_every: int = 500  # steps between checkpoints; 0 = only at the end (and on stop)
-    keep_checkpoints: int = 3  # most recent complete checkpoints kept on disk
+    keep_checkpoints: int = 3  # most recent complete checkpoints kept on disk (>= 1)
 
 
 @dataclass
@@ -87,6 +88,28 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Ranges of the numeric settings: (key, test, what the message says is expected). Each of
+# these values, out of range, would crash a run later (after the process group is up) or,
+# worse, run and write a wrong result: keep_checkpoints=0 deletes every checkpoint right
+# after writing it, max_steps=-5 writes COMPLETE and exports an untrained G, max_nonfinite=0
+# reports a non-finite loss that never happened. Checked before anything is started.
+RANGES = [
+    *[(key, lambda v: v >= 1, ">= 1") for key in (
+        "data.batch_size", "data.crop_size", "data.num_threads", "optim.d_steps_per_g",
+        "train.epochs", "train.grad_accum", "train.max_nonfinite", "train.log_every",
+        "train.keep_checkpoints")],
+    *[(key, lambda v: v >= 0, ">= 0") for key in (
+        "train.max_steps", "train.image_every", "train.val_every", "train.checkpoint_every",
+        "optim.warmup_steps", "optim.grad_clip")],
+    *[(key, lambda v: v > 0, "> 0 (a learning rate of 0 trains nothing)")
+      for key in ("optim.lr_g", "optim.lr_d")],
+    *[(key, lambda v: 0 <= v < 1, "in [0, 1)") for key in (
+        "optim.beta1", "optim.beta2", "train.ema_decay", "data.brightness_jitter")],
+    # numpy's seed (accelerate's set_seed, plus the rank) and the loaders' seeds
+    ("train.seed", lambda v: 0 <= v < 2**31, "in [0, 2**31)"),
+]
 
 
 class ConfigError(ValueError):
@@ -122,13 +145,16 @@ def check(cfg: DictConfig, require_data: bool = False) -> None:
             f"key 'data.crop_size': {cfg.data.crop_size} is not a multiple of "
             f"2**model.depth = {step}"
         )
-    for key in ("data.batch_size", "data.crop_size", "optim.d_steps_per_g", "train.epochs"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"key '{key}': must be >= 1, got {OmegaConf.select(cfg, key)}")
+    for key, ok, expected in RANGES:
+        value = OmegaConf.select(cfg, key)
+        # written as "not ok" so that nan (which OmegaConf accepts for floats) fails too
+        if not (ok(value) and math.isfinite(value)):
+            raise ConfigError(f"key '{key}': must be {expected}, got {value}")
     if cfg.optim.decay not in ("none", "linear", "cosine"):
         raise ConfigError(f"key 'optim.decay': {cfg.optim.decay!r}, expected none|linear|cosine")
-    if not 0 <= cfg.train.ema_decay < 1:
-        raise ConfigError(f"key 'train.ema_decay': must lie in [0, 1), got {cfg.train.ema_decay}")
+    name = Path(cfg.name)
+    if not cfg.name or name.is_absolute() or ".." in name.parts or name == Path("."):
+        raise ConfigError(f"key 'name': {cfg.name!r} is not a directory name inside runs_dir")
     if not 0 <= cfg.data.canny_low < cfg.data.canny_high <= 1:
         raise ConfigError("keys 'data.canny_low' < 'data.canny_high' must lie in [0, 1]")
     if require_data and not (Path(cfg.data.shards) / "manifest.json").is_file():
