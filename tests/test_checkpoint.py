@@ -3,10 +3,12 @@ save, resharding 2 -> 1 ranks, and damaged checkpoints."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -193,3 +195,183 @@ def test_resuming_with_another_model_config_is_a_clear_error(shards, reference, 
     assert "trainer.json: saved with another model config" in result.stderr
     assert "ngf" in result.stderr
     assert run.exists()
+
+
+# -- in-process checks: crafted checkpoints, damaged files, failed saves, rank agreement ------
+
+class RunsCode:
+    """Pickles to a call of os.system: what a crafted checkpoint would carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def tiny_gan(accelerator=None):
+    cfg = load_config("configs/demo.yaml", ["data.shards=unused", *TINY])
+    gan = build_gan(cfg, accelerator or Accelerator(cpu=True))
+    loss = sum(p.sum() for m in (gan.G, gan.D) for p in m.parameters())
+    loss.backward()  # one step: Adam moments and step counts exist
+    gan.opt_G.step(), gan.opt_D.step()
+    return cfg, gan
+
+
+def save_tiny(ckpts: Checkpointer, step: int, gan, cfg, source: bytes = b"dali") -> Path:
+    from omegaconf import OmegaConf
+
+    model = OmegaConf.to_container(OmegaConf.structured(cfg.model), enum_to_str=True)
+    return ckpts.save(step, gan, {"step": step, "model": model},
+                      {"epoch": 0, "step": step, "source": source})
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path, one_thread):
+    cfg, gan = tiny_gan()
+    ckpts = Checkpointer(tmp_path / "run")
+    save_tiny(ckpts, 1, gan, cfg)
+    save_tiny(ckpts, 2, gan, cfg)
+    return cfg, gan, ckpts
+
+
+def test_a_crafted_checkpoint_runs_no_code_and_is_refused_by_name(two_checkpoints, tmp_path,
+                                                                  caplog):
+    import pickle
+
+    cfg, gan, ckpts = two_checkpoints
+    first, second = ckpts.complete_checkpoints()
+    fresh = tiny_gan()[1]  # other random weights
+    state, position, _ = ckpts.load(second, fresh, cfg.model)  # the safe path loads bitwise
+    assert state["step"] == 2 and position["source"] == b"dali"
+    for a, b in ((gan.G, fresh.G), (gan.D, fresh.D), (gan.opt_G, fresh.opt_G),
+                 (gan.opt_D, fresh.opt_D), (gan.ema, fresh.ema)):
+        assert_same(a.state_dict(), b.state_dict())
+
+    marker = tmp_path / "code-ran"
+    metadata_file = second / ".metadata"
+    metadata = pickle.loads(metadata_file.read_bytes())  # our own: trusted here
+    original = metadata_file.read_bytes()
+
+    # 1. code in .metadata, which DCP itself would pickle.load
+    metadata.planner_data["G.x"] = RunsCode(marker)
+    crafted = pickle.dumps(metadata)
+    pickle.loads(crafted)  # the payload is real: plain unpickling runs it
+    assert marker.exists()
+    marker.unlink()
+    metadata_file.write_bytes(crafted)
+    with pytest.raises(CheckpointError, match=rf"{metadata_file}: refused .*posix\.system"):
+        ckpts.load(second, fresh, cfg.model)
+    path, (state, _, _) = ckpts.restore(fresh, cfg.model)  # latest refused: falls back
+    assert path == first and state["step"] == 1
+    assert f"cannot resume from {second}" in caplog.text
+    assert not marker.exists()
+
+    # 2. code in a non-tensor entry (optimizer param_groups are torch.save'd bytes, which
+    # DCP's planner reads with torch.load(weights_only=False))
+    metadata = pickle.loads(original)
+    key = next(k for k in metadata.storage_data if k.fqn == "opt_G.param_groups.0.lr")
+    info = metadata.storage_data[key]
+    payload = io.BytesIO()
+    torch.save(RunsCode(marker), payload)
+    torch.load(io.BytesIO(payload.getvalue()), weights_only=False)  # the payload is real
+    assert marker.exists()
+    marker.unlink()
+    shard = second / info.relative_path
+    info.offset, info.length = shard.stat().st_size, len(payload.getvalue())
+    with open(shard, "ab") as f:
+        f.write(payload.getvalue())
+    metadata_file.write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError,
+                       match=rf"{shard}: entry 'opt_G.param_groups.0.lr' refused"):
+        ckpts.load(second, fresh, cfg.model)
+    assert not marker.exists()
+
+    # 3. metadata pointing outside the checkpoint directory
+    info.relative_path = "../step_000001/" + info.relative_path
+    metadata_file.write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match="not a plain file of the checkpoint directory"):
+        ckpts.load(second, fresh, cfg.model)
+
+
+@pytest.mark.parametrize("pointer", [b"\xff\xfe\n", b"garbage\n", b"step_000099\n",
+                                     b"../../etc\n", b"step_000001/../../x\n"])
+def test_an_unreadable_latest_falls_back_to_the_newest_complete(tmp_path, caplog, pointer):
+    ckpts = Checkpointer(tmp_path / "run")
+    for step in (1, 2):
+        (ckpts.dir / f"step_{step:06d}").mkdir(parents=True)
+        (ckpts.dir / f"step_{step:06d}" / "COMPLETE").write_text("2\n")
+    (ckpts.dir / "latest").write_bytes(pointer)
+    assert ckpts.latest() == ckpts.dir / "step_000002"
+    assert f"{ckpts.dir / 'latest'}: " in caplog.text
+
+
+def test_damaged_rank_files_are_named_errors(two_checkpoints):
+    cfg, gan, ckpts = two_checkpoints
+    first, second = ckpts.complete_checkpoints()
+    position = second / "rank0.json"
+    position.write_bytes(position.read_bytes()[:5])
+    with pytest.raises(CheckpointError, match=f"{position}: unreadable"):
+        ckpts.load(second, gan, cfg.model)
+    (first / "rank0.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(CheckpointError, match="no usable checkpoint: .*rank0.json: unreadable"):
+        ckpts.restore(gan, cfg.model)
+    with pytest.raises(ValueError, match="keep=0"):
+        Checkpointer(ckpts.dir.parent, keep=0)
+
+
+def test_a_failed_save_removes_its_tmp_and_names_the_cause(two_checkpoints):
+    """A real write failure: RLIMIT_FSIZE makes every write past 20 kB fail (EFBIG)."""
+    import resource
+
+    cfg, gan, ckpts = two_checkpoints
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))
+    try:
+        with pytest.raises(CheckpointError,
+                           match=rf"checkpoint not saved: File too large writing "
+                                 rf"{ckpts.dir}/step_000003.tmp"):
+            save_tiny(ckpts, 3, gan, cfg)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert sorted(p.name for p in ckpts.dir.iterdir()) == ["latest", "step_000001",
+                                                          "step_000002"]
+    assert ckpts.latest() == ckpts.dir / "step_000002"
+    assert save_tiny(ckpts, 3, gan, cfg) == ckpts.dir / "step_000003"  # space again: saves
+
+
+FULL_DISK = """
+import sys
+from pathlib import Path
+from test_checkpoint import Checkpointer, CheckpointError, save_tiny, tiny_gan
+cfg, gan = tiny_gan()
+ckpts = Checkpointer(Path(sys.argv[1]))
+try:
+    for step in range(1, 10):
+        save_tiny(ckpts, step, gan, cfg)
+except CheckpointError as e:
+    print("ERROR", e)
+print("LEFT", sorted(p.name for p in ckpts.dir.iterdir()))
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_says_so(tmp_path):
+    """A real full disk: a 2 MB tmpfs in a private mount namespace (skipped where user
+    namespaces are not allowed)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    script = (f"mount -t tmpfs -o size=2m tmpfs {mnt} && cd {Path(__file__).parent.parent} && "
+              f"PYTHONPATH=tests {sys.executable} -c \"$SCRIPT\" {mnt}/run")
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                             script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "SCRIPT": FULL_DISK, "OMP_NUM_THREADS": "1"})
+    if "ERROR" not in result.stdout and ("unshare" in result.stderr
+                                         or "mount" in result.stderr):
+        pytest.skip(f"no private tmpfs here: {result.stderr.strip()[-200:]}")
+    assert "ERROR checkpoint not saved: No space left on device writing" in result.stdout, \
+        result.stdout + result.stderr[-3000:]
+    left = result.stdout.split("LEFT", 1)[1]
+    assert ".tmp" not in left and "step_000001" in left

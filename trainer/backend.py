@@ -269,8 +269,9 @@ class DDPBackend:
             raise IncompatibleCheckpoint(
                 f"{directory / 'trainer.json'}: saved by the {saved['name']} backend "
                 f"({_describe(saved)}); resume it with the launch config it was trained with")
-        if not (directory / ".metadata").exists():
-            raise CheckpointError(f"{directory / '.metadata'}: missing")
+        from trainer.safe_unpickle import METADATA, load_metadata
+
+        load_metadata(directory / METADATA)  # refuses a crafted or damaged one, by name
 
     def load_state(self, gan, directory: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -280,17 +281,32 @@ class DDPBackend:
             set_optimizer_state_dict,
         )
 
+        from trainer.safe_unpickle import SafePlanner, SafeReader
+
         sharded = self._sharded_state(gan)
-        try:
-            dcp.load(sharded, checkpoint_id=str(directory))
+        try:  # DCP's own reader and planner would unpickle (trainer/safe_unpickle.py)
+            dcp.load(sharded, storage_reader=SafeReader(directory),
+                     planner=SafePlanner(directory))
         except (Exception, CheckpointException) as e:  # the latter is a BaseException
-            raise CheckpointError(
-                f"{directory}: cannot read the sharded state ({_first_line(e)})") from None
+            raise CheckpointError(_dcp_failure(e, directory)) from None
         set_model_state_dict(gan.G, sharded["G"])
         set_model_state_dict(gan.D, sharded["D"])
         gan.ema.load_state_dict(sharded["G_ema"])
         set_optimizer_state_dict(gan.G, gan.opt_G, sharded["opt_G"])
         set_optimizer_state_dict(gan.D, gan.opt_D, sharded["opt_D"])
+
+
+def _dcp_failure(e: BaseException, directory: Path) -> str:
+    """One line for a failed dcp.load: our own CheckpointError (it names the file) from
+    whichever rank raised it, else the first line of the underlying error."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    causes = [exc for exc, _ in e.failures.values()] if isinstance(e, CheckpointException) \
+        else [e]
+    for cause in causes:
+        if isinstance(cause, CheckpointError):
+            return str(cause)
+    return f"{directory}: cannot read the sharded state ({_first_line(causes[0])})"
 
 
 def _describe(saved: dict) -> str:

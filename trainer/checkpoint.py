@@ -20,9 +20,17 @@ Layout of `runs/<name>/checkpoints/`:
 Publication: every rank writes into `step_N.tmp/`; after a barrier rank 0 writes COMPLETE,
 renames the directory to `step_N/`, replaces `latest` (temp file + fsync + rename) and only
 then deletes checkpoints beyond the last `keep`. The model and optimizer part is the
-backend's (trainer/backend.py); the rest is the same for both. Nothing of the DDP format
-unpickles: tensors come from DCP and safetensors, everything else from JSON. DeepSpeed's own
-files are pickles (torch.load): resume only checkpoints you wrote.
+backend's (trainer/backend.py); the rest is the same for both.
+
+Ranks decide together: each step a rank does alone (writing its files, reading and checking
+them) ends in an exchange of outcomes (`_agree`), so that all ranks go on, fall back to an
+older checkpoint, or stop with the same error naming the file; none is left waiting in a
+collective. A failed save (a full disk) removes `step_N.tmp/` and stops every rank.
+
+Loading a DDP checkpoint runs no code from it: DCP's `.metadata` goes through a restricted
+unpickler and its other entries through `torch.load(weights_only=True)`
+(trainer/safe_unpickle.py); the rest is safetensors and JSON. DeepSpeed's own files are
+pickles (see DeepSpeedBackend.load_state).
 """
 
 from __future__ import annotations
@@ -67,6 +75,45 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _agree(failure: tuple[str, str] | None) -> tuple[str, str] | None:
+    """Collective: every rank's outcome of a step it did alone, (kind, message) or None; the
+    same answer on every rank: the first "incompatible" failure, else the first failure by
+    rank, else None."""
+    outcomes = [failure]
+    if dist.is_available() and dist.is_initialized():
+        outcomes = [None] * dist.get_world_size()
+        dist.all_gather_object(outcomes, failure)
+    failed = [o for o in outcomes if o]
+    incompatible = [o for o in failed if o[0] == "incompatible"]
+    return (incompatible or failed or [None])[0]
+
+
+def _raise_agreed(failure: tuple[str, str] | None) -> None:
+    if failure is None:
+        return
+    kind, message = failure
+    raise (IncompatibleCheckpoint if kind == "incompatible" else CheckpointError)(message)
+
+
+def _write_failure(e: BaseException, where: Path) -> str:
+    """One line for a failed write: the OS error and its file when there is one. torch's zip
+    writer reports a short write on a full disk only as "unexpected pos A vs B", and
+    safetensors as a SafetensorError: the free space of the device tells that case."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
+    if isinstance(cause, OSError) and cause.strerror:
+        return f"{cause.strerror} writing {cause.filename or where}"
+    lines = str(cause).strip().splitlines() or [type(cause).__name__]
+    try:
+        full = shutil.disk_usage(where if where.exists() else where.parent).free < 1 << 20
+    except OSError:
+        full = False
+    if full or "os error 28" in lines[-1]:
+        return f"No space left on device writing {where} ({lines[-1][:200]})"
+    return f"cannot write {where} ({lines[-1][:200]})"
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
     partial = path.with_name(path.name + ".partial")
     with open(partial, "w") as f:
@@ -79,21 +126,67 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 class Checkpointer:
     def __init__(self, run_dir: Path, keep: int = 3):
+        if keep < 1:  # 0 would delete the checkpoint just written (the config refuses it too)
+            raise ValueError(f"keep={keep}: at least the newest checkpoint must be kept")
         self.dir = run_dir / "checkpoints"
         self.keep = keep
 
     # -- saving -----------------------------------------------------------------------------
 
     def save(self, step: int, gan, trainer_state: dict, loader_state: dict) -> Path:
-        """Collective: every rank calls it at the same step boundary."""
+        """Collective: every rank calls it at the same step boundary. Raises CheckpointError
+        on every rank when any rank fails to write (the partial `.tmp` is removed)."""
         rank, world = _rank_world()
         final = self.dir / f"step_{step:06d}"
         tmp = self.dir / f"step_{step:06d}.tmp"
+        failure = None
         if rank == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left by a crash: never trusted, never reused
-            tmp.mkdir(parents=True)
-        _barrier()
+            failure = self._attempt(lambda: self._prepare(tmp), tmp)
+        self._agreed_or_discard(failure, tmp)
+        failure = self._attempt(
+            lambda: self._write_rank(gan, tmp, trainer_state, loader_state), tmp)
+        self._agreed_or_discard(failure, tmp)
+        if rank == 0:
+            failure = self._attempt(lambda: self._publish(tmp, final, world), final)
+        _raise_agreed(_agree(failure))
+        if rank == 0:
+            self._prune(final)
+        log.info("saved checkpoint %s", final)
+        return final
+
+    @staticmethod
+    def _attempt(write, where: Path) -> tuple[str, str] | None:
+        """Run one rank's writes; a failure becomes (kind, one line naming the file)."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            write()
+        except (Exception, CheckpointException) as e:  # the latter is a BaseException
+            log.error("checkpoint write failed: %s", e)
+            return "damaged", f"checkpoint not saved: {_write_failure(e, where)}"
+        return None
+
+    def _agreed_or_discard(self, failure, tmp: Path) -> None:
+        """Collective: when any rank failed, rank 0 removes `tmp` (nobody writes into it any
+        more) and every rank raises the same CheckpointError."""
+        failure = _agree(failure)
+        if failure is None:
+            return
+        if _rank_world()[0] == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _raise_agreed(failure)
+
+    @staticmethod
+    def _prepare(tmp: Path) -> None:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a crash: never trusted, never reused
+        tmp.mkdir(parents=True)
+
+    @staticmethod
+    def _write_rank(gan, tmp: Path, trainer_state: dict, loader_state: dict) -> None:
+        """This rank's part: the backend's state (collective inside DCP), its RNG and DALI
+        state, its loader position, trainer.json on rank 0; each file fsynced."""
+        rank, world = _rank_world()
         written = gan.backend.save_state(gan, tmp)  # G, D, G_ema, optimizers
         dali = loader_state.get("source")
         tensors = {"rng_cpu": torch.get_rng_state()}
@@ -108,27 +201,27 @@ class Checkpointer:
             (tmp / "trainer.json").write_text(json.dumps(
                 {**trainer_state, "world_size": world, "backend": gan.backend.describe()},
                 indent=2))
-        # each rank flushes its own files before the barrier
         for f in written + [f for f in tmp.iterdir() if f.name.startswith(f"rank{rank}.")]:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        _barrier()
-        if rank == 0:
-            _write_text_atomic(tmp / COMPLETE, f"{world}\n")
-            if final.exists():  # an older save of the same step (e.g. rerun): replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_dir(self.dir)
-            _write_text_atomic(self.dir / "latest", final.name + "\n")
-            self._prune()
-        _barrier()
-        log.info("saved checkpoint %s", final)
-        return final
 
-    def _prune(self) -> None:
+    def _publish(self, tmp: Path, final: Path, world: int) -> None:
+        """Rank 0, once every rank's files are on disk: COMPLETE, rename, then `latest`."""
+        _write_text_atomic(tmp / COMPLETE, f"{world}\n")
+        if final.exists():  # an older save of the same step (e.g. rerun): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(self.dir)
+        _write_text_atomic(self.dir / "latest", final.name + "\n")
+
+    def _prune(self, final: Path) -> None:
         complete = self.complete_checkpoints()
         for old in complete[: max(0, len(complete) - self.keep)]:
-            shutil.rmtree(old)
+            if old != final:  # e.g. a run resumed from an older explicit checkpoint
+                try:
+                    shutil.rmtree(old)
+                except OSError as e:  # the new checkpoint is saved: not a reason to stop
+                    log.warning("could not remove old checkpoint %s: %s", old, e)
 
     # -- finding ----------------------------------------------------------------------------
 
@@ -140,11 +233,33 @@ class Checkpointer:
         return sorted((p for p in found if (p / COMPLETE).exists()), key=lambda p: p.name)
 
     def latest(self) -> Path | None:
-        pointer = self.dir / "latest"
-        if pointer.exists():
-            return self.dir / pointer.read_text().strip()
+        """The checkpoint `latest` names; the newest complete one, with a warning, when that
+        file is unreadable or names no checkpoint directory of this run."""
         complete = self.complete_checkpoints()
+        pointer = self.dir / "latest"
+        if pointer.exists() or pointer.is_symlink():
+            try:
+                name = pointer.read_bytes().decode("utf-8").strip()
+            except (OSError, UnicodeDecodeError) as e:
+                name, why = None, f"unreadable ({e})"
+            else:
+                why = f"names {name[:80]!r}, not a checkpoint directory of {self.dir}"
+            if name is not None and STEP_DIR.match(name) and (self.dir / name).is_dir():
+                return self.dir / name
+            log.warning("%s: %s; using the newest complete checkpoint", pointer, why)
         return complete[-1] if complete else None
+
+    def _candidates(self) -> list[Path]:
+        """Collective: `latest`, then the other complete checkpoints newest first, as rank 0
+        sees them (every rank then tries the same list in the same order)."""
+        latest = self.latest()
+        names = [] if latest is None else [latest.name] + [
+            p.name for p in reversed(self.complete_checkpoints()) if p != latest]
+        if dist.is_available() and dist.is_initialized():
+            shared = [names]
+            dist.broadcast_object_list(shared, src=0)
+            names = shared[0]
+        return [self.dir / n for n in names]
 
     # -- loading ----------------------------------------------------------------------------
 
@@ -153,15 +268,14 @@ class Checkpointer:
         if not (path / COMPLETE).exists():
             raise CheckpointError(f"{path}: incomplete checkpoint (no {COMPLETE} marker)")
         state_file = path / "trainer.json"
-        try:
-            state = json.loads(state_file.read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{state_file}: unreadable ({e})") from None
+        state = _read_json(state_file)
+        if not isinstance(state.get("world_size"), int) or state["world_size"] < 1:
+            raise CheckpointError(f"{state_file}: no world_size (a positive integer)")
         saved = state.get("model")
         current = OmegaConf.to_container(OmegaConf.structured(model_cfg), enum_to_str=True)
         if saved != current:
-            diff = {k: (saved.get(k) if saved else None, v) for k, v in current.items()
-                    if not saved or saved.get(k) != v}
+            saved = saved if isinstance(saved, dict) else {}
+            diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
             raise IncompatibleCheckpoint(
                 f"{state_file}: saved with another model config (saved, now): {diff}; "
                 "use the run's own config, or start over with --no-resume or a new name"
@@ -176,38 +290,60 @@ class Checkpointer:
                     raise CheckpointError(f"{f}: missing (saved on {world} ranks)")
         return state
 
+    def _read_local(self, path: Path, model_cfg, backend):
+        """Everything this rank reads alone, before any collective: (trainer state, this
+        rank's loader position, its RNG and DALI tensors or None at another world size)."""
+        state = self._check(path, model_cfg, backend)
+        rank, world = _rank_world()
+        if state["world_size"] != world:
+            position = _read_json(path / "rank0.json")
+            position["source"] = None
+            return state, position, None
+        position = _read_json(path / f"rank{rank}.json")
+        tensor_file = path / f"rank{rank}.safetensors"
+        try:
+            tensors = load_file(str(tensor_file))
+        except Exception as e:  # SafetensorError, OSError: truncated or not safetensors
+            raise CheckpointError(f"{tensor_file}: unreadable ({e})") from None
+        if "rng_cpu" not in tensors:
+            raise CheckpointError(f"{tensor_file}: no rng_cpu tensor")
+        position["source"] = bytes(tensors["dali"].numpy()) if "dali" in tensors else None
+        return state, position, tensors
+
     def load(self, path: Path, gan, model_cfg) -> tuple[dict, dict | None, dict | None]:
-        """Load `path` into `gan`; return (trainer state, this rank's loader position or
-        None, its DALI bytes and RNG or None when the world size changed)."""
-        state = self._check(path, model_cfg, gan.backend)
-        gan.backend.load_state(gan, path)
+        """Collective. Load `path` into `gan`; return (trainer state, this rank's loader
+        position, its DALI bytes and RNG or None when the world size changed). Raises the
+        same CheckpointError on every rank when any rank cannot use `path`."""
+        try:
+            result, failure = self._read_local(path, model_cfg, gan.backend), None
+        except IncompatibleCheckpoint as e:
+            result, failure = None, ("incompatible", str(e))
+        except CheckpointError as e:
+            result, failure = None, ("damaged", str(e))
+        _raise_agreed(_agree(failure))
+        state = result[0]
+        failure = None
+        try:
+            gan.backend.load_state(gan, path)  # collective (DCP or DeepSpeed)
+        except CheckpointError as e:
+            failure = ("damaged", str(e))
+        _raise_agreed(_agree(failure))
         rank, world = _rank_world()
         if state["world_size"] != world:
             log.warning("%s was saved on %d ranks, resuming on %d: model and optimizer state "
                         "are resharded; the data epoch restarts", path, state["world_size"],
                         world)
-            position = json.loads((path / "rank0.json").read_text())
-            position["source"] = None
-            return state, position, None
-        position = json.loads((path / f"rank{rank}.json").read_text())
-        try:
-            tensors = load_file(str(path / f"rank{rank}.safetensors"))
-        except Exception as e:
-            raise CheckpointError(f"{path / f'rank{rank}.safetensors'}: unreadable ({e})") \
-                from None
-        position["source"] = bytes(tensors["dali"].numpy()) if "dali" in tensors else None
-        return state, position, tensors
+        return result
 
     def restore(self, gan, model_cfg, explicit: Path | None = None):
-        """Resume from `explicit`, else from `latest`, falling back (with a warning) to the
-        previous complete checkpoints when `latest` is damaged. None when there is none."""
+        """Collective. Resume from `explicit`, else from `latest`, falling back (with a
+        warning, on every rank together) to the previous complete checkpoints when `latest`
+        is damaged. None when there is none."""
         if explicit is not None:
             return explicit, self.load(explicit, gan, model_cfg)
-        latest = self.latest()
-        if latest is None:
+        candidates = self._candidates()
+        if not candidates:
             return None
-        candidates = [latest] + [p for p in reversed(self.complete_checkpoints())
-                                 if p != latest]
         errors = []
         for path in candidates:
             try:
@@ -218,3 +354,13 @@ class Checkpointer:
                 errors.append(str(e))
                 log.warning("cannot resume from %s: %s; trying the previous checkpoint", path, e)
         raise CheckpointError("no usable checkpoint: " + "; ".join(errors))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError included
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return value
