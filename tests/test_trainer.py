@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
+import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 from accelerate import Accelerator
-from launching import ROOT, free_port, launch
+from launching import ROOT, TINY, free_port, launch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trainer.config import load_config
 from trainer.data import Batch
 from trainer.export import load_generator
-from trainer.train import build_gan
+from trainer.main import main
+from trainer.train import build_gan, make_val_loader
 
 
 def test_demo_config_trains_end_to_end_on_two_processes(shards, tmp_path):
@@ -166,3 +171,137 @@ def test_channels_last_trains_the_same_model_in_nhwc(shards):
     assert l1 == pytest.approx(l0, rel=1e-4)
     for a, b in zip(w0, w1):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
+
+
+# -- refusals: checked before anything is written, one line, exit 1 (in-process, 1 rank) ------
+
+def run_args(shards, runs, *extra: str) -> list[str]:
+    return ["--config", "configs/demo.yaml", f"data.shards={shards}", f"runs_dir={runs}",
+            "name=run", *TINY, "train.max_steps=2", "train.log_every=1", "train.image_every=0",
+            *extra]
+
+
+def snapshot(directory) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def damaged_val(shards, tmp_path_factory):
+    """The shards with every val shard truncated: the manifest still counts 36 val samples,
+    the scan finds none."""
+    copy = tmp_path_factory.mktemp("damaged-val") / "shards"
+    shutil.copytree(shards, copy)
+    for tar in copy.glob("val-*.tar"):
+        with open(tar, "r+b") as f:
+            f.truncate(1000)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def finished(damaged_val, tmp_path_factory):
+    """A complete 2-step run on `damaged_val`: validation turned off from the scan."""
+    runs = tmp_path_factory.mktemp("finished")
+    with warnings_to_stderr():
+        assert main(run_args(damaged_val, runs)) == 0
+    return runs / "run"
+
+
+@contextlib.contextmanager
+def warnings_to_stderr():
+    """The trainer's warnings, whatever pytest's logging capture does, go to sys.stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    logging.getLogger("trainer").addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger("trainer").removeHandler(handler)
+
+
+def test_validation_is_decided_by_the_scan_not_the_manifest(shards, damaged_val, finished,
+                                                             tmp_path):
+    # the manifest counts val samples the scan cannot read: validation off, training goes on
+    assert (finished / "COMPLETE").is_file() and not (finished / "metrics.jsonl").exists()
+    accelerator = Accelerator(cpu=True)
+    assert make_val_loader(load_config("configs/demo.yaml", [f"data.shards={damaged_val}",
+                                                             *TINY]), accelerator, "grey") is None
+    # the manifest counts no val sample but the shards hold them: validation on
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["splits"]["val"]["samples"] = 0
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    cfg = load_config("configs/demo.yaml", [f"data.shards={copy}", *TINY])
+    val = make_val_loader(cfg, accelerator, "grey")
+    assert val is not None and len(val.samples) == 36
+
+
+def test_a_refused_relaunch_leaves_the_run_as_it_was(damaged_val, finished, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = snapshot(run)
+    assert "config.yaml" in before and "COMPLETE" in before
+    capsys.readouterr()
+
+    # another model: refused by the checkpointer, after the data scan
+    assert main(run_args(damaged_val, tmp_path, "model.ngf=16")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("checkpoint error: ")
+    assert "trainer.json: saved with another model config" in err[0] and "ngf" in err[0]
+    assert snapshot(run) == before
+
+    # --no-resume with a crop larger than the frames: nothing is moved aside
+    assert main(run_args(damaged_val, tmp_path, "--no-resume", "data.crop_size=128")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("data error: ") and "data.crop_size" in err[0]
+    assert snapshot(run) == before and not list(tmp_path.glob("run/checkpoints.before-*"))
+
+    # a manifest entry outside the shard folder (shards.manifest.ManifestError)
+    bad = tmp_path / "bad-shards"
+    shutil.copytree(damaged_val, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["tar"] = "../elsewhere.tar"
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    assert main(run_args(bad, tmp_path)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("data error: ") and "../elsewhere.tar" in err[0]
+    assert snapshot(run) == before
+
+
+# -- the run directory lock ---------------------------------------------------------------
+
+HOLD = """
+import sys, time
+from trainer.run_lock import RunLock
+RunLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_live_holder_is_refused_and_a_killed_one_taken_over(damaged_val, finished, tmp_path,
+                                                               capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE,
+                              text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        before = snapshot(run)
+        capsys.readouterr()
+        assert main(run_args(damaged_val, tmp_path)) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"run directory error: {run / 'LOCK'}: ")
+        assert f"pid {holder.pid} " in err[0] and socket.gethostname() in err[0]
+        assert snapshot(run) == before  # LOCK is the holder's
+    finally:
+        holder.kill()  # SIGKILL: the lock stays behind, naming a dead process
+        holder.wait()
+    assert str(holder.pid) in (run / "LOCK").read_text()
+    with warnings_to_stderr():
+        assert main(run_args(damaged_val, tmp_path, "train.max_steps=3")) == 0
+    out, err = capsys.readouterr()
+    assert "at step 2" in out.split("resumed from", 1)[1]  # the same run, continued
+    assert f"taking over the lock of host {socket.gethostname()} pid {holder.pid}" in err
+    assert "its process is gone" in err
+    assert (run / "COMPLETE").is_file() and not (run / "LOCK").exists()  # released at the end

@@ -1,8 +1,12 @@
 """Entry point: `accelerate launch trainer/main.py --config configs/X.yaml [key=value ...]`.
 
 Parses and checks the config (before any process group or data is touched), sets up the
-Accelerator, checks the world size, writes the resolved config into the run directory and
-trains. On a CPU host: `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu
+Accelerator, checks the world size, locks the run directory (one set of ranks per run) and
+trains; the run directory changes only once the launch is accepted (trainer/train.py:
+start_run). Refusals print one line (`config error: ...`, `data error: ...`, `checkpoint
+error: ...`, `run directory error: ...`) and exit 1.
+
+On a CPU host: `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu
 --num_processes 2 trainer/main.py ...` (plain `--cpu --num_processes 2` starts one process).
 The launch config picks the backend: `--config_file launch/deepspeed_zero2.yaml` trains G and
 D as DeepSpeed ZeRO engines (without ACCELERATE_USE_CPU, also on CPU); anything else is DDP.
@@ -11,11 +15,11 @@ D as DeepSpeed ZeRO engines (without ACCELERATE_USE_CPU, also on CPU); anything 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
-import subprocess
+import signal
 import sys
-import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -29,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-resume", action="store_true",
                         help="start over even if the run directory holds checkpoints "
                              "(they are moved aside, not deleted)")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # flags may come between the overrides
 
 
 def precision(cfg, accelerator_cls) -> str:
@@ -40,14 +44,6 @@ def precision(cfg, accelerator_cls) -> str:
     if choice != "auto":
         return choice
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def validation_table(metrics: dict[str, float]) -> str:
@@ -61,6 +57,50 @@ def validation_table(metrics: dict[str, float]) -> str:
         floor_text = f"{floor:>10.4g}" if floor is not None else f"{'':>10}"
         lines.append(f"{name:<8} {value:>10.4g} {floor_text}")
     return "\n".join(lines)
+
+
+def take_run_lock(accelerator, run_dir: Path):
+    """The main process locks the run directory (trainer/run_lock.py) and tells the other ranks
+    whether it could: all go on, or all raise RunLocked. Returns the lock (main process) or
+    None (other ranks)."""
+    from accelerate.utils import broadcast_object_list
+
+    from trainer.run_lock import RunLock, RunLocked
+
+    lock, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(run_dir)
+            lock.acquire()
+        except (RunLocked, OSError) as e:
+            lock, refusal = None, str(e)
+    refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise RunLocked(refusal)
+    return lock
+
+
+@contextlib.contextmanager
+def exit_on_sigterm():
+    """SIGTERM outside the training loop (which has its own handlers, trainer/stop.py) exits
+    through Python, so that `finally` blocks run and the run lock is released."""
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def fail(accelerator, kind: str, error: Exception, agreed: bool = True) -> int:
+    """One line naming the problem, exit status 1. An `agreed` error was reached by every rank
+    alike: the main process says it; others say theirs (one line per rank at most)."""
+    if accelerator.is_main_process or not agreed:
+        print(f"{kind} error: {error}", file=sys.stderr, flush=True)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.utils import set_seed
 
     from trainer.backend import LaunchConfigError, make_accelerator
-    from trainer.train import train
+    from trainer.run_lock import RunLocked
 
     try:
         accelerator = make_accelerator(cfg, precision(cfg, Accelerator))
@@ -99,25 +139,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     set_seed(cfg.train.seed, device_specific=True)  # per-rank seeds: different noise per rank
     run_dir = Path(cfg.runs_dir) / cfg.name
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        old = run_dir / "checkpoints"
-        if args.no_resume and old.exists():
-            aside = run_dir / f"checkpoints.before-{int(time.time())}"
-            old.rename(aside)
-            logging.getLogger(__name__).warning("--no-resume: moved %s to %s", old, aside)
-        (run_dir / "COMPLETE").unlink(missing_ok=True)
-        (run_dir / "config.yaml").write_text(
-            f"# git commit {git_commit()}\n" + OmegaConf.to_yaml(cfg))
-    accelerator.wait_for_everyone()
+    with exit_on_sigterm():
+        try:
+            lock = take_run_lock(accelerator, run_dir)
+        except RunLocked as e:
+            return fail(accelerator, "run directory", e)
+        try:
+            return run(cfg, args, accelerator, run_dir)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def run(cfg, args, accelerator, run_dir: Path) -> int:
+    """Train in a locked run directory; the exit status."""
+    from shards.manifest import ManifestError
     from trainer.checkpoint import CheckpointError
+    from trainer.data import NoSamplesError
+    from trainer.train import train
 
     explicit = Path(cfg.resume_from) if cfg.resume_from else None
     try:
         final = train(cfg, accelerator, run_dir, explicit, allow_resume=not args.no_resume)
     except CheckpointError as e:
-        print(f"checkpoint error: {e}", file=sys.stderr)
-        return 1
+        # decided per rank by the checkpointer: each rank that fails says so
+        return fail(accelerator, "checkpoint", e, agreed=False)
+    except (NoSamplesError, ManifestError) as e:  # agreed across ranks (train.agreed)
+        return fail(accelerator, "data", e)
     if final is None:  # stopped on request, checkpoint saved: a requeued job resumes
         accelerator.end_training()
         return 0

@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import logging
 import math
+import subprocess
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from models import build_discriminator, build_generator, build_loss
-from shards.manifest import load_manifest
+from shards.atomic import publish
+from shards.manifest import ManifestError
 from trainer.backend import make_backend
 from trainer.checkpoint import Checkpointer
-from trainer.data import TripletLoader
+from trainer.data import NoSamplesError, TripletLoader
 from trainer.ema import EMA
 from trainer.export import export_generator
 from trainer.metrics import ColorizationMetrics
@@ -76,16 +79,63 @@ def build_gan(cfg, accelerator: Accelerator) -> GAN:
     )
 
 
-def make_val_loader(cfg, accelerator: Accelerator, mode: str):
-    val = load_manifest(Path(cfg.data.shards))["splits"].get("val", {"samples": 0})
-    needed = accelerator.num_processes * cfg.data.batch_size
-    if val["samples"] < needed:
-        log.warning("val split has %d samples, fewer than one batch per rank (%d): "
-                    "validation is off", val["samples"], needed)
-        return None
-    return TripletLoader(cfg.data, mode, "val", accelerator.process_index,
+def agreed(accelerator: Accelerator, build):
+    """`build()` on every rank; a data error on any rank is raised on every rank. The scans
+    behind the loaders are deterministic (the same files read in the same order), so ranks
+    fail alike; the gather makes sure that even then (a file changed between two ranks'
+    scans) no rank goes on alone into collectives the others never reach."""
+    try:
+        result, error = build(), None
+    except (NoSamplesError, ManifestError) as e:
+        result, error = None, e
+    errors = [e for e in gather_object([error]) if e is not None]
+    if errors:
+        raise errors[0]
+    return result
+
+
+def make_loader(cfg, accelerator: Accelerator, mode: str, split: str) -> TripletLoader:
+    return TripletLoader(cfg.data, mode, split, accelerator.process_index,
                          accelerator.num_processes, accelerator.device, cfg.train.seed,
-                         shuffle=False)
+                         shuffle=split == "train")
+
+
+def make_val_loader(cfg, accelerator: Accelerator, mode: str) -> TripletLoader | None:
+    """The val loader, or None (validation off) when the scan of the val split finds no full
+    batch per rank: decided from what the scan found, not from the manifest's count."""
+    try:
+        return agreed(accelerator, lambda: make_loader(cfg, accelerator, mode, "val"))
+    except NoSamplesError as e:
+        if accelerator.is_main_process:
+            log.warning("validation is off: %s", e)
+        return None
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def start_run(cfg, accelerator: Accelerator, run_dir: Path, fresh: bool) -> None:
+    """The launch is accepted (data scanned, checkpoint loaded or none): only now does the run
+    directory change. `fresh` (--no-resume) moves old checkpoints aside; COMPLETE goes (the
+    run trains again); config.yaml is replaced by this launch's (whole or not at all)."""
+    from omegaconf import OmegaConf
+
+    if accelerator.is_main_process:
+        old = run_dir / "checkpoints"
+        if fresh and old.exists():
+            aside = run_dir / f"checkpoints.before-{int(time.time())}"
+            old.rename(aside)
+            log.warning("--no-resume: moved %s to %s", old, aside)
+        (run_dir / "COMPLETE").unlink(missing_ok=True)
+        partial = run_dir / "config.yaml.partial"
+        partial.write_text(f"# git commit {git_commit()}\n" + OmegaConf.to_yaml(cfg))
+        publish(partial, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
 
 
 def resume(cfg, accelerator, gan, loader, schedulers, checkpointer, explicit):
@@ -127,17 +177,18 @@ def train(
     allow_resume: bool = True,
 ) -> dict[str, float] | None:
     """Train to `total_steps`; returns the last validation metrics, or None when a stop was
-    requested (a checkpoint was saved; the caller exits 0 without marking the run complete)."""
+    requested (a checkpoint was saved; the caller exits 0 without marking the run complete).
+    Nothing in `run_dir` changes before the data is scanned and the checkpoint (if any) is
+    loaded: a refused launch (CheckpointError, NoSamplesError, ManifestError) leaves the run as
+    it was."""
     mode = cfg.model.mode.value
     gan = build_gan(cfg, accelerator)
-    loader = TripletLoader(cfg.data, mode, "train", accelerator.process_index,
-                           accelerator.num_processes, accelerator.device, cfg.train.seed)
+    loader = agreed(accelerator, lambda: make_loader(cfg, accelerator, mode, "train"))
     val_loader = make_val_loader(cfg, accelerator, mode)
     metrics = ColorizationMetrics().to(accelerator.device)
     total_steps = cfg.train.max_steps or cfg.train.epochs * len(loader)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
                   for opt in (gan.opt_G, gan.opt_D)]  # not prepared: they step once per step
-    run_log = RunLog(run_dir, accelerator.is_main_process)
     global_batch = cfg.data.batch_size * accelerator.num_processes
     log.info("training %d steps, %d triplets per step over %d processes",
              total_steps, global_batch, accelerator.num_processes)
@@ -147,6 +198,8 @@ def train(
     if allow_resume:
         state = resume(cfg, accelerator, gan, loader, schedulers, checkpointer, resume_from)
         progress = {k: state[k] for k in progress}
+    start_run(cfg, accelerator, run_dir, fresh=not allow_resume)
+    run_log = RunLog(run_dir, accelerator.is_main_process)
     step, samples_seen, skipped_total = (progress[k] for k in progress)
     nonfinite_streak = 0
     stop = StopRequest(stop_file_from_env())

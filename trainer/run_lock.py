@@ -1,0 +1,212 @@
+"""One set of ranks per run directory: a lock file that the main process takes before anything
+of the run is written, and releases when it exits.
+
+Without it a requeued job, or a user rerunning the command, can start a second set of ranks on
+a run whose first set is still alive (killing only the launcher orphans its ranks, which train
+on), and both write the same checkpoints.
+
+    <run>/LOCK    JSON: host, pid (and its start time), start date, Slurm job; mtime: heartbeat
+
+Taking it: the record is written to a private file, then hard-linked to LOCK; the link fails
+when LOCK exists, atomically, also on NFS. A LOCK whose holder is gone is taken over with a
+warning:
+- same host: the holder's process no longer exists (pid and process start time, so that a
+  reused pid does not count as the holder);
+- another host: its heartbeat (the mtime, refreshed every `heartbeat_s` by a daemon thread of
+  the holder) is older than `stale_s`. A younger one is watched: refreshed, the holder lives
+  and the start is refused; not refreshed for `stale_s`, it is taken over. So a job requeued
+  onto another node right after its first set was killed waits at most `stale_s`.
+Anything else is refused with RunLocked, naming the file and the holder. The lock is released
+on a normal exit and on an error; a process killed outright (SIGKILL, a second SIGTERM that
+aborts) leaves it behind, and the next start takes it over as above.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "LOCK"
+HEARTBEAT_S = 10.0  # how often the holder refreshes the lock's mtime
+STALE_S = 60.0  # a lock of another host not refreshed for this long is abandoned
+POLL_S = 0.5  # how often a starter looks at another host's heartbeat while it waits
+
+
+class RunLocked(RuntimeError):
+    """The run directory belongs to another live process; the message names it."""
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (clock ticks since boot), None where unknown. With the
+    pid it identifies a process: a pid reused by another process has another start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name in (...) may hold spaces
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    """Whether the process that wrote a lock record on this host still runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        pass
+    now = _process_start(pid)
+    return start is None or now is None or now == start
+
+
+def describe(holder: dict) -> str:
+    job = f", Slurm job {holder['slurm_job']}" if holder.get("slurm_job") else ""
+    return (f"host {holder.get('host')} pid {holder.get('pid')} started "
+            f"{holder.get('started')}{job}")
+
+
+class RunLock:
+    def __init__(self, run_dir: Path, heartbeat_s: float = HEARTBEAT_S,
+                 stale_s: float = STALE_S):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+        self.record: dict | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- taking and releasing ---------------------------------------------------------------
+
+    def acquire(self) -> None:
+        """Take the lock (waiting at most `stale_s` on another host's heartbeat); raises
+        RunLocked when a live process holds it."""
+        pid = os.getpid()
+        self.record = {
+            "host": socket.gethostname(), "pid": pid, "pid_start": _process_start(pid),
+            "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        }
+        mine = self.path.with_name(f"{LOCK_NAME}.{self.record['host']}.{pid}.partial")
+        mine.write_text(json.dumps(self.record) + "\n")
+        try:
+            while True:
+                try:
+                    os.link(mine, self.path)  # fails if LOCK exists: the atomic test-and-set
+                    break
+                except FileExistsError:
+                    self._remove_if_abandoned()  # raises RunLocked for a live holder
+        finally:
+            mine.unlink(missing_ok=True)
+        self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat",
+                                        daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.record is not None and self._read()[0] == self.record:
+            self.path.unlink(missing_ok=True)
+        self.record = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    # -- the holder's side ------------------------------------------------------------------
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                holder, _ = self._read()
+                if holder != self.record:
+                    log.error("%s: no longer this process's lock (now: %s); another start took "
+                              "it over", self.path, describe(holder) if holder else "none")
+                    return
+                os.utime(self.path)
+            except OSError as e:  # a storage hiccup: the next beat tries again
+                log.warning("%s: heartbeat failed: %s", self.path, e)
+
+    # -- a starter's side -------------------------------------------------------------------
+
+    def _read(self) -> tuple[dict | None, float]:
+        """The holder's record and the lock's mtime; (None, 0) when there is no lock. Opening
+        the file before its stat revalidates NFS's cached attributes (close-to-open)."""
+        try:
+            with open(self.path) as f:
+                text, mtime = f.read(), os.fstat(f.fileno()).st_mtime
+        except FileNotFoundError:
+            return None, 0.0
+        try:
+            holder = json.loads(text)
+        except ValueError:
+            holder = {"host": "?", "pid": "?", "started": f"? (unreadable: {text[:80]!r})"}
+        return holder if isinstance(holder, dict) else {"host": "?"}, mtime
+
+    def _remove_if_abandoned(self) -> None:
+        holder, mtime = self._read()
+        if holder is None:
+            return  # released meanwhile: try again
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+            if _alive(holder["pid"], holder.get("pid_start")):
+                self._refuse(holder, "is alive")
+            reason = "its process is gone"
+        else:
+            reason = self._wait_for_heartbeat(holder, mtime)
+            if reason is None:
+                return
+        self._remove(holder, reason)
+
+    def _wait_for_heartbeat(self, holder: dict, mtime: float) -> str | None:
+        """Watch another host's lock until it is refreshed (refused) or has not been for
+        `stale_s`; returns the reason to take it over, None when the lock changed hands
+        meanwhile (look again)."""
+        watched = time.monotonic()
+        while True:
+            silent = max(time.time() - mtime, time.monotonic() - watched)
+            if silent > self.stale_s:
+                return f"no heartbeat for {silent:.0f} s (> {self.stale_s:g} s)"
+            time.sleep(POLL_S)
+            now, now_mtime = self._read()
+            if now != holder:
+                return None
+            if now_mtime != mtime:
+                self._refuse(holder, "refreshed its heartbeat while this start waited")
+
+    def _remove(self, holder: dict, reason: str) -> None:
+        """Move an abandoned lock aside. rename is atomic: of several starters that found the
+        same abandoned lock one moves it; one that moved a newer lock taken meanwhile puts it
+        back and tries again like the others."""
+        aside = self.path.with_name(f"{LOCK_NAME}.{socket.gethostname()}.{os.getpid()}.stale")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            moved = json.loads(aside.read_text())
+        except ValueError:
+            moved = None
+        if moved is not None and moved != holder:
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+        else:
+            log.warning("%s: taking over the lock of %s: %s", self.path, describe(holder),
+                        reason)
+        aside.unlink(missing_ok=True)
+
+    def _refuse(self, holder: dict, state: str) -> None:
+        raise RunLocked(
+            f"{self.path}: the run directory is in use by {describe(holder)}, which {state}; "
+            "wait for it to end or stop it (if you know it is gone, delete this file)"
+        )
