@@ -250,3 +250,172 @@ def test_shards_without_a_readable_sample_fail_at_start_up(tmp_path, shard_dir):
         tar.write_bytes(b"")
     with pytest.raises(NoSamplesError, match="0 readable samples"):
         make_loader(bad)
+
+
+# --- issue 14: damaged shards and indexes, positions saved at another batch size ----------
+
+
+def damaged_copy(shards: Path, tmp_path: Path) -> Path:
+    """A copy of the session's `shards` (train: 3 shards) to damage."""
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    return copy
+
+
+def train_shards(shards: Path) -> list[dict]:
+    return json.loads((shards / "manifest.json").read_text())["splits"]["train"]["shards"]
+
+
+def train_samples(shards: Path) -> int:
+    return sum(entry["samples"] for entry in train_shards(shards))
+
+
+def overwrite(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_frames_whose_crc32_differs_are_skipped_named_and_counted(tmp_path, shards, caplog):
+    from trainer.data.samples import parse_index
+
+    bad = damaged_copy(shards, tmp_path)
+    tar = bad / train_shards(bad)[0]["tar"]
+    first, second = parse_index(tar.with_suffix(".idx").read_text())[:2]
+    # Flip bytes inside cur.jpg's entropy-coded data: the JPEG markers stay intact.
+    offset, size, name = first["cur.jpg"]
+    overwrite(tar, offset + size // 2, bytes(b ^ 0x5A for b in tar.read_bytes()[
+        offset + size // 2 : offset + size // 2 + 8]))
+    offset, size, _ = second["json"]
+    overwrite(tar, offset, b"{" + b"x" * (size - 1))  # the json member unreadable
+    keys = [split_member_name(s["cur.jpg"][2])[0] for s in (first, second)]
+    with caplog.at_level(logging.WARNING):
+        loader = make_loader(bad)
+    assert dict(loader.skipped) == {"checksum mismatch": 2}  # the markers passed
+    assert f"{tar}: sample {keys[0]}: checksum mismatch (cur.jpg: CRC-32" in caplog.text
+    assert f"{tar}: sample {keys[1]}: checksum mismatch (json member unreadable" in caplog.text
+    assert "cannot be detected" not in caplog.text
+    seen = [k for b in loader for k in b.keys]  # the real pipeline never gets them
+    readable = train_samples(shards) - 2
+    assert len(seen) == len(loader) * 4 == readable // 4 * 4 and not set(keys) & set(seen)
+
+
+def test_shards_without_checksums_load_and_say_once_what_is_not_checked(tmp_path, shards,
+                                                                         caplog):
+    bad = damaged_copy(shards, tmp_path)
+
+    def drop_crc(key, ext, data):
+        return json.dumps({k: v for k, v in json.loads(data).items() if k != "crc32"}).encode() \
+            if ext == "json" else data
+
+    for entry in train_shards(bad):
+        rewrite_shard(bad / entry["tar"], drop_crc)
+    with caplog.at_level(logging.WARNING):
+        loader = make_loader(bad)
+    n = train_samples(shards)
+    assert loader.skipped_total == 0 and len(loader.samples) == n
+    assert caplog.text.count("corrupted JPEG data in them cannot be detected") == 1
+    assert f"{n} samples in 3 shards record no CRC-32" in caplog.text
+
+
+MALFORMED_INDEXES = {
+    "not an index": lambda text: "garbage\n",
+    "bad header": lambda text: "v9 16\n" + text.split("\n", 1)[1],
+    "wrong field count": lambda text: text.replace(" cur.jpg ", " ", 1),
+    "non-integer": lambda text: text.replace("prev.jpg ", "prev.jpg 1x", 1),
+    "past the end": lambda text: "\n".join(
+        [text.splitlines()[0]]
+        + [" ".join(str(int(f) + 10**9) if i % 4 == 1 else f for i, f in enumerate(line.split()))
+           for line in text.splitlines()[1:]]) + "\n",
+}
+
+
+@pytest.mark.parametrize("damage", [*MALFORMED_INDEXES, "not UTF-8", "stale"])
+def test_a_malformed_or_stale_index_is_named_and_the_shard_reindexed(tmp_path, shards, damage,
+                                                                      caplog):
+    bad = damaged_copy(shards, tmp_path)
+    entries = train_shards(bad)
+    index = bad / entries[0]["index"]
+    if damage == "stale":  # the index of another shard of the same build
+        index.write_bytes((bad / entries[1]["index"]).read_bytes())
+    elif damage == "not UTF-8":
+        index.write_bytes(b"\xff\xfe\x00garbage")
+    else:
+        index.write_text(MALFORMED_INDEXES[damage](index.read_text()))
+    before = index.read_bytes()
+    with caplog.at_level(logging.WARNING):
+        loader = make_loader(bad)
+    expected = "stale index" if damage == "stale" else (
+        "it lists members past the end" if damage == "past the end" else "malformed index")
+    assert f"{index}: {expected}" in caplog.text
+    assert "re-indexing" in caplog.text
+    assert loader.skipped_total == 0
+    reference = make_loader(shards)
+    assert [s.lines for s in loader.samples.shards] == [s.lines for s in reference.samples.shards]
+    assert index.read_bytes() == before  # the user's file is reported, not rewritten
+
+
+@pytest.mark.parametrize("damage", ["missing", "empty", "not a tar", "cut, no index"])
+def test_a_lost_shard_counts_the_manifests_samples(tmp_path, shards, damage, caplog):
+    bad = damaged_copy(shards, tmp_path)
+    entry, n = train_shards(bad)[0], train_samples(bad)
+    tar = bad / entry["tar"]
+    if damage == "missing":
+        tar.unlink()
+    elif damage == "empty":
+        tar.write_bytes(b"")
+    elif damage == "not a tar":
+        tar.write_bytes(np.random.default_rng(0).bytes(tar.stat().st_size))
+    else:
+        data = tar.read_bytes()
+        tar.write_bytes(data[: len(data) // 2])
+        (bad / entry["index"]).unlink()
+    with caplog.at_level(logging.WARNING):
+        loader = make_loader(bad)
+    lost, kept = entry["samples"], n - entry["samples"]
+    assert lost > 4 and kept > 0
+    assert loader.skipped_total + len(loader.samples) == n  # every manifest sample counted
+    reason = {"missing": "missing shard", "empty": "empty shard", "not a tar": "unreadable shard",
+              "cut, no index": "truncated tar"}[damage]
+    if damage == "cut, no index":
+        assert 0 < len(loader.samples) - kept < lost  # the samples before the cut are read
+        assert dict(loader.skipped) == {reason: n - len(loader.samples)}
+    else:
+        assert dict(loader.skipped) == {reason: lost} and len(loader.samples) == kept
+    assert str(tar) in caplog.text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_another_batch_size_restarts_the_saved_epoch_and_says_so(shards, backend, caplog):
+    saved = make_loader(shards, backend)  # batch 4
+    it = iter(saved)
+    next(it), next(it)
+    state = saved.state_dict()
+    assert state["batch_size"] == 4 and state["step"] == 2
+    resumed = make_loader(shards, backend, 0, 1, "grey", "data.batch_size=8")
+    with caplog.at_level(logging.WARNING):
+        resumed.load_state_dict(state)
+    assert "batch_size 4" in caplog.text and "restarting epoch 0 from its start" in caplog.text
+    for epoch in (0, 1):  # a full, clean epoch, and the next one
+        keys = [k for b in resumed for k in b.keys]
+        assert len(keys) == len(set(keys)) == len(resumed) * 8 == train_samples(shards) // 8 * 8
+        assert resumed.epoch == epoch + 1
+    older = {k: v for k, v in state.items() if k != "batch_size"}  # saved before the key
+    again = make_loader(shards, backend)
+    again.load_state_dict(older)
+    assert len(list(again)) == len(again)  # restarted too: the position cannot be trusted
+
+
+def test_a_manifest_entry_outside_the_shard_folder_is_refused_by_name(tmp_path, shards):
+    from shards.manifest import ManifestError
+
+    bad = damaged_copy(shards, tmp_path)
+    outside = tmp_path / "outside.tar"
+    outside.write_bytes((bad / train_shards(bad)[0]["tar"]).read_bytes())
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["tar"] = "../outside.tar"
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match=r"shard entry '\.\./outside\.tar'"):
+        make_loader(bad)

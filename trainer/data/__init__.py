@@ -118,37 +118,44 @@ class TripletLoader:
         self.epoch += 1
         self._step = 0
 
-    def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "step": self._step,
+    def _position_keys(self) -> dict:
+        """What a saved position depends on: the step counts batches of `batch_size`, the
+        DALI state holds the pipeline's batch size, and the webdataset backend replays an
+        epoch whose order follows the seed and the number of workers."""
+        keys = {
             "world_size": self.world_size,
             "rank": self.rank,
             "backend": self.backend,
             "fingerprint": self.samples.fingerprint(),
+            "batch_size": self.cfg.batch_size,
+        }
+        if self.backend == "webdataset":
+            keys.update(seed=self.seed, num_threads=self.cfg.num_threads)
+        return keys
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "step": self._step,
+            **self._position_keys(),
             "source": self._source.state() if self._source is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume where `state` was saved. The exact position only applies to the same
-        samples, world size, rank and backend; otherwise the saved epoch restarts cleanly."""
+        samples, world size, rank, backend and batch size (and, for webdataset, seed and
+        workers); otherwise the saved epoch restarts cleanly, with a log line."""
         self.epoch, self._step, self._source = state["epoch"], 0, None
         self._resume_from = None
-        same = all(
-            state[k] == v
-            for k, v in (
-                ("world_size", self.world_size),
-                ("rank", self.rank),
-                ("backend", self.backend),
-                ("fingerprint", self.samples.fingerprint()),
-            )
-        )
-        if not same:
+        # A key the state lacks (saved by an older version) counts as changed.
+        changed = {k: (state.get(k), v) for k, v in self._position_keys().items()
+                   if state.get(k) != v}
+        if changed:
             log.warning(
-                "data position saved with world size %d (backend %s) does not apply to world "
-                "size %d (backend %s) or to changed shards: restarting epoch %d from its start",
-                state["world_size"], state["backend"], self.world_size, self.backend,
-                self.epoch,
+                "data position saved with %s does not apply to this run's %s: restarting "
+                "epoch %d from its start",
+                ", ".join(f"{k} {old}" for k, (old, _) in changed.items()),
+                ", ".join(f"{k} {new}" for k, (_, new) in changed.items()), self.epoch,
             )
         else:
             self._step, self._resume_from = state["step"], state["source"]
