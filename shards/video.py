@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,11 +68,12 @@ def resized_shape(width: int, height: int, short_side: int) -> tuple[int, int]:
 @dataclass
 class VideoInfo:
     fps: float
-    width: int  # after resizing
+    width: int  # after resizing (upright, as displayed)
     height: int
-    source_width: int
+    source_width: int  # upright: the display rotation applied
     source_height: int
     declared_frames: int  # from the container; 0 when it does not say
+    rotation: int = 0  # degrees counter-clockwise turned to make the frames upright
 
 
 def open_video(path: Path) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
@@ -109,26 +111,48 @@ def decode_checked(container, stream, path: Path, declared_frames: int) -> Itera
         )
 
 
+def quarter_turns(frame, path: Path) -> int:
+    """Counter-clockwise quarter turns (`np.rot90`'s k) that make `frame` upright: the
+    rotation of its display matrix (phones record sideways and set it). Other angles raise
+    VideoError."""
+    degrees = frame.rotation
+    turns = round(degrees / 90)
+    if abs(degrees - 90 * turns) > 1:
+        raise VideoError(f"{path}: display rotation of {degrees} degrees; only multiples of "
+                         "90 are supported")
+    return turns % 4
+
+
 def decode_frames(path: Path, short_side: int) -> tuple[VideoInfo, Iterator[np.ndarray]]:
-    """Open `path` and return its info and an iterator of RGB uint8 frames [H, W, 3], resized
-    so the short side is `short_side`. Decoding errors and truncation raise VideoError."""
+    """Open `path` and return its info and an iterator of RGB uint8 frames [H, W, 3], upright
+    (the display rotation applied) and resized so the short side is `short_side`. Decoding
+    errors, truncation and a frame size that changes mid-stream (frames of two sizes would be
+    squashed into one) raise VideoError naming the file."""
     container, stream = open_video(path)
-    ctx = stream.codec_context
-    width, height = resized_shape(ctx.width, ctx.height, short_side)
     rate = stream.average_rate or stream.guessed_rate
-    info = VideoInfo(
-        fps=float(rate) if rate else 0.0,
-        width=width,
-        height=height,
-        source_width=ctx.width,
-        source_height=ctx.height,
-        declared_frames=stream.frames or 0,
-    )
+    declared = stream.frames or 0
     stream.thread_type = "AUTO"
+    decoded = decode_checked(container, stream, path, declared)
+    first = next(decoded)  # its size and rotation are the video's (VideoError if none)
+    turns = quarter_turns(first, path)
+    coded = (first.width, first.height)
+    upright = coded[::-1] if turns % 2 else coded
+    width, height = resized_shape(*upright, short_side)
+    info = VideoInfo(fps=float(rate) if rate else 0.0, width=width, height=height,
+                     source_width=upright[0], source_height=upright[1],
+                     declared_frames=declared, rotation=90 * turns)
+    stored = (height, width) if turns % 2 else (width, height)  # the resized size before turning
 
     def frames() -> Iterator[np.ndarray]:
-        for frame in decode_checked(container, stream, path, info.declared_frames):
+        for i, frame in enumerate(itertools.chain([first], decoded)):
+            if (frame.width, frame.height) != coded or quarter_turns(frame, path) != turns:
+                decoded.close()
+                raise VideoError(
+                    f"{path}: frame {i} is {frame.width}x{frame.height} turned "
+                    f"{frame.rotation} degrees, the first frame {coded[0]}x{coded[1]} turned "
+                    f"{90 * turns}: a size change mid-stream is not supported")
             # AREA interpolation averages the pixels it drops: no aliasing on downscale.
-            yield frame.reformat(width, height, format="rgb24", interpolation="AREA").to_ndarray()
+            rgb = frame.reformat(*stored, format="rgb24", interpolation="AREA").to_ndarray()
+            yield np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
     return info, frames()

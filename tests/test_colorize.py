@@ -5,23 +5,27 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from fractions import Fraction
 from pathlib import Path
 
 import av
+import cv2
 import kornia
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch import nn
-from videos import scene_video, textured_frames
+from videos import rotated_video, scene_video, size_change_video, textured_frames
 
 from models import build_generator
 from models.colour import black_lab_like
 from models.config import ModelConfig
+from shards.video import VideoError, decode_frames
 from trainer import colorize
 from trainer.colorize import Colorizer, Model, compose_grey, load_model, main, prepare
 from trainer.export import export_generator
@@ -408,3 +412,210 @@ def test_long_input_in_bounded_memory(tmp_path, grey_export):
         with av.open(str(tmp_path / f"out{n}.mp4")) as c:
             assert c.streams.video[0].frames == n
     assert peaks[600] - peaks[60] < 30, peaks
+
+
+# --- never the input, never a folder the tool did not write --------------------------------
+
+def test_output_naming_the_input_is_refused(tmp_path, grey_export, clip, capsys, monkeypatch):
+    """Any spelling of the input file (relative, `..`, symbolic or hard link), with or without
+    --overwrite; for a frames folder: the folder itself, a folder inside it or around it."""
+    src = tmp_path / "in.mp4"
+    src.write_bytes(clip.read_bytes())
+    original = src.read_bytes()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.mp4").symlink_to(src)
+    os.link(src, tmp_path / "hard.mp4")
+    monkeypatch.chdir(tmp_path)
+    for out in ("in.mp4", "sub/../in.mp4", tmp_path / "link.mp4", "hard.mp4"):
+        for flags in ((), ("--overwrite",)):
+            assert run("--model", grey_export, "--input", src, "--output", out, *flags) == 1
+            assert "is the input" in capsys.readouterr().err, (out, flags)
+            assert src.read_bytes() == original
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, rgb in enumerate(textured_frames(3, 48, 32, seed=3)):
+        Image.fromarray(rgb).save(frames / f"f{i}.png")
+    (tmp_path / "frames_link").symlink_to(frames)
+    before = sorted(p.name for p in frames.iterdir())
+    for out, says in (("frames", "is the input"), ("frames_link", "is the input"),
+                      ("frames/../frames/", "is the input"), ("frames/colour", "inside"),
+                      ("frames/colour.mp4", "inside"), (tmp_path, "contains")):
+        assert run("--model", grey_export, "--input", "frames", "--output", out,
+                   "--overwrite") == 1
+        assert says in capsys.readouterr().err, out
+        assert sorted(p.name for p in frames.iterdir()) == before
+
+
+def test_overwrite_replaces_only_a_frames_folder_it_wrote(tmp_path, grey_export, clip, capsys):
+    # A folder holding the input and an unrelated file: refused, left intact.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "in.mp4").write_bytes(clip.read_bytes())
+    (mine / "notes.txt").write_text("keep me")
+    assert run("--model", grey_export, "--input", mine / "in.mp4", "--output", mine,
+               "--overwrite") == 1
+    assert str(mine) in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert run("--model", grey_export, "--input", clip, "--output", other, "--overwrite") == 1
+    err = capsys.readouterr().err
+    assert str(other) in err and "not written by tricolor-colorize" in err
+    assert sorted(p.name for p in mine.iterdir()) == ["in.mp4", "notes.txt"]
+    assert (mine / "in.mp4").read_bytes() == clip.read_bytes()
+    assert (other / "notes.txt").read_text() == "keep me"
+    # A folder written by a previous run is replaced (24 frames, then 6).
+    out = tmp_path / "frames"
+    assert run("--model", grey_export, "--input", clip, "--output", out, "--size", 32) == 0
+    assert len(list(out.glob("frame_*.png"))) == 24 and (out / ".tricolor-frames").is_file()
+    short = write_clip(tmp_path / "short.mp4", textured_frames(6, 96, 64, seed=7), audio=False)
+    assert run("--model", grey_export, "--input", short, "--output", out, "--size", 32,
+               "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == [".tricolor-frames"] + [
+        f"frame_{i:06d}.png" for i in range(6)]
+    # ... unless something else was put in it since.
+    (out / "edit.psd").write_bytes(b"work")
+    assert run("--model", grey_export, "--input", short, "--output", out, "--size", 32,
+               "--overwrite") == 1
+    assert "edit.psd" in capsys.readouterr().err and (out / "edit.psd").exists()
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name or ".old-" in p.name]
+
+
+@pytest.mark.slow
+def test_sigterm_leaves_no_partial_file(tmp_path, grey_export):
+    """A real process, terminated while it writes its output: exit 143, a message, and
+    nothing left beside the input (neither OUT nor its hidden temporary)."""
+    src = long_clip(tmp_path / "in.mp4", 300)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.colorize", "--model", str(grey_export), "--input",
+         str(src), "--output", str(tmp_path / "out.mp4"), "--size", "240", "--preset",
+         "ultrafast"], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.name.startswith(".out.partial") and p.stat().st_size > 0
+                      for p in tmp_path.iterdir()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.returncode
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert "terminated" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["in.mp4"]
+
+
+# --- model settings that do not describe the weights ----------------------------------------
+
+HUGE_NGF = """
+import resource, sys
+import torch
+from trainer.colorize import ModelError, load_model
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    load_model(sys.argv[1], torch.device("cpu"))
+except ModelError as e:
+    print("error:", e)
+print("grew_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_huge_ngf_is_refused_before_anything_is_built(tmp_path):
+    """generator.json says ngf=2048 (a 1.2 GB generator) over the weights of ngf=4: refused
+    by comparing shapes with the weights' header; the process does not grow by 100 MB."""
+    export = tiny_export(tmp_path / "export")
+    meta = json.loads((export / "generator.json").read_text())
+    meta["model"]["ngf"] = 2048
+    (export / "generator.json").write_text(json.dumps(meta))
+    cfg = ModelConfig(mode="grey", ngf=2048, depth=2, norm="group")
+    with torch.device("meta"):  # what a real build would allocate
+        described = sum(t.numel() * 4 for t in build_generator(cfg).state_dict().values())
+    assert described > 1e9
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", HUGE_NGF, str(export)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "generator.safetensors" in proc.stdout and "ngf=2048" in proc.stdout
+    assert "[2048, 1, 3, 3]" in proc.stdout and "[4, 1, 3, 3]" in proc.stdout  # the shapes
+    grew = int(proc.stdout.split("grew_kb")[1]) * 1024
+    assert grew < 100 * 2**20, grew
+
+
+# --- video metadata: display rotation, a size change mid-stream -----------------------------
+
+def player_frames(path: Path) -> list[np.ndarray]:
+    """The frames as a player shows them: OpenCV's FFmpeg reader, which applies the display
+    rotation itself (CAP_PROP_ORIENTATION_AUTO) -- a reference independent of our code."""
+    cap = cv2.VideoCapture(str(path))
+    assert cap.get(cv2.CAP_PROP_ORIENTATION_AUTO)
+    frames = []
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        frames.append(bgr[..., ::-1])
+    cap.release()
+    return frames
+
+
+@pytest.mark.parametrize("degrees", [-90, 90, 180])
+def test_rotated_video_is_read_upright_by_colorize_and_shards(tmp_path, degrees):
+    """A phone video (frames stored sideways, a display matrix to turn them): Source and the
+    shards' decode_frames give the frames as a player shows them, with the upright size."""
+    # Portrait 48x80, a still (8 px blocks, so halving it is exact): a frame the wrong way
+    # round differs from it by about 50 levels on average, codec noise by 3-5.
+    upright = textured_frames(1, 48, 80, seed=8, tint=(1.0, 0.6, 0.3)) * 5
+    video = rotated_video(tmp_path / "phone.mp4", upright, degrees)
+    with av.open(str(video)) as c:  # stored sideways (or upside down), flagged
+        frame = next(c.decode(video=0))
+        assert frame.rotation % 360 == degrees % 360
+        assert (frame.width, frame.height) == ((80, 48) if degrees % 180 else (48, 80))
+    shown = player_frames(video)
+    assert len(shown) == 5 and shown[0].shape == (80, 48, 3)
+    source = Source(video)
+    assert (source.width, source.height) == (48, 80)
+    ours = [f.rgb for f in source.read()]
+    for a, b, truth in zip(ours, shown, upright):
+        assert a.shape == (80, 48, 3)
+        assert np.abs(a.astype(int) - b).mean() < 3  # what the player shows
+        assert np.abs(a.astype(int) - truth).mean() < 6  # the upright picture (codec noise)
+    info, frames = decode_frames(video, 24)
+    assert (info.width, info.height, info.source_width, info.source_height) == (24, 40, 48, 80)
+    assert info.rotation == degrees % 360
+    small = list(frames)
+    assert len(small) == 5
+    for a, truth in zip(small, upright):
+        expected = cv2.resize(truth, (24, 40), interpolation=cv2.INTER_AREA)
+        assert a.shape == (40, 24, 3) and np.abs(a.astype(int) - expected).mean() < 10
+
+
+def test_colorize_writes_a_rotated_video_upright(tmp_path, grey_export):
+    upright = textured_frames(6, 48, 80, seed=9, tint=(0.9, 0.9, 0.6))
+    video = rotated_video(tmp_path / "phone.mp4", upright, -90)
+    out = tmp_path / "out.mp4"
+    assert run("--model", grey_export, "--input", video, "--output", out, "--size", 32) == 0
+    with av.open(str(out)) as c:
+        frames = list(c.decode(video=0))
+    assert [(f.width, f.height, f.rotation) for f in frames] == [(48, 80, 0)] * 6
+    coloured = [f.to_ndarray(format="rgb24") for f in frames]
+    assert psnr(luminance(coloured), luminance(upright)) > 30  # the picture, the right way up
+
+
+def test_a_size_change_mid_stream_is_an_error_naming_file_and_frame(tmp_path, grey_export,
+                                                                     capsys):
+    video = size_change_video(tmp_path / "change.ts", [(5, 64, 48), (5, 96, 64)])
+    with av.open(str(video)) as c:  # the real thing: one stream, frames of two sizes
+        assert {(f.width, f.height) for f in c.decode(video=0)} == {(64, 48), (96, 64)}
+    info, frames = decode_frames(video, 32)
+    assert (info.source_width, info.source_height) == (64, 48)
+    with pytest.raises(VideoError, match=r"change\.ts: frame 5 is 96x64"):
+        for _ in frames:
+            pass
+    with pytest.raises(VideoError, match=r"change\.ts: frame 5 is 96x64"):
+        list(Source(video).read())
+    out = tmp_path / "out.mp4"
+    assert run("--model", grey_export, "--input", video, "--output", out, "--size", 32) == 1
+    assert f"{video}: frame 5" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["change.ts"]

@@ -58,3 +58,45 @@ def decode_all(path: Path, width: int, height: int) -> np.ndarray:
                 for f in container.decode(video=0)
             ]
         )
+
+
+def rotated_video(path: Path, upright: list[np.ndarray], degrees: int, fps: int = 25) -> Path:
+    """A video as a phone records it: the frames stored turned (clockwise by `degrees`) and a
+    display matrix that tells players to turn them back (`degrees` counter-clockwise), so
+    what a player shows is `upright`."""
+    stored = [np.ascontiguousarray(np.rot90(f, -(degrees // 90))) for f in upright]
+    height, width = stored[0].shape[:2]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": "12", "preset": "ultrafast"}
+        stream.set_display_rotation(degrees)  # before the first frame is encoded
+        for rgb in stored:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def size_change_video(path: Path, segments: list[tuple[int, int, int]]) -> Path:
+    """One MPEG-TS video whose frame size changes mid-stream: H.264 segments of
+    (frames, width, height), each encoded on its own and concatenated byte for byte (as
+    FFmpeg's concat protocol joins transport streams); the decoder meets a new SPS with
+    the new size at each join."""
+    data = b""
+    for i, (n, width, height) in enumerate(segments):
+        part = path.with_name(f"{path.stem}.part{i}.ts")
+        with av.open(str(part), "w", format="mpegts") as container:
+            stream = container.add_stream("libx264", rate=25)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.options = {"crf": "12", "preset": "ultrafast"}
+            for rgb in textured_frames(n, width, height, seed=10 + i):
+                for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        data += part.read_bytes()
+        part.unlink()
+    path.write_bytes(data)
+    return path

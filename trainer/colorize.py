@@ -4,13 +4,17 @@
         [--device auto|cpu|cuda] [--batch-size N] [--side-by-side] [--lineart]
         [--size S] [--scene-threshold T] [--fps F] [--crf Q] [--preset P] [--overwrite]
 
-IN is a video file or a folder of frames (sorted by name, `--fps` for their rate). OUT is a
-video (.mp4 .mkv .mov .m4v .avi: H.264 at `--crf`, default 16, with the input's frame rate,
-size, frame count, timestamps and chroma subsampling (4:2:0 unless the input is 4:2:2 or
-4:4:4), its audio stream copied packet for packet) or a folder of PNG frames (any other
-path without a suffix). An existing OUT is replaced only with `--overwrite`; OUT is written
-under a temporary name beside it and renamed when complete. Each frame is colored as the
-model was trained:
+IN is a video file or a folder of frames (sorted by name, `--fps` for their rate). A video's
+frames are taken upright: its display rotation (phones record sideways and set one) is
+applied, and the output is upright, without a rotation. OUT is a video (.mp4 .mkv .mov .m4v
+.avi: H.264 at `--crf`, default 16, with the input's frame rate, upright size, frame count,
+timestamps and chroma subsampling (4:2:0 unless the input is 4:2:2 or 4:4:4), its audio
+stream copied packet for packet) or a folder of PNG frames (any other path without a
+suffix), marked as this tool's by a `.tricolor-frames` file. An existing OUT is replaced
+only with `--overwrite`, and only if it is a video file or a frames folder this tool wrote
+(its marker and nothing but its frames); OUT is never the input. OUT is written under a
+temporary name beside it and renamed when complete. Each frame is colored as the model was
+trained:
 
 - Working resolution: the frame is resized (area averaging, as the shards were made) so
   that its short side is S -- by default the short side of the frames the model was
@@ -37,8 +41,13 @@ model was trained:
   batch size + 2 frames; line-art mode is recurrent, one frame at a time (its batch is 1).
 
 Errors (exit status 1, a message naming the file): an unreadable, empty or truncated input,
-a model folder without an export or whose weights do not match its settings, an output
-that cannot be written. Ctrl-C exits 130. Neither leaves anything under OUT's name.
+or one whose frame size changes mid-stream; a model folder without an export, or whose
+settings (`generator.json`) do not describe its weights (checked against the weights file's
+header before the network is built, so absurd settings allocate nothing); an output that
+cannot be written, that is the input in any spelling (relative, `..`, a symbolic or hard
+link), contains it or lies inside an input folder, or that exists and may not be replaced
+(above). Ctrl-C exits 130, SIGTERM 143. None of these leaves anything under OUT's name or a
+temporary one, and an existing OUT is untouched.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ import argparse
 import copy
 import functools
 import json
+import signal
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -403,7 +413,7 @@ def resolve_size(model: Model, width: int, height: int, size: int | None) -> tup
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output(args.output, args.overwrite)
+    check_output(args.output, args.overwrite, args.input)
     device = pick_device(args.device)
     model = load_model(args.model, device)
     if args.lineart and model.mode != "lineart":
@@ -444,8 +454,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's or `kill`'s stop): unwinds like Ctrl-C, so the sink is aborted
+    and nothing is left under OUT's name or a temporary one."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: let the cleanup finish
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return run(args)
     except (ModelError, VideoError, OutputError) as e:
@@ -454,6 +475,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tricolor-colorize: interrupted; no output written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("tricolor-colorize: terminated (SIGTERM); no output written", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,13 @@ method) with the ground truth's as the floor, and the excess over it; colourfuln
 (Hasler & Süsstrunk, mean over frames) and |ΔM| to the ground truth; mean CIEDE2000. Overall:
 the mean over videos of the per-video values. Frames are streamed: a video of any length is
 scored in constant memory (`--max-frames` scores only the first N frames).
+
+A greyscale video (every scored frame grey) has no colour to score against: it is reported
+with a warning and `"greyscale": true`, its zero-chroma baseline (the truth itself) left
+blank, and it is left out of the overall means. A video that fails midway (damaged, a frame
+size that changes) is named under `failures`; the others are still scored, the table and
+the JSON written, and the exit status is 1. A `--json` that names a folder, one of the
+videos or an unwritable place fails before any scoring.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from trainer.colorize import (
     Model,
     ModelError,
     compose_grey,
+    is_greyscale,
     load_model,
     pick_device,
     prepare,
@@ -96,7 +104,7 @@ def score_video(path: Path, model: Model, per_frame: Model, device: torch.device
     items = Colorizer(model, args.batch_size)(items, "model")
     items = Colorizer(per_frame, args.batch_size)(items, "per_frame")
     scores = VideoScores(list(METHODS))
-    scenes = 0
+    scenes, greyscale = 0, True
     zero_ab = torch.zeros(2, 1, 1, device=device)
     for item in tqdm(items, total=total or None, unit="frame", desc=path.name,
                      file=sys.stderr, dynamic_ncols=True):
@@ -107,14 +115,26 @@ def score_video(path: Path, model: Model, per_frame: Model, device: torch.device
                  "zero_chroma": to_tensor(compose_grey(item.rgb, zero_ab))}
         scores.update(truth, grey, preds)
         scenes = item.scene + 1
+        greyscale = greyscale and is_greyscale(item.rgb)
+    methods = scores.compute()
+    if greyscale:
+        # The truth has no colour: the zero-chroma baseline is the truth itself (100 dB),
+        # and no score says how well colour is predicted. Marked, not averaged.
+        print(f"tricolor-eval: warning: {path}: greyscale video (every scored frame): it has "
+              "no colour to score against; reported but left out of the overall means",
+              file=sys.stderr)
+        methods["zero_chroma"] = {k: float("nan") for k in methods["zero_chroma"]}
     return {"path": str(path), "frames": scores.frames, "size": [source.width, source.height],
             "fps": float(source.fps), "working_size": list(size), "working_size_from": why,
-            "scenes": scenes, "methods": scores.compute()}
+            "scenes": scenes, "greyscale": greyscale, "methods": methods}
 
 
-def overall(videos: list[dict]) -> dict[str, dict[str, float]]:
-    """The mean over videos of each per-video value (NaN values, e.g. the warp error of a
-    video without a valid frame pair, are left out)."""
+def overall(videos: list[dict]) -> dict[str, dict[str, float]] | None:
+    """The mean over the colour videos of each per-video value (NaN values, e.g. the warp
+    error of a video without a valid frame pair, are left out); None without any."""
+    videos = [v for v in videos if not v["greyscale"]]
+    if not videos:
+        return None
     out = {}
     for method in METHODS:
         keys = videos[0]["methods"][method].keys()
@@ -141,10 +161,16 @@ def table(report: dict) -> str:
 
     for v in report["videos"]:
         w, h = v["size"]
-        rows(f"{Path(v['path']).name} ({v['frames']} frames, {w}x{h}, {v['scenes']} scenes)",
-             v["methods"])
-    n = len(report["videos"])
-    rows(f"overall ({n} video{'s' if n != 1 else ''})", report["overall"])
+        grey = "; GREYSCALE: no colour to score, not in overall" if v["greyscale"] else ""
+        rows(f"{Path(v['path']).name} ({v['frames']} frames, {w}x{h}, {v['scenes']} scenes"
+             f"{grey})", v["methods"])
+    n = sum(not v["greyscale"] for v in report["videos"])
+    if report["overall"] is None:
+        lines.append("overall: no colour video scored")
+    else:
+        rows(f"overall ({n} video{'s' if n != 1 else ''})", report["overall"])
+    for failure in report["failures"]:
+        lines.append(f"FAILED {failure['path']}: {failure['error']}")
     lines.append("PSNR (dB) and SSIM: higher is better. CDC, warp error and excess (all x 1e-3; "
                  "floor: the ground truth's own), |dM| (colourfulness difference) and dE00 "
                  "(mean CIEDE2000): lower is better.")
@@ -182,16 +208,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def check_json(path: Path, videos: list[Path]) -> None:
+    """Fail before any scoring when the report could not be written to `path`, or would
+    replace one of the videos."""
+    parent = path.absolute().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: the folder {parent} does not exist or is not writable")
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; --json names the report file to write")
+    if path.exists() and any(os.path.samefile(path, video) for video in videos):
+        raise OutputError(f"{path}: is one of the videos; --json names the report file")
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.json is not None:
-        parent = args.json.absolute().parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            raise OutputError(f"{args.json}: the folder {parent} does not exist or is not "
-                              "writable")
     try:
         paths = find_videos(args.videos)
     except FileNotFoundError as e:
         raise VideoError(str(e)) from e
+    if args.json is not None:
+        check_json(args.json, paths)
     if not paths:
         raise VideoError(f"no videos in {' '.join(args.videos)}")
     for path in paths:  # every input readable before the long work starts
@@ -201,13 +236,24 @@ def run(args: argparse.Namespace) -> int:
     per_frame = model.with_temporal(False)
     print(f"model: {model.export_dir} ({model.mode} mode, step {model.step}) on {device}",
           file=sys.stderr)
-    videos = [score_video(path, model, per_frame, device, args) for path in paths]
+    videos, failures = [], []
+    for path in paths:
+        try:
+            videos.append(score_video(path, model, per_frame, device, args))
+        except VideoError as e:  # e.g. damaged midway: the others are still scored
+            print(f"tricolor-eval: error: {e}; scoring the other videos", file=sys.stderr)
+            failures.append({"path": str(path), "error": str(e)})
     report = {"model": str(model.export_dir), "mode": model.mode, "step": model.step,
-              "conventions": CONVENTIONS, "videos": videos, "overall": overall(videos)}
+              "conventions": CONVENTIONS, "videos": videos, "overall": overall(videos),
+              "failures": failures}
     print(table(report))
     if args.json is not None:
         write_json_atomic(args.json, json_safe(report))
         print(f"wrote {args.json}", file=sys.stderr)
+    if failures:
+        print(f"tricolor-eval: error: {len(failures)} of {len(paths)} videos failed: "
+              f"{', '.join(f['path'] for f in failures)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -11,7 +11,9 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -37,10 +39,42 @@ def export_generator(G: nn.Module, model_cfg, out_dir: Path, step: int) -> None:
 
 
 def load_generator(export_dir: Path) -> tuple[nn.Module, dict]:
+    """The exported G and its settings. The settings are checked against the weights' shapes
+    before G is built, so a `generator.json` that does not describe its weights (e.g. a huge
+    `ngf`) is refused with a ValueError without allocating anything."""
     meta = json.loads((export_dir / "generator.json").read_text())
     if meta.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{export_dir / 'generator.json'}: not a {EXPORT_FORMAT} export")
     cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), meta["model"])
+    weights = export_dir / "generator.safetensors"
+    check_shapes(cfg, weights)
     G = build_generator(cfg)
-    G.load_state_dict(load_file(str(export_dir / "generator.safetensors")))
+    G.load_state_dict(load_file(str(weights)))
     return G.eval(), meta
+
+
+def check_shapes(cfg, weights: Path) -> None:
+    """ValueError unless the tensors G built from `cfg` would have are exactly those in
+    `weights` (names and shapes). Both sides cost no memory: G is built on the meta device
+    (shapes only) and safetensors reads only the file's header."""
+    settings = ", ".join(f"{k}={getattr(cfg[k], 'value', cfg[k])}"
+                         for k in ("mode", "ngf", "depth", "norm"))
+    try:
+        with torch.device("meta"):
+            G = build_generator(cfg)
+    except (TypeError, OverflowError, RuntimeError) as e:  # e.g. sizes beyond int64
+        raise ValueError(f"the settings ({settings}) cannot build a generator: "
+                         f"{str(e).splitlines()[0]}") from e
+    expected = {k: tuple(v.shape) for k, v in G.state_dict().items()}
+    with safe_open(str(weights), framework="pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if stored == expected:
+        return
+    missing, extra = [k for k in expected if k not in stored], sorted(stored.keys() - expected)
+    if missing or extra:
+        raise ValueError(f"the settings ({settings}) do not describe these weights: "
+                         f"{len(missing)} tensors missing (e.g. {missing[:1]}), "
+                         f"{len(extra)} unexpected (e.g. {extra[:1]})")
+    key = next(k for k in expected if expected[k] != stored[k])  # the first, in G's order
+    raise ValueError(f"the settings ({settings}) do not describe these weights: {key} "
+                     f"would be {list(expected[key])}, the file holds {list(stored[key])}")

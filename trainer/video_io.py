@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from shards.atomic import publish
-from shards.video import VideoError, decode_checked, open_video
+from shards.video import VideoError, decode_checked, open_video, quarter_turns
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 # Output containers that take H.264 (and, usually, the input's audio codec as it is).
@@ -38,6 +38,12 @@ DEFAULT_CRF = 16  # x264 constant rate factor: 0 lossless, 18 "visually lossless
 DEFAULT_PRESET = "medium"  # x264 speed / compression trade-off: ultrafast ... veryslow
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
                 "slower", "veryslow")
+
+
+# Every frames folder this tool writes holds this file: `--overwrite` replaces only a folder
+# that has it and nothing but its frames (FRAME_NAME).
+FRAMES_MARKER = ".tricolor-frames"
+FRAME_NAME = re.compile(r"frame_\d{6,}\.png")
 
 
 class OutputError(Exception):
@@ -85,17 +91,21 @@ class Source:
         container, stream = open_video(self.path)  # VideoError naming the file
         try:
             ctx = stream.codec_context
-            if not ctx.width or not ctx.height:
-                raise VideoError(f"{self.path}: the video stream has no frame size")
-            self.width, self.height = ctx.width, ctx.height
             rate = stream.average_rate or stream.guessed_rate
             self.fps = Fraction(rate) if rate else Fraction(fps).limit_denominator(1001)
             self.time_base = Fraction(stream.time_base) if stream.time_base else None
             self.frames = stream.frames or 0
             self.audio = bool(container.streams.audio)
             self.pix_fmt = ctx.format.name if ctx.format else None
+            # The first frame gives the size and the display rotation (phones record
+            # sideways and set it): width and height are the upright frame's.
+            first = next(decode_checked(container, stream, self.path, 0))
+            turns = quarter_turns(first, self.path)
         finally:
             container.close()
+        self.width, self.height = first.width, first.height
+        if turns % 2:
+            self.width, self.height = self.height, self.width
 
     def _read_image(self, path: Path) -> np.ndarray:
         try:
@@ -105,7 +115,7 @@ class Source:
             raise VideoError(f"{path}: not a readable image ({e})") from e
 
     def read(self) -> Iterator[Frame]:
-        """The frames in order; a decoding error, a frame of another size or a container
+        """The frames in order, upright; a decoding error, a frame of another size or a container
         that declares more frames than it holds raise VideoError naming the file."""
         if self.images:
             for path in self.images:
@@ -118,10 +128,14 @@ class Source:
         container, stream = open_video(self.path)
         stream.thread_type = "AUTO"
         for i, frame in enumerate(decode_checked(container, stream, self.path, self.frames)):
-            if (frame.width, frame.height) != (self.width, self.height):
-                raise VideoError(f"{self.path}: frame {i} is {frame.width}x{frame.height}, "
-                                 f"not {self.width}x{self.height}")
-            yield Frame(frame.to_ndarray(format="rgb24"), frame.pts)
+            rgb = frame.to_ndarray(format="rgb24")
+            turns = quarter_turns(frame, self.path)
+            if turns:  # upright, as players show it; the output carries no rotation
+                rgb = np.ascontiguousarray(np.rot90(rgb, turns))
+            if rgb.shape[:2] != (self.height, self.width):
+                raise VideoError(f"{self.path}: frame {i} is {rgb.shape[1]}x{rgb.shape[0]} "
+                                 f"upright, not {self.width}x{self.height}")
+            yield Frame(rgb, frame.pts)
 
 
 def output_kind(path: Path) -> str:
@@ -135,16 +149,63 @@ def output_kind(path: Path) -> str:
                       f"({', '.join(sorted(VIDEO_OUT_SUFFIXES))}) or a folder for PNG frames")
 
 
-def check_output(path: Path, overwrite: bool) -> None:
-    """Fail early, before any work, when `path` cannot be written."""
-    output_kind(path)
+def check_output(path: Path, overwrite: bool, source: Path | None = None) -> None:
+    """Fail early, before any work, when `path` cannot be written: its folder is missing or
+    read-only, it is the input `source` (or a folder inside or around it), or it exists and
+    may not be replaced (see `check_replaceable`)."""
+    kind = output_kind(path)
     parent = path.absolute().parent
     if not parent.is_dir():
         raise OutputError(f"{path}: the folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{path}: the folder {parent} is not writable")
-    if path.exists() and not overwrite and not (path.is_dir() and not any(path.iterdir())):
-        raise OutputError(f"{path}: exists; pass --overwrite to replace it")
+    if source is not None:
+        check_not_input(path, source)
+    if path.exists() or path.is_symlink():
+        if not overwrite and not (path.is_dir() and not any(path.iterdir())):
+            raise OutputError(f"{path}: exists; pass --overwrite to replace it")
+        check_replaceable(path, kind)
+
+
+def check_not_input(path: Path, source: Path) -> None:
+    """OutputError when the output `path` names the input `source` in any spelling (relative,
+    `..`, a symbolic or hard link), contains it, or lies inside an input folder."""
+    try:
+        out, src = path.resolve(), source.resolve()
+    except (OSError, RuntimeError) as e:  # e.g. a symbolic link loop
+        raise OutputError(f"{path}: cannot tell whether it is the input {source} ({e})") from e
+    if out == src or path.exists() and source.exists() and os.path.samefile(path, source):
+        raise OutputError(f"{path}: is the input {source}; name another output")
+    if out in src.parents:
+        raise OutputError(f"{path}: contains the input {source}; name another output")
+    if source.is_dir() and src in out.parents:
+        raise OutputError(f"{path}: lies inside the input folder {source}; name another "
+                          "output")
+
+
+def check_replaceable(path: Path, kind: str) -> None:
+    """OutputError unless `--overwrite` may replace the existing `path`: for a video, a
+    file (not a folder); for frames, an empty folder or one this tool wrote (its marker
+    file, FRAMES_MARKER, and nothing but its frames), never a folder that holds anything
+    else: the tool removes only what it made."""
+    if kind == "video":
+        if path.is_dir():
+            raise OutputError(f"{path}: is a folder; not replaced by a video")
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise OutputError(f"{path}: not a folder of frames written by tricolor-colorize; "
+                          "not replaced (name another output)")
+    names = os.listdir(path)
+    if not names:
+        return
+    if FRAMES_MARKER not in names:
+        raise OutputError(f"{path}: not replaced: it was not written by tricolor-colorize (no "
+                          f"{FRAMES_MARKER} marker); name another output or remove it yourself")
+    others = sorted(n for n in names if n != FRAMES_MARKER and not (
+        FRAME_NAME.fullmatch(n) and (path / n).is_file() and not (path / n).is_symlink()))
+    if others:
+        raise OutputError(f"{path}: not replaced: it holds files that are not its frames (e.g. "
+                          f"{others[0]!r}); name another output or remove them yourself")
 
 
 def _temp_name(path: Path) -> Path:
@@ -154,14 +215,17 @@ def _temp_name(path: Path) -> Path:
 
 
 class FrameFolderSink:
-    """PNG frames `frame_000000.png`, ... in a folder that appears only when complete."""
+    """PNG frames `frame_000000.png`, ... and the FRAMES_MARKER file, in a folder that
+    appears only when complete."""
 
     def __init__(self, path: Path, overwrite: bool):
         self.path, self.overwrite = Path(path), overwrite
         self.tmp = _temp_name(self.path)
         try:
             self.tmp.mkdir()
+            (self.tmp / FRAMES_MARKER).write_text("frames written by tricolor-colorize\n")
         except OSError as e:
+            self.abort()
             raise OutputError(f"{self.path}: cannot write here ({e})") from e
         self.count = 0
 
@@ -171,12 +235,14 @@ class FrameFolderSink:
 
     def commit(self) -> None:
         old = None
-        if self.path.exists():  # check_output allowed it: empty, or --overwrite
+        if self.path.exists() or self.path.is_symlink():
+            # Checked again: the folder may have changed since the run started.
+            check_output(self.path, self.overwrite)
             old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
             os.replace(self.path, old)
         os.replace(self.tmp, self.path)
         if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            shutil.rmtree(old)  # an empty folder or our own frames (check_replaceable)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
