@@ -375,3 +375,71 @@ def test_a_full_disk_during_a_save_says_so(tmp_path):
         result.stdout + result.stderr[-3000:]
     left = result.stdout.split("LEFT", 1)[1]
     assert ".tmp" not in left and "step_000001" in left
+
+
+def agreement_rank(rank: int, world: int, port: int, root: Path) -> None:
+    """One of 2 gloo ranks (torch.multiprocessing): a save failing on rank 1 only, then a
+    checkpoint damaged for rank 1 only. Writes what this rank saw to root/rank<r>.json."""
+    import json
+    import resource
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    cfg, gan = tiny_gan()
+    ckpts = Checkpointer(root / "run")
+    seen = {}
+    big = bytes(3_000_000)  # rank 1's DALI state: over its file size limit below
+    save_tiny(ckpts, 1, gan, cfg, big)
+    save_tiny(ckpts, 2, gan, cfg, big)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if rank == 1:  # its DCP shard (~0.6 MB) fits, its rank1.safetensors does not
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, hard))
+    try:
+        save_tiny(ckpts, 3, gan, cfg, big)
+        seen["save"] = "saved"
+    except CheckpointError as e:
+        seen["save"] = str(e)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    dist.barrier()
+    if rank == 0:  # damage for rank 1 only, and a latest that is not UTF-8
+        damaged = ckpts.dir / "step_000002" / "rank1.safetensors"
+        damaged.write_bytes(damaged.read_bytes()[:1000])
+        (ckpts.dir / "latest").write_bytes(b"\xff\xfe")
+        seen["tmp_left"] = sorted(p.name for p in ckpts.dir.glob("*.tmp"))
+    dist.barrier()
+    path, (state, position, _) = ckpts.restore(gan, cfg.model)
+    seen["resumed"] = [path.name, state["step"], position["step"]]
+    try:
+        ckpts.load(ckpts.dir / "step_000002", gan, cfg.model)
+        seen["explicit"] = "loaded"
+    except CheckpointError as e:
+        seen["explicit"] = str(e)
+    (root / f"rank{rank}.json").write_text(json.dumps(seen))
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_a_failed_save_and_a_checkpoint_damaged_for_one_rank(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+    from launching import free_port
+
+    context = mp.start_processes(agreement_rank, args=(2, free_port(), tmp_path), nprocs=2,
+                                 join=False, start_method="spawn")
+    deadline = time.time() + 180
+    while not context.join(timeout=5):
+        if time.time() > deadline:  # a split decision leaves one rank in a collective
+            for p in context.processes:
+                p.kill()
+            pytest.fail("the ranks hung")
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert seen[0]["save"] == seen[1]["save"]
+    assert seen[0]["save"].startswith("checkpoint not saved: File too large writing")
+    assert "step_000003.tmp" in seen[0]["save"] and seen[0]["tmp_left"] == []
+    assert seen[0]["resumed"] == seen[1]["resumed"] == ["step_000001", 1, 1]
+    assert seen[0]["explicit"] == seen[1]["explicit"]
+    assert "step_000002/rank1.safetensors: unreadable" in seen[0]["explicit"]

@@ -96,9 +96,9 @@ def _raise_agreed(failure: tuple[str, str] | None) -> None:
 
 
 def _write_failure(e: BaseException, where: Path) -> str:
-    """One line for a failed write: the OS error and its file when there is one. torch's zip
-    writer reports a short write on a full disk only as "unexpected pos A vs B", and
-    safetensors as a SafetensorError: the free space of the device tells that case."""
+    """One line for a failed write: the OS error and its file when there is one. safetensors
+    reports it inside a SafetensorError ("os error 28"); torch's zip writer reports a short
+    write on a full disk only as "unexpected pos A vs B": the free space tells that case."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
@@ -109,7 +109,10 @@ def _write_failure(e: BaseException, where: Path) -> str:
         full = shutil.disk_usage(where if where.exists() else where.parent).free < 1 << 20
     except OSError:
         full = False
-    if full or "os error 28" in lines[-1]:
+    errno = re.search(r"os error (\d+)", lines[-1])  # safetensors' wording
+    if errno:
+        return f"{os.strerror(int(errno.group(1)))} writing {where}"
+    if full:
         return f"No space left on device writing {where} ({lines[-1][:200]})"
     return f"cannot write {where} ({lines[-1][:200]})"
 
