@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from test_colorize import decode, tiny_export, write_clip
-from videos import scene_video, textured_frames
+from videos import scene_video, size_change_video, textured_frames
 
 from trainer.evaluate import METHODS, main
 
@@ -111,3 +111,55 @@ def test_bad_inputs(tmp_path, grey_export, videos, capsys):
     nowhere = tmp_path / "no" / "dir" / "r.json"
     assert run("--model", grey_export, "--videos", videos[0], "--json", nowhere) == 1
     assert str(nowhere) in capsys.readouterr().err
+
+
+def test_a_json_that_cannot_be_written_fails_before_any_scoring(tmp_path, grey_export,
+                                                                 videos, capsys):
+    for target, says in ((tmp_path, "is a folder"), (videos[0], "is one of the videos")):
+        before = videos[0].read_bytes()
+        assert run("--model", grey_export, "--videos", *videos, "--json", target) == 1
+        captured = capsys.readouterr()
+        assert str(target) in captured.err and says in captured.err
+        assert "model:" not in captured.err and captured.out == ""  # nothing was scored
+        assert videos[0].read_bytes() == before
+
+
+def test_a_failing_video_is_named_and_the_others_are_kept(tmp_path, grey_export, videos,
+                                                          capsys):
+    """A video that breaks midway (its frame size changes at frame 5) is reported by name;
+    the videos before and after it are scored, printed and written; exit status 1."""
+    broken = size_change_video(tmp_path / "change.ts", [(5, 64, 48), (5, 96, 64)])
+    out = tmp_path / "r.json"
+    assert run("--model", grey_export, "--videos", videos[0], broken, videos[1], "--json", out,
+               "--max-frames", 8, "--size", 32) == 1
+    captured = capsys.readouterr()
+    assert f"{broken}: frame 5 is 96x64" in captured.err
+    assert f"FAILED {broken}" in captured.out and "overall (2 videos)" in captured.out
+    report = json.loads(out.read_text())
+    assert [v["path"] for v in report["videos"]] == [str(videos[0]), str(videos[1])]
+    assert [f["path"] for f in report["failures"]] == [str(broken)]
+    assert "frame 5" in report["failures"][0]["error"]
+    assert report["overall"]["model"]["psnr"] == pytest.approx(
+        np.mean([v["methods"]["model"]["psnr"] for v in report["videos"]]))
+
+
+def test_a_greyscale_video_is_marked_and_left_out_of_overall(tmp_path, grey_export, videos,
+                                                             capsys):
+    frames = textured_frames(8, 64, 48, seed=11)
+    grey = write_clip(tmp_path / "grey.mp4", [np.repeat(f.mean(axis=-1, keepdims=True), 3, -1)
+                                              .astype(np.uint8) for f in frames], audio=False)
+    out = tmp_path / "r.json"
+    assert run("--model", grey_export, "--videos", grey, videos[0], "--json", out,
+               "--max-frames", 8, "--size", 32) == 0
+    captured = capsys.readouterr()
+    assert "warning" in captured.err and f"{grey}: greyscale video" in captured.err
+    assert "GREYSCALE" in captured.out and "overall (1 video)" in captured.out
+    report = json.loads(out.read_text())
+    grey_v, colour_v = report["videos"]
+    assert (grey_v["greyscale"], colour_v["greyscale"]) == (True, False)
+    # The zero-chroma "baseline" of a greyscale truth is the truth itself: blank, not 100 dB.
+    assert all(x is None for x in grey_v["methods"]["zero_chroma"].values())
+    assert math.isfinite(grey_v["methods"]["model"]["psnr"])
+    assert colour_v["methods"]["zero_chroma"]["psnr"] < 100
+    for method in METHODS:  # overall: the colour video alone
+        assert report["overall"][method] == pytest.approx(colour_v["methods"][method])
