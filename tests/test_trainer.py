@@ -305,3 +305,30 @@ def test_a_live_holder_is_refused_and_a_killed_one_taken_over(damaged_val, finis
     assert f"taking over the lock of host {socket.gethostname()} pid {holder.pid}" in err
     assert "its process is gone" in err
     assert (run / "COMPLETE").is_file() and not (run / "LOCK").exists()  # released at the end
+
+
+@pytest.mark.slow
+def test_refusals_on_two_ranks_are_one_line_and_every_rank_exits(damaged_val, finished,
+                                                                 tmp_path):
+    """The main process's decisions (run lock, data) reach every rank: no rank trains on or
+    waits alone, and the error is said once, not as a traceback per rank."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE,
+                              text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        locked = launch("trainer/main.py", *run_args(damaged_val, tmp_path), timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert locked.returncode != 0
+    assert locked.stderr.count("run directory error:") == 1, locked.stderr[-3000:]
+    assert f"pid {holder.pid} " in locked.stderr and "Traceback" not in locked.stdout
+
+    no_data = launch("trainer/main.py", *run_args(damaged_val, tmp_path, "data.crop_size=128"),
+                     timeout=300)
+    assert no_data.returncode != 0
+    assert no_data.stderr.count("data error:") == 1, no_data.stderr[-3000:]
+    assert "smaller than data.crop_size" in no_data.stderr
+    assert "NoSamplesError" not in no_data.stderr  # no traceback from any rank
