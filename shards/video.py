@@ -148,9 +148,9 @@ def decode_frames(path: Path, short_side: int) -> tuple[VideoInfo, Iterator[np.n
             if (frame.width, frame.height) != coded or quarter_turns(frame, path) != turns:
                 decoded.close()
                 raise VideoError(
-                    f"{path}: frame {i} is {frame.width}x{frame.height} turned "
-                    f"{frame.rotation} degrees, the first frame {coded[0]}x{coded[1]} turned "
-                    f"{90 * turns}: a size change mid-stream is not supported")
+                    f"{path}: frame {i} is {frame.width}x{frame.height} (display rotation "
+                    f"{frame.rotation}), the first frame {coded[0]}x{coded[1]} (rotation "
+                    f"{first.rotation}): a frame size that changes mid-stream is not supported")
             # AREA interpolation averages the pixels it drops: no aliasing on downscale.
             rgb = frame.reformat(*stored, format="rgb24", interpolation="AREA").to_ndarray()
             yield np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -25,6 +26,7 @@ from videos import rotated_video, scene_video, size_change_video, textured_frame
 from models import build_generator
 from models.colour import black_lab_like
 from models.config import ModelConfig
+from shards.cli import main as shards_main
 from shards.video import VideoError, decode_frames
 from trainer import colorize
 from trainer.colorize import Colorizer, Model, compose_grey, load_model, main, prepare
@@ -619,3 +621,28 @@ def test_a_size_change_mid_stream_is_an_error_naming_file_and_frame(tmp_path, gr
     assert run("--model", grey_export, "--input", video, "--output", out, "--size", 32) == 1
     assert f"{video}: frame 5" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["change.ts"]
+
+
+def test_shards_build_stores_phone_video_upright_and_skips_a_size_change(tmp_path):
+    """`tricolor-shards build` (the same decode_frames): the rotated video's frames and
+    sizes are upright; the video whose size changes is skipped with the reason, by name."""
+    upright = textured_frames(1, 48, 80, seed=8, tint=(1.0, 0.6, 0.3)) * 8
+    phone = rotated_video(tmp_path / "phone.mp4", upright, -90)
+    change = size_change_video(tmp_path / "change.ts", [(6, 64, 48), (6, 96, 64)])
+    out = tmp_path / "shards"
+    assert shards_main(["build", str(phone), str(change), "--out", str(out), "--val-fraction",
+                        "0", "--short-side", "24"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    (source,) = manifest["sources"]
+    assert source["path"] == str(phone)
+    assert (source["size"], source["source_size"]) == ([24, 40], [48, 80])
+    (skipped,) = manifest["skipped"]
+    assert skipped["path"] == str(change) and f"{change}: frame 6 is 96x64" in skipped["reason"]
+    expected = cv2.resize(upright[0], (24, 40), interpolation=cv2.INTER_AREA).astype(int)
+    tars = [out / s["tar"] for s in manifest["splits"]["train"]["shards"]]
+    with tarfile.open(tars[0]) as tar:
+        jpegs = [m for m in tar if m.name.endswith(".jpg")]
+        assert jpegs
+        for member in jpegs:
+            rgb = np.asarray(Image.open(tar.extractfile(member)).convert("RGB"))
+            assert rgb.shape == (40, 24, 3) and np.abs(rgb - expected).mean() < 10, member.name
