@@ -27,7 +27,18 @@ def publish(partial: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
-def write_json_atomic(path: Path, obj: object) -> None:
+def write_json_partial(path: Path, obj: object) -> Path:
+    """Write `obj` to `<path>.partial`, flushed to disk, and return that path: the caller
+    publishes it with `os.replace` when it chooses (see `shards.build.build`)."""
     partial = path.with_name(path.name + PARTIAL_SUFFIX)
-    partial.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    publish(partial, path)
+    with open(partial, "w") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return partial
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    partial = write_json_partial(path, obj)
+    os.replace(partial, path)
+    fsync_dir(path.parent)

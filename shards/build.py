@@ -11,6 +11,13 @@ in memory:
 
 Every file is written under a `.partial` name and renamed when complete; the manifest is
 written last, so a directory with a manifest is always whole.
+
+Rebuilding (`--overwrite`) never takes the old data set apart before the new one is whole:
+each build names its shards with its own build id (`train-<id>-000000.tar`), writes them
+beside the old ones, publishes its manifest with one atomic rename, and only then deletes
+the files the old manifest(s) listed. A crash, Ctrl-C or full disk at any point leaves the
+old or the new data set whole. Files this tool did not write (no manifest lists them and
+they do not carry its names) are never removed.
 """
 
 from __future__ import annotations
@@ -18,8 +25,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import random
 import re
+import secrets
 import shutil
 import sys
 import zlib
@@ -32,14 +41,30 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from shards.atomic import PARTIAL_SUFFIX, write_json_atomic
-from shards.manifest import FORMAT, MANIFEST, manifest_name, tricolor_version
+from shards.atomic import PARTIAL_SUFFIX, fsync_dir, write_json_partial
+from shards.manifest import (
+    FORMAT,
+    MANIFEST,
+    SLICE_MANIFEST,
+    ManifestError,
+    load_manifest,
+    manifest_name,
+    tool_file_slice,
+    tricolor_version,
+)
 from shards.scenes import SceneCuts
 from shards.tario import ShardWriter
 from shards.video import VideoError, VideoInfo, decode_frames
 
 SPLITS = ("train", "val")
 MEMBERS = ("prev.jpg", "cur.jpg", "next.jpg")  # frames t-1, t, t+1
+# The short side of 8K UHD video. Beyond it a frame is over 100 MB of RGB (20000 would be
+# 2.4 GB a frame) and, for any real source, only an upsampled copy: surely a typo.
+MAX_SHORT_SIDE = 4320
+# A frame is grey when at most 1% of its pixels have R, G and B further apart than this
+# (a few levels of chroma noise); a video whose every frame is grey teaches no colour.
+GREY_LEVELS = 8
+GREY_OUTLIERS = 0.01
 
 
 @dataclass
@@ -54,8 +79,11 @@ class BuildParams:
     slice: tuple[int, int] | None = None  # (K, N): this build handles inputs K, K+N, K+2N, ...
 
     def check(self) -> None:
-        if self.short_side < 16 or self.short_side % 2:
-            raise ValueError(f"--short-side must be an even number >= 16, got {self.short_side}")
+        if not 16 <= self.short_side <= MAX_SHORT_SIDE or self.short_side % 2:
+            raise ValueError(
+                f"--short-side must be an even number in 16..{MAX_SHORT_SIDE} (8K's short "
+                f"side; larger frames only upsample the source), got {self.short_side}"
+            )
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.samples_per_shard < 1:
@@ -81,6 +109,7 @@ class SpooledVideo:
     spool: str
     offsets: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) per frame
     scenes: list[int] = field(default_factory=list)  # scene id per frame
+    colour: bool = False  # whether some frame is not grey (see `is_grey`)
 
 
 @dataclass
@@ -103,6 +132,12 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
+def is_grey(rgb: np.ndarray) -> bool:
+    """Whether R, G and B agree within GREY_LEVELS almost everywhere in this frame."""
+    spread = rgb.max(axis=2) - rgb.min(axis=2)  # uint8, max >= min: no wrap-around
+    return np.count_nonzero(spread > GREY_LEVELS) <= GREY_OUTLIERS * spread.size
+
+
 def spool_video(path: Path, spool_file: Path, params: BuildParams, progress=None) -> SpooledVideo:
     """Pass 1 for one video: decode, resize, detect cuts, JPEG-encode into `spool_file`."""
     info, frames = decode_frames(path, params.short_side)
@@ -115,6 +150,7 @@ def spool_video(path: Path, spool_file: Path, params: BuildParams, progress=None
             spooled.offsets.append((out.tell(), len(jpeg)))
             out.write(jpeg)
             spooled.scenes.append(cuts.push(rgb))
+            spooled.colour = spooled.colour or not is_grey(rgb)
             if progress is not None:
                 progress(1)
     return spooled
@@ -144,15 +180,15 @@ def assign_splits(units: dict[str, int], val_fraction: float, seed: int) -> dict
 
     A unit goes to val when its hash is below `val_fraction`; for small collections, where
     hashing can leave one side empty, the lowest/highest-hash unit is moved so that both
-    splits are populated whenever there are at least two units.
+    splits are populated whenever there are at least two units. Train is never left empty:
+    a lone unit always goes to train (val then stays empty; the build warns).
     """
     ranked = sorted(units, key=lambda u: unit_hash(u, seed))
     split = {u: "val" if unit_hash(u, seed) < val_fraction else "train" for u in ranked}
-    if val_fraction > 0 and len(ranked) >= 2:
-        if "val" not in split.values():
-            split[ranked[0]] = "val"
-        if "train" not in split.values():
-            split[ranked[-1]] = "train"
+    if val_fraction > 0 and len(ranked) >= 2 and "val" not in split.values():
+        split[ranked[0]] = "val"
+    if ranked and "train" not in split.values():
+        split[ranked[-1]] = "train"
     return split
 
 
@@ -165,11 +201,12 @@ def read_frame(spool, video: SpooledVideo, t: int) -> bytes:
 def write_split(
     out_dir: Path,
     split: str,
-    prefix: str,
+    tag: str,
     samples: list[tuple[SpooledVideo, int]],
     params: BuildParams,
 ) -> list[dict]:
-    """Write `samples` (already shuffled) into shards `<split>-<prefix><i>.tar`."""
+    """Write `samples` (already shuffled) into shards `<split>-<tag><i>.tar`, where `tag`
+    holds the slice and the build id (see `build`)."""
     shards: list[dict] = []
     writer = None
     try:
@@ -178,7 +215,7 @@ def write_split(
                 if writer is not None:
                     shards.append(writer.close())
                 number = i // params.samples_per_shard
-                writer = ShardWriter(out_dir / f"{split}-{prefix}{number:06d}.tar")
+                writer = ShardWriter(out_dir / f"{split}-{tag}{number:06d}.tar")
             scene = video.scenes[t]
             with open(video.spool, "rb") as spool:
                 jpegs = [read_frame(spool, video, t + d) for d in (-1, 0, 1)]
@@ -205,25 +242,80 @@ def write_split(
     return shards
 
 
-def existing_outputs(out_dir: Path, prefix: str, sliced: bool) -> list[Path]:
-    """Files a previous build left in `out_dir` that this build would replace."""
-    if not out_dir.exists():
-        return []
-    if not sliced:
-        return sorted(out_dir.iterdir())
-    tag = prefix.rstrip("-")
-    return sorted(p for p in out_dir.iterdir() if f"-{tag}" in p.name)
+@dataclass
+class OldDataSet:
+    """What `out_dir` holds of earlier builds that this build replaces (see `find_old`)."""
+
+    blocking: list[Path]  # entries that make a build without --overwrite refuse
+    leftovers: list[Path]  # this tool's files no manifest lists: removed before building
+    manifests: list[Path]  # manifests replaced or removed once the new one is published
+    listed: set[str]  # shard files those manifests list: deleted after them
 
 
-def clear_outputs(paths: list[Path]) -> None:
-    # Manifests first: from the first deletion on, no manifest points at missing shards.
-    for p in sorted(paths, key=lambda p: not p.name.startswith("manifest")):
-        if p.is_dir() and p.name.startswith(".spool"):
-            shutil.rmtree(p)
-        elif p.is_file() and (
-            p.suffix in (".tar", ".idx", ".json") or p.name.endswith(PARTIAL_SUFFIX)
-        ):
-            p.unlink()
+def listed_files(manifest_path: Path, log) -> set[str]:
+    """The shard file names a manifest lists; none (with a warning) when it cannot be read,
+    so that an unreadable manifest never makes a rebuild delete anything it names."""
+    try:
+        manifest = load_manifest(manifest_path)
+    except ManifestError as e:
+        log(f"warning: {e}; the files it lists are not removed", file=sys.stderr)
+        return set()
+    return {s[k] for info in manifest["splits"].values() for s in info["shards"]
+            for k in ("tar", "index")}
+
+
+def find_old(out_dir: Path, slice_: tuple[int, int] | None, log) -> OldDataSet:
+    """The earlier data set(s) in `out_dir` that a build of `slice_` (None: a whole build)
+    replaces. A whole build replaces every manifest and the files they list; a slice K/N
+    replaces its own `manifest-sKofN.json` and its files, and invalidates the merged
+    `manifest.json` (it lists them too). Only names this tool writes are candidates."""
+    if not out_dir.is_dir():
+        return OldDataSet([], [], [], set())
+    entries = sorted(out_dir.iterdir())
+    manifests = [p for p in entries if p.name == MANIFEST or SLICE_MANIFEST.match(p.name)]
+    listed_anywhere = set().union(*(listed_files(m, log) for m in manifests))
+    mine = "" if slice_ is None else f"s{slice_[0]}of{slice_[1]}"
+    if slice_ is None:
+        ours = [p for p in entries if tool_file_slice(p.name) is not None]
+        listed, blocking = listed_anywhere, entries
+    else:
+        own = out_dir / manifest_name(slice_)
+        manifests = [m for m in manifests if m in (own, out_dir / MANIFEST)]
+        ours = [p for p in entries if tool_file_slice(p.name) == mine]
+        # Old slice shards the merged manifest lists are this slice's too (by their names).
+        listed = (listed_files(own, log) if own.exists() else set()) | {
+            name for name in listed_anywhere if tool_file_slice(name) == mine}
+        blocking = manifests + ours
+    leftovers = [p for p in ours if p.name not in listed_anywhere]
+    return OldDataSet(blocking, leftovers, manifests, listed)
+
+
+def remove_quietly(paths) -> None:
+    """Remove files and spool folders, ignoring what is already gone or cannot be removed:
+    this runs while an error (a full disk, Ctrl-C) is already on its way to the user."""
+    for p in paths:
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def retire(old: OldDataSet, new_manifest: Path, log) -> None:
+    """After `new_manifest` is published (it replaced the old one of its name): remove the
+    other old manifests first (from then on none points at a missing shard), then the shard
+    files they listed."""
+    out_dir = new_manifest.parent
+    for manifest in old.manifests:
+        if manifest != new_manifest:
+            manifest.unlink(missing_ok=True)
+    fsync_dir(out_dir)
+    keep = listed_files(new_manifest, log)
+    for name in sorted(old.listed - keep):
+        if name.endswith((".tar", ".idx")):  # never anything else a manifest might name
+            (out_dir / name).unlink(missing_ok=True)
 
 
 def build(
@@ -233,34 +325,71 @@ def build(
     workers: int = 1,
     overwrite: bool = False,
     log=print,
+    skipped_inputs: list[dict] | tuple = (),
 ) -> BuildResult:
-    """Build shards from `videos` into `out_dir`; raises ValueError if no input is usable."""
+    """Build shards from `videos` into `out_dir`; raises ValueError if no input is usable.
+    `skipped_inputs` (e.g. broken symlinks `find_videos` left out) go into the manifest's
+    "skipped" list. See the module docstring for what `overwrite` replaces, and when."""
     params.check()
-    prefix = f"s{params.slice[0]}of{params.slice[1]}-" if params.slice else ""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir}: is a file, not a folder")
     if params.slice:
         k, n = params.slice
         videos = videos[k::n]
-    old = existing_outputs(out_dir, prefix, params.slice is not None)
-    if old and not overwrite:
+    old = find_old(out_dir, params.slice, log)
+    if old.blocking and not overwrite:
         raise FileExistsError(
-            f"{out_dir} already holds {len(old)} entries (e.g. {old[0].name}); "
-            "pass --overwrite to replace them"
+            f"{out_dir} already holds {len(old.blocking)} entries (e.g. {old.blocking[0].name}); "
+            "pass --overwrite to replace the data set built there"
         )
-    clear_outputs(old)
+    remove_quietly(old.leftovers)  # of killed builds: partial files, spools, unlisted shards
     out_dir.mkdir(parents=True, exist_ok=True)
-    spool_dir = out_dir / f".spool-{prefix or 'all-'}{PARTIAL_SUFFIX.strip('.')}"
-    spool_dir.mkdir()
+    # Unique per build: the new shards never take the old ones' names.
+    prefix = f"s{params.slice[0]}of{params.slice[1]}-" if params.slice else ""
+    tag = f"{prefix}{secrets.token_hex(4)}-"
+    spool_dir = out_dir / f".spool-{tag[:-1]}{PARTIAL_SUFFIX}"
+    manifest_path = out_dir / manifest_name(params.slice)
+    published = None
     try:
-        spooled, skipped = _spool_all(videos, spool_dir, params, workers, log)
-        manifest = _write_all(spooled, skipped, out_dir, prefix, params, log)
+        spool_dir.mkdir()
+        skipped = [dict(s) for s in skipped_inputs]
+        for s in skipped:
+            log(f"skipped: {s['reason']}", file=sys.stderr)
+        spooled, skipped = _spool_all(videos, spool_dir, params, workers, log, skipped)
+        manifest = _write_all(spooled, skipped, out_dir, tag, params, log)
+        partial = write_json_partial(manifest_path, manifest)
+        published = os.stat(partial).st_ino
+        os.replace(partial, manifest_path)  # the one step that switches to the new data set
+    except BaseException as e:
+        if not _is_published(manifest_path, published):
+            remove_quietly(_files_of_build(out_dir, tag, manifest_path))
+        if isinstance(e, OSError) and e.filename is None:  # name the folder being written
+            raise OSError(e.errno, e.strerror or str(e), str(out_dir)) from e
+        raise
     finally:
-        shutil.rmtree(spool_dir, ignore_errors=True)
+        remove_quietly([spool_dir])
+    fsync_dir(out_dir)
+    retire(old, manifest_path, log)
     return BuildResult(manifest, skipped)
 
 
-def _spool_all(videos, spool_dir, params, workers, log):
+def _is_published(manifest_path: Path, inode: int | None) -> bool:
+    """Whether the rename that publishes the manifest happened (an interrupt can arrive
+    right after it): then its shards are the data set and must stay."""
+    try:
+        return inode is not None and os.stat(manifest_path).st_ino == inode
+    except OSError:
+        return False
+
+
+def _files_of_build(out_dir: Path, tag: str, manifest_path: Path) -> list[Path]:
+    """Every file of the build tagged `tag`, published or partial, and its manifest partial."""
+    names = [p for p in out_dir.iterdir() if p.name.startswith((f"train-{tag}", f"val-{tag}"))]
+    return names + [manifest_path.with_name(manifest_path.name + PARTIAL_SUFFIX)]
+
+
+def _spool_all(videos, spool_dir, params, workers, log, skipped):
     spooled: list[SpooledVideo] = []
-    skipped: list[dict] = []
     with tqdm(desc="decode", unit="frame") as bar:
         if workers <= 1:
             results = []
@@ -291,6 +420,13 @@ def _spool_all(videos, spool_dir, params, workers, log):
             )
             skipped.append({"path": str(path), "reason": reason})
             log(f"skipped: {reason}", file=sys.stderr)
+        elif not r.colour:
+            reason = (
+                f"{path}: greyscale (in every frame R, G and B agree within {GREY_LEVELS} "
+                "levels): a colorizer cannot learn colour from it"
+            )
+            skipped.append({"path": str(path), "reason": reason})
+            log(f"skipped: {reason}", file=sys.stderr)
         else:
             spooled.append(r)
     if not spooled:
@@ -298,7 +434,8 @@ def _spool_all(videos, spool_dir, params, workers, log):
     return spooled, skipped
 
 
-def _write_all(spooled, skipped, out_dir, prefix, params, log):
+def _write_all(spooled, skipped, out_dir, tag, params, log):
+    """Pass 2: split, shuffle and write the shards; return the manifest (not yet written)."""
     units: Counter = Counter()
     for video in spooled:
         for t in triplet_centres(video.scenes):
@@ -314,14 +451,15 @@ def _write_all(spooled, skipped, out_dir, prefix, params, log):
     if params.val_fraction > 0 and not samples["val"]:
         log(
             f"warning: the val split is empty: only {len(units)} {params.split_by}(s) to split "
-            "by, and a split never cuts one in two",
+            "by, a split never cuts one in two, and train always gets one; "
+            "training on these shards runs without validation",
             file=sys.stderr,
         )
     rng = random.Random(params.seed)
     splits = {}
     for split in SPLITS:
         rng.shuffle(samples[split])
-        shards = write_split(out_dir, split, prefix, samples[split], params)
+        shards = write_split(out_dir, split, tag, samples[split], params)
         videos = sorted({v.path for v, _ in samples[split]})
         sizes = sorted({(v.info.width, v.info.height) for v, _ in samples[split]})
         splits[split] = {
@@ -352,7 +490,6 @@ def _write_all(spooled, skipped, out_dir, prefix, params, log):
         ],
         "skipped": skipped,
     }
-    write_json_atomic(out_dir / manifest_name(params.slice), manifest)
     return manifest
 
 

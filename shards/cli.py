@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from shards.build import BuildParams, build
+from shards.build import MAX_SHORT_SIDE, BuildParams, build
 from shards.manifest import ManifestError, merge
 from shards.verify import verify
 from shards.video import find_videos, sample_video
@@ -25,11 +25,19 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tricolor-shards", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("build", help="decode videos into WebDataset triplet shards")
+    p = sub.add_parser(
+        "build", help="decode videos into WebDataset triplet shards",
+        description="Decode videos into WebDataset triplet shards. Inputs that cannot be used "
+                    "(unreadable, too short, greyscale, broken symlinks) are skipped, named on "
+                    "stderr and in the manifest's 'skipped' list.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="video files or folders of them")
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--short-side", type=int, default=256, help="resize frames to this short side")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of scenes for val")
+    p.add_argument("--short-side", type=int, default=256,
+                   help=f"resize frames to this short side (even, 16..{MAX_SHORT_SIDE})")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of scenes (or videos) for val; with two or more, both splits "
+                        "get one; a lone scene (or video) goes to train, val stays empty "
+                        "and the build warns")
     p.add_argument("--split-by", choices=("scene", "video"), default="scene",
                    help="the unit that goes wholly to train or to val")
     p.add_argument("--samples-per-shard", type=int, default=1000)
@@ -40,7 +48,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="videos decoded in parallel")
     p.add_argument("--slice", type=parse_slice, metavar="K/N",
                    help="handle only inputs K, K+N, ... (array jobs); then run `merge`")
-    p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the data set in --out (a slice: its own, and remove the merged "
+                        "manifest.json until `merge`); the old one stays whole until the new "
+                        "one is complete; files no manifest lists are kept")
 
     p = sub.add_parser("verify", help="re-read every shard and check it against the manifest")
     p.add_argument("dir", type=Path)
@@ -85,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 slice=args.slice,
             )
-            result = build(find_videos(args.inputs), args.out, params, args.workers, args.overwrite)
+            skipped: list[dict] = []
+            videos = find_videos(args.inputs, skipped)
+            result = build(videos, args.out, params, args.workers, args.overwrite,
+                           skipped_inputs=skipped)
             print(f"wrote {args.out}")
             print(summarize(result.manifest))
         elif args.command == "verify":
@@ -104,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
             print(sample_video(args.name))
     except (ValueError, FileNotFoundError, FileExistsError, ManifestError) as e:
         print(f"tricolor-shards: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. a full disk: the build removed its own files first
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"tricolor-shards: error: {where}{e.strerror or e}", file=sys.stderr)
+        if args.command == "build":
+            print("tricolor-shards: this build's files were removed; a data set built there "
+                  "before is unchanged", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("tricolor-shards: interrupted; partial files removed", file=sys.stderr)

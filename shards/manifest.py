@@ -12,6 +12,14 @@ from shards.atomic import write_json_atomic
 FORMAT = "tricolor-shards/1"
 MANIFEST = "manifest.json"
 SLICE_MANIFEST = re.compile(r"^manifest-s(\d+)of(\d+)\.json$")
+# The names this tool gives what it writes, with the slice (`s0of8`) as group 1 when sliced:
+# shards (`train-[sKofN-][<build id>-]000000.tar`, with their `.idx`; names without a build id
+# are from earlier versions), their `.partial` forms, manifests being written, spool folders.
+_TOOL_NAMES = (
+    re.compile(r"^(?:train|val)-(?:(s\d+of\d+)-)?(?:[0-9a-f]{8}-)?\d{6}\.(?:tar|idx)(?:\.partial)?$"),
+    re.compile(r"^manifest(?:-(s\d+of\d+))?\.json\.partial$"),
+    re.compile(r"^\.spool-(?:(s\d+of\d+)-)?"),
+)
 
 
 class ManifestError(Exception):
@@ -29,6 +37,15 @@ def manifest_name(slice_: tuple[int, int] | None) -> str:
     return f"manifest-s{slice_[0]}of{slice_[1]}.json" if slice_ else MANIFEST
 
 
+def tool_file_slice(name: str) -> str | None:
+    """For a file name this tool writes (see `_TOOL_NAMES`): its slice (`s0of8`), or "" for
+    a whole build. None for any other name: a file this tool never removes."""
+    for pattern in _TOOL_NAMES:
+        if match := pattern.match(name):
+            return match[1] or ""
+    return None
+
+
 def shard_file(shard_dir: Path, name: object, where: Path | None = None) -> Path:
     """`shard_dir / name` for a file name listed in a manifest, refused (ManifestError naming
     the manifest) unless it is a plain name of a file inside `shard_dir`: a shared or
@@ -40,37 +57,84 @@ def shard_file(shard_dir: Path, name: object, where: Path | None = None) -> Path
         raise ManifestError(f"{where}: shard entry {name!r} is not a plain file name in "
                             f"{shard_dir}; refusing to read outside the shard folder")
     path = shard_dir / name
-    if path.is_symlink() and not path.resolve().is_relative_to(shard_dir.resolve()):
-        raise ManifestError(f"{where}: {path} is a symlink to {path.resolve()}, outside "
-                            f"{shard_dir}; refusing to read outside the shard folder")
+    if path.is_symlink():
+        try:
+            target = path.resolve()
+        except (RuntimeError, OSError):  # a symlink loop (Python 3.11 raises RuntimeError)
+            raise ManifestError(f"{where}: {path} is a symlink that leads nowhere") from None
+        if not target.is_relative_to(shard_dir.resolve()):
+            raise ManifestError(f"{where}: {path} is a symlink to {target}, outside "
+                                f"{shard_dir}; refusing to read outside the shard folder")
     return path
 
 
+# The keys every reader relies on, with their types: a manifest without them is refused by
+# name instead of failing later with a KeyError.
+_KEYS = {"params": dict, "members": list, "splits": dict, "sources": list, "skipped": list}
+_SPLIT_KEYS = {"samples": int, "frame_sizes": list, "sources": list, "scenes": int,
+               "shards": list}
+_SHARD_KEYS = {"tar": str, "index": str, "samples": int, "sha256": str}
+
+
+def _missing(obj: object, keys: dict, what: str) -> str | None:
+    if not isinstance(obj, dict):
+        return f"{what} is {type(obj).__name__}, expected an object"
+    for key, kind in keys.items():
+        if not isinstance(obj.get(key), kind) or isinstance(obj.get(key), bool):
+            got = "missing" if key not in obj else type(obj[key]).__name__
+            return f"{what}: key {key!r} {got}, expected {kind.__name__}"
+    return None
+
+
+def _field_problems(manifest: dict):
+    if problem := _missing(manifest, _KEYS, "manifest"):
+        yield problem
+        return
+    for split, info in manifest["splits"].items():
+        if problem := _missing(info, _SPLIT_KEYS, f"split {split!r}"):
+            yield problem
+            continue
+        for i, shard in enumerate(info["shards"]):
+            if problem := _missing(shard, _SHARD_KEYS, f"split {split!r} shard {i}"):
+                yield problem
+
+
 def _check_shard_names(manifest: dict, shard_dir: Path, where: Path) -> None:
-    try:
-        shards = [s for info in manifest["splits"].values() for s in info["shards"]]
-        names = [s[k] for s in shards for k in ("tar", "index")]
-    except (KeyError, TypeError, AttributeError) as e:
-        raise ManifestError(f"{where}: malformed splits/shards entry ({e!r})") from None
-    for name in names:
-        shard_file(shard_dir, name, where)
+    for info in manifest["splits"].values():
+        for shard in info["shards"]:
+            for key in ("tar", "index"):
+                shard_file(shard_dir, shard[key], where)
 
 
 def load_manifest(path: Path) -> dict:
-    """Read a manifest (a file, or the directory holding `manifest.json`). Every shard file
-    it lists must be a plain name inside its folder (see `shard_file`)."""
+    """Read a manifest (a file, or the directory holding `manifest.json`). It must hold every
+    key readers use, and every shard file it lists must be a plain name inside its folder
+    (see `shard_file`); anything else raises ManifestError naming the file."""
     if path.is_dir():
         path = path / MANIFEST
     if not path.exists():
         raise ManifestError(f"{path}: no manifest (not built, still building, or not merged)")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (ValueError, OSError) as e:  # bad JSON or UTF-8, or not a readable file
         raise ManifestError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ManifestError(f"{path}: not a tricolor shard manifest (expected format {FORMAT})")
+    if problem := next(_field_problems(manifest), None):
+        raise ManifestError(f"{path}: {problem}")
     _check_shard_names(manifest, path.parent, path)
     return manifest
+
+
+def _unique(items: list[dict]) -> list[dict]:
+    seen: set[str] = set()
+    unique = []
+    for item in items:
+        key = json.dumps(item, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            unique.append(item)
+    return unique
 
 
 def merge(out_dir: Path) -> dict:
@@ -110,7 +174,8 @@ def merge(out_dir: Path) -> dict:
         "members": parts[0]["members"],
         "splits": {},
         "sources": [s for k in sorted(parts) for s in parts[k]["sources"]],
-        "skipped": [s for k in sorted(parts) for s in parts[k]["skipped"]],
+        # Every slice names the inputs `find_videos` left out (each saw the same folders).
+        "skipped": _unique([s for k in sorted(parts) for s in parts[k]["skipped"]]),
     }
     for split in parts[0]["splits"]:
         pieces = [parts[k]["splits"][split] for k in sorted(parts)]

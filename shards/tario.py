@@ -101,5 +101,12 @@ class ShardWriter:
         }
 
     def abort(self) -> None:
-        self._tar.close()
-        self._partial.unlink(missing_ok=True)
+        """Remove the partial files. Runs while an error is already raised (a full disk
+        fails the tar's final flush too): never raise a second one."""
+        try:
+            self._tar.close()
+        except OSError:
+            pass
+        index_partial = self.index_path.with_name(self.index_path.name + PARTIAL_SUFFIX)
+        for path in (self._partial, index_partial):
+            path.unlink(missing_ok=True)

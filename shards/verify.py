@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import zlib
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
 
 from shards.atomic import PARTIAL_SUFFIX
-from shards.manifest import ManifestError, load_manifest
+from shards.manifest import ManifestError, load_manifest, tool_file_slice
 from shards.tario import index_text, sha256_file, split_member_name
 
 SAMPLE_FIELDS = ("source", "frame", "fps", "scene", "width", "height")
@@ -19,6 +20,8 @@ SAMPLE_FIELDS = ("source", "frame", "fps", "scene", "width", "height")
 
 def verify(out_dir: Path) -> list[str]:
     """All problems found in `out_dir`, each naming its file; an empty list means sound."""
+    if not out_dir.is_dir():
+        return [f"{out_dir}: not a folder (verify takes the folder that holds manifest.json)"]
     try:
         manifest = load_manifest(out_dir)
     except ManifestError as e:
@@ -40,10 +43,13 @@ def verify(out_dir: Path) -> list[str]:
                 f"its shards hold {counted}"
             )
     for path in sorted(out_dir.iterdir()):
+        if tool_file_slice(path.name) is None:
+            continue  # not a name this tool writes: someone else's file
         if path.name.endswith(PARTIAL_SUFFIX) or path.name.startswith(".spool"):
             problems.append(f"{path}: leftover of an interrupted build (rebuild with --overwrite)")
-        elif path.suffix in (".tar", ".idx") and path.name not in listed:
-            problems.append(f"{path}: not listed in the manifest")
+        elif path.name not in listed:
+            problems.append(f"{path}: not listed in the manifest (left by an interrupted or "
+                            "replaced build; `build --overwrite` removes it)")
     return problems
 
 
@@ -95,7 +101,7 @@ def _verify_sample(where: str, members: dict[str, bytes], sizes: set) -> list[st
         return [f"{where}.json: unreadable metadata ({e})"]
     if missing:
         return [f"{where}.json: missing fields {missing}"]
-    problems = []
+    problems = _crc_problems(where, members, meta.get("crc32"))
     for ext, data in members.items():
         if not ext.endswith(".jpg"):
             continue
@@ -108,4 +114,21 @@ def _verify_sample(where: str, members: dict[str, bytes], sizes: set) -> list[st
             continue
         if got != size or size not in sizes:
             problems.append(f"{where}.{ext}: size {got}, metadata says {size}, manifest {sizes}")
+    return problems
+
+
+def _crc_problems(where: str, members: dict[str, bytes], crc: object) -> list[str]:
+    """Compare the CRC-32 the build recorded per member (absent in shards built before it
+    was recorded) with the bytes read: damaged JPEG data can decode without error."""
+    if crc is None:
+        return []
+    if not isinstance(crc, dict) or not set(crc) <= set(members) - {"json"}:
+        return [f"{where}.json: malformed crc32 field {crc!r}"]
+    problems = []
+    for ext, value in crc.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            problems.append(f"{where}.json: malformed crc32 value {value!r} for {ext}")
+        elif zlib.crc32(members[ext]) != value:
+            problems.append(f"{where}.{ext}: damaged data (crc32 {zlib.crc32(members[ext]):08x}, "
+                            f"the build recorded {value:08x})")
     return problems

@@ -208,16 +208,30 @@ def test_no_usable_input_fails_and_writes_nothing(tmp_path):
     assert list(out.iterdir()) == []
 
 
-def test_build_refuses_a_non_empty_dir_without_overwrite(tmp_path):
+def test_overwrite_replaces_only_the_old_data_set(tmp_path):
     video = scene_video(tmp_path / "v.mp4", [10])
     out = tmp_path / "shards"
-    out.mkdir()
-    (out / "old.tar").write_bytes(b"x")
-    result = run_cli("build", str(video), "--out", str(out))
+    build = ["build", str(video), "--out", str(out), "--val-fraction", "0"]
+    assert main(build) == 0
+    old_shards = dataset_files(out)
+    # Files this tool did not write, even with its suffixes, and leftovers it did write.
+    unrelated = {"notes.json": b"{}", "other.tar": b"x", "x.idx": b"y", "mine.partial": b"z"}
+    for name, data in unrelated.items():
+        (out / name).write_bytes(data)
+    (out / "train-000099.tar.partial").write_bytes(b"junk")
+    (out / ".spool-all-partial").mkdir()
+    result = run_cli(*build)
     assert result.returncode == 1 and "--overwrite" in result.stderr
-    assert (out / "old.tar").read_bytes() == b"x"
-    assert run_cli("build", str(video), "--out", str(out), "--overwrite").returncode == 0
-    assert not (out / "old.tar").exists() and verify(out) == []
+    assert dataset_files(out) == old_shards
+    assert run_cli(*build, "--overwrite").returncode == 0
+    for name, data in unrelated.items():
+        assert (out / name).read_bytes() == data
+    new_shards = dataset_files(out)
+    assert new_shards and not new_shards & old_shards  # each build names its shards anew
+    assert not any((out / name).exists() for name in old_shards)
+    assert not (out / "train-000099.tar.partial").exists()
+    assert not (out / ".spool-all-partial").exists()
+    assert verify(out) == []  # other.tar and x.idx are not this tool's names
 
 
 def test_missing_input_and_bad_flags_are_clear_errors(tmp_path):
@@ -229,39 +243,51 @@ def test_missing_input_and_bad_flags_are_clear_errors(tmp_path):
     assert result.returncode == 2 and "K/N" in result.stderr
 
 
-def _final_files(out: Path) -> list[Path]:
-    return [p for p in out.iterdir() if p.suffix in (".tar", ".idx", ".json")]
+def dataset_files(out: Path) -> set[str]:
+    """The shard files `out`'s manifest lists."""
+    return {s[k] for info in load_manifest(out)["splits"].values() for s in info["shards"]
+            for k in ("tar", "index")}
+
+
+def assert_whole(out: Path, manifest_bytes: bytes) -> None:
+    """`out` still holds the data set of this manifest, every listed file sound (leftovers of
+    a failed build beside it are allowed: no manifest lists them)."""
+    assert (out / "manifest.json").read_bytes() == manifest_bytes
+    problems = [p for p in verify(out) if "not listed" not in p and "leftover" not in p]
+    assert problems == []
 
 
 @pytest.mark.parametrize("moment", ["decoding", "writing"])
-def test_killed_build_leaves_nothing_that_looks_whole(tmp_path, bunny, moment):
-    bikes = bunny.with_name("bikes.mp4")
+def test_killed_rebuild_leaves_the_old_data_set_whole(tmp_path, bunny, moment):
     out = tmp_path / "shards"
+    assert main(["build", str(scene_video(tmp_path / "old.mp4", [8])), "--out", str(out),
+                 "--val-fraction", "0"]) == 0
+    old_manifest, old_shards = (out / "manifest.json").read_bytes(), dataset_files(out)
+    bikes = bunny.with_name("bikes.mp4")
     cmd = ["build", str(bunny), str(bikes), "--out", str(out), "--short-side", "256",
            "--samples-per-shard", "2", "--val-fraction", "0.2"]
-    proc = subprocess.Popen([sys.executable, "-m", "shards", *cmd],
+    proc = subprocess.Popen([sys.executable, "-m", "shards", *cmd, "--overwrite"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
-        started = out.exists() and any(out.glob(".spool*/0.jpgs"))
-        writing = out.exists() and any(out.glob("*.tar"))
+        started = any(out.glob(".spool*/0.jpgs"))
+        writing = any(p.name not in old_shards for p in out.glob("*.tar"))
         if (moment == "decoding" and started) or (moment == "writing" and writing):
             break
         time.sleep(0.002)
     assert proc.poll() is None, "the build ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / "manifest.json").exists()
-    assert run_cli("verify", str(out)).returncode == 1
-    for tar in out.glob("*.tar"):  # shards published before the kill are whole
+    assert_whole(out, old_manifest)
+    new_tars = [p for p in out.glob("*.tar") if p.name not in old_shards]
+    for tar in new_tars:  # shards published before the kill are whole
         with tarfile.open(tar) as t:
             assert len(t.getnames()) == 8
-    if moment == "decoding":
-        assert _final_files(out) == []
+    assert bool(new_tars) == (moment == "writing")
     # A rerun refuses to mix with the leftovers; --overwrite rebuilds cleanly.
     assert run_cli(*cmd).returncode == 1
     assert run_cli(*cmd, "--overwrite").returncode == 0
-    assert verify(out) == []
+    assert verify(out) == [] and not dataset_files(out) & old_shards
 
 
 def test_interrupted_build_removes_its_partial_files(tmp_path, bunny):
@@ -315,7 +341,8 @@ def test_shards_are_plain_tar_files(tmp_path):
     video = scene_video(tmp_path / "v.mp4", [6])
     out = tmp_path / "shards"
     main(["build", str(video), "--out", str(out), "--val-fraction", "0"])
-    listing = subprocess.run(["tar", "tf", str(out / "train-000000.tar")], capture_output=True,
+    tar = out / load_manifest(out)["splits"]["train"]["shards"][0]["tar"]
+    listing = subprocess.run(["tar", "tf", str(tar)], capture_output=True,
                              text=True, check=True).stdout.split()
     assert len(listing) == 4 * 4 and all(os.sep not in n for n in listing)
 
