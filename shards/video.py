@@ -20,16 +20,32 @@ class VideoError(Exception):
     """A video that cannot be used; the message says which file and why."""
 
 
-def find_videos(inputs: list[str]) -> list[Path]:
+def find_videos(inputs: list[str], skipped: list[dict] | None = None) -> list[Path]:
     """Expand INPUT arguments (files or folders, searched recursively) into a list without
-    duplicates (a file named twice would give duplicate sample keys)."""
+    duplicates (a file named twice would give duplicate sample keys). A symlink in a folder
+    that leads nowhere (dangling, or a loop) is left out and named: appended to `skipped`
+    as {"path", "reason"}, or printed to stderr when no list is given."""
+    import sys
+
     videos: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            videos += sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
+            for p in sorted(path.rglob("*")):
+                if p.suffix.lower() not in VIDEO_SUFFIXES:
+                    continue
+                if p.is_symlink() and not p.exists():  # exists() is False for a loop too
+                    reason = f"{p}: a symlink that leads nowhere (dangling or a loop)"
+                    if skipped is None:
+                        print(f"skipped: {reason}", file=sys.stderr)
+                    else:
+                        skipped.append({"path": str(p), "reason": reason})
+                    continue
+                videos.append(p)
         elif path.exists():
             videos.append(path)
+        elif path.is_symlink():
+            raise FileNotFoundError(f"{item}: a symlink that leads nowhere (dangling or a loop)")
         else:
             raise FileNotFoundError(f"{item}: no such file or folder")
     unique = {p.resolve(): p for p in reversed(videos)}  # keeps the first mention
