@@ -524,6 +524,7 @@ print("grew_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
 """
 
 
+@pytest.mark.slow
 def test_huge_ngf_is_refused_before_anything_is_built(tmp_path):
     """generator.json says ngf=2048 (a 1.2 GB generator) over the weights of ngf=4: refused
     by comparing shapes with the weights' header; the process does not grow by 100 MB."""
