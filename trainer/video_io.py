@@ -1,10 +1,12 @@
 """Streaming video input and output for `tricolor-colorize` and `tricolor-eval` (PyAV).
 
-Input: a video file, decoded one frame at a time, or a folder of images (sorted by name,
-numbers compared as numbers). Output: a video (H.264, the input's frame timestamps, its
-audio packets copied unchanged) or a folder of PNG frames. Output is written under a
-temporary name in the destination folder and renamed when complete: an interrupted or
-failed run never leaves a partial file under the final name.
+Input: a video file, decoded one frame at a time and turned upright (its display rotation
+applied), or a folder of images (sorted by name, numbers compared as numbers). Output: a
+video (H.264, upright, the input's frame timestamps, its audio packets copied unchanged) or
+a folder of PNG frames marked by a FRAMES_MARKER file. Output is written under a temporary
+name in the destination folder and renamed when complete: an interrupted or failed run
+never leaves a partial file under the final name. The output is never the input, and an
+existing one is replaced only if it is a video file or a frames folder this module wrote.
 """
 
 from __future__ import annotations
