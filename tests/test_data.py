@@ -31,6 +31,14 @@ BACKENDS = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def private_cache(tmp_path_factory):
+    """The start-up scan remembers verified shards under $XDG_CACHE_HOME: not the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory) -> Path:
     """48 training triplets (two scenes of 26 frames, 96x64) in shards of 10."""
@@ -419,3 +427,24 @@ def test_a_manifest_entry_outside_the_shard_folder_is_refused_by_name(tmp_path, 
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ManifestError, match=r"shard entry '\.\./outside\.tar'"):
         make_loader(bad)
+
+
+def test_a_verified_shard_is_hashed_again_only_once_it_changes(tmp_path, shards, monkeypatch):
+    import os
+
+    from trainer.data.samples import VerifiedCache, parse_index
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    copy = damaged_copy(shards, tmp_path)
+    assert make_loader(copy).skipped_total == 0
+    assert len(list(VerifiedCache.directory().iterdir())) == 3  # every train shard remembered
+    tar = copy / train_shards(copy)[0]["tar"]
+    offset, size, _ = parse_index(tar.with_suffix(".idx").read_text())[0]["cur.jpg"]
+    stat = tar.stat()
+    overwrite(tar, offset + size // 2, b"\x00" * 8)  # damaged in place, markers intact
+    os.utime(tar, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert make_loader(copy).skipped_total == 0  # same size and mtime: not hashed again
+    os.utime(tar)  # the file changed: its verdict no longer applies
+    assert dict(make_loader(copy).skipped) == {"checksum mismatch": 1}
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tar))  # a cache that cannot be written
+    assert dict(make_loader(copy).skipped) == {"checksum mismatch": 1}
