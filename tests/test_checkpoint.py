@@ -283,7 +283,7 @@ def test_a_crafted_checkpoint_runs_no_code_and_is_refused_by_name(two_checkpoint
         f.write(payload.getvalue())
     metadata_file.write_bytes(pickle.dumps(metadata))
     with pytest.raises(CheckpointError,
-                       match=rf"{shard}: entry 'opt_G.param_groups.0.lr' refused"):
+                       match=rf"{shard}: entry 'opt_G.param_groups.0.lr' refused .*posix.system"):
         ckpts.load(second, fresh, cfg.model)
     assert not marker.exists()
 
@@ -443,3 +443,29 @@ def test_ranks_agree_on_a_failed_save_and_a_checkpoint_damaged_for_one_rank(tmp_
     assert seen[0]["resumed"] == seen[1]["resumed"] == ["step_000001", 1, 1]
     assert seen[0]["explicit"] == seen[1]["explicit"]
     assert "step_000002/rank1.safetensors: unreadable" in seen[0]["explicit"]
+
+
+def test_deepspeed_files_load_weights_only(tmp_path):
+    """DeepSpeed's own loader unpickles anything; the backend's stand-in admits tensors,
+    plain values and the DeepSpeed classes of a ZeRO checkpoint only."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from trainer.backend import deepspeed_weights_only_load
+
+    legit = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"loss_scaler": LossScaler(1), "zero_stage": ZeroStageEnum.gradients,
+                "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}],
+                "state": torch.arange(4.0)}, legit)
+    loaded = deepspeed_weights_only_load(str(legit), map_location="cpu")
+    assert loaded["zero_stage"] == ZeroStageEnum.gradients
+    assert loaded["loss_scaler"].cur_scale == 1
+    assert torch.equal(loaded["state"], torch.arange(4.0))
+
+    marker, crafted = tmp_path / "code-ran", tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": RunsCode(marker)}, crafted)
+    with pytest.raises(CheckpointError, match=rf"{crafted}: refused .*posix.system"):
+        deepspeed_weights_only_load(str(crafted))
+    assert not marker.exists()

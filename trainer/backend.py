@@ -317,6 +317,39 @@ def _describe(saved: dict) -> str:
 
 # -- DeepSpeed ZeRO ----------------------------------------------------------------------------
 
+def _deepspeed_globals() -> list:
+    """The DeepSpeed classes in a ZeRO-1/2 checkpoint besides tensors and plain values (found
+    with torch.serialization.get_unsafe_globals_in_checkpoint on our own checkpoints: the
+    optimizer files hold LossScaler, ZeroStageEnum and fragment_address; the dynamic fp16
+    scaler's classes are added unverified). Data classes and enums: building them runs no
+    user code under the weights_only unpickler."""
+    from deepspeed.runtime.fp16.loss_scaler import (
+        DynamicLossScaler,
+        LossScaleConfig,
+        LossScaleProfile,
+        LossScaler,
+    )
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, LossScaleConfig, LossScaleProfile, ZeroStageEnum,
+            fragment_address]
+
+
+def deepspeed_weights_only_load(path: str, map_location=None):
+    """Stands in for DeepSpeed's TorchCheckpointEngine.load (`torch.load(weights_only=False)`):
+    tensors, plain values and the classes of `_deepspeed_globals` only; anything else is
+    refused with a CheckpointError naming the file."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_deepspeed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        reason = next((x for x in lines[1:] if "global" in x.lower()), lines[0])
+        raise CheckpointError(f"{path}: refused ({reason.strip()})") from None
+
 class DeepSpeedBackend:
     """G and D as two DeepSpeed engines (ZeRO stage from the launch config). Clipping,
     accumulation, loss scaling and the optimizer step happen inside each engine; the state
@@ -468,10 +501,13 @@ class DeepSpeedBackend:
 
     def load_state(self, gan, directory: Path) -> None:
         """Every rank loads; a failure on any rank fails all of them together (no rank goes
-        on alone into the next collective)."""
+        on alone into the next collective). DeepSpeed's `.pt` files are read with
+        `deepspeed_weights_only_load`, not DeepSpeed's own unrestricted torch.load."""
         error = None
         try:
             for tag, engine in (("G", gan.G), ("D", gan.D)):
+                # DeepSpeed's loader is torch.load(weights_only=False): read with ours
+                engine.checkpoint_engine.load = deepspeed_weights_only_load
                 try:
                     path, _ = engine.load_checkpoint(
                         str(directory), tag=tag, load_optimizer_states=True,

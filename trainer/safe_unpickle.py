@@ -111,7 +111,7 @@ class SafePlanner(DefaultLoadPlanner):
             info = self.metadata.storage_data[read_item.storage_index]
             lines = str(e).strip().splitlines() or [type(e).__name__]
             # torch's weights_only message names the refused global on one of its lines
-            reason = next((x for x in lines if "Unsupported global" in x), lines[0])
+            reason = next((x for x in lines[1:] if "global" in x.lower()), lines[0])
             raise CheckpointError(
                 f"{self.directory / info.relative_path}: entry {fqn!r} refused ({reason}); "
                 "a checkpoint may hold only tensors and plain Python values") from None
