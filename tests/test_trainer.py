@@ -34,6 +34,7 @@ def test_demo_config_trains_end_to_end_on_two_processes(shards, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     run = runs / "e2e"
     assert (run / "config.yaml").is_file()
+    assert not (run / "LOCK").exists()  # released at the end
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 6]
     for key in ("psnr", "ssim", "cdc", "cdc_truth", "warp", "warp_truth"):
