@@ -121,10 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as e:  # e.g. a full disk: the build removed its own files first
         where = f"{e.filename}: " if e.filename else ""
-        print(f"tricolor-shards: error: {where}{e.strerror or e}", file=sys.stderr)
-        if args.command == "build":
-            print("tricolor-shards: this build's files were removed; a data set built there "
-                  "before is unchanged", file=sys.stderr)
+        note = (" (this build's files were removed; a data set built there before is "
+                "unchanged)" if args.command == "build" else "")
+        print(f"tricolor-shards: error: {where}{e.strerror or e}{note}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("tricolor-shards: interrupted; partial files removed", file=sys.stderr)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -19,7 +21,7 @@ from PIL import Image
 from videos import decode_all, scene_video, textured_frames, write_video
 
 from shards.cli import main
-from shards.manifest import load_manifest
+from shards.manifest import ManifestError, load_manifest
 from shards.tario import split_member_name
 from shards.verify import verify
 
@@ -361,3 +363,196 @@ def test_the_split_does_not_depend_on_where_the_videos_are_stored(tmp_path):
             for split in ("train", "val")
         })
     assert splits[0] == splits[1] and splits[0]["val"]
+
+
+def grey_video(path: Path, n: int = 12) -> Path:
+    """A textured video with R = G = B in every frame."""
+    frames = textured_frames(n, 96, 64, seed=5)
+    return write_video(path, [np.repeat(f.mean(axis=2, keepdims=True).astype(np.uint8), 3, 2)
+                              for f in frames])
+
+
+def test_unusable_inputs_in_a_folder_are_skipped_and_named(tmp_path, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    scene_video(videos / "good.mp4", [12])
+    grey = grey_video(videos / "grey.mp4")
+    loop, dangling = videos / "loop.mp4", videos / "dangling.mp4"
+    loop.symlink_to(loop.name)
+    dangling.symlink_to("gone.mp4")
+    out = tmp_path / "shards"
+    assert main(["build", str(videos), "--out", str(out), "--val-fraction", "0"]) == 0
+    stderr = capsys.readouterr().err
+    manifest = load_manifest(out)
+    reasons = {s["path"]: s["reason"] for s in manifest["skipped"]}
+    assert set(reasons) == {str(grey), str(loop), str(dangling)}
+    assert "greyscale" in reasons[str(grey)] and "cannot learn colour" in reasons[str(grey)]
+    assert "leads nowhere" in reasons[str(loop)] and "leads nowhere" in reasons[str(dangling)]
+    for reason in reasons.values():
+        assert reason in stderr
+    assert [s["path"] for s in manifest["sources"]] == [str(videos / "good.mp4")]
+    assert manifest["splits"]["train"]["samples"] == 10
+
+
+def test_a_lone_scene_goes_to_train_with_a_warning(tmp_path, capsys):
+    from shards.build import unit_hash
+
+    video = scene_video(tmp_path / "one.mp4", [12])
+    # The split hashes "<name>:<size>#<scene>"; here it falls below 0.99: val by the hash.
+    assert unit_hash(f"one.mp4:{video.stat().st_size}#0", 0) < 0.99
+    out = tmp_path / "shards"
+    assert main(["build", str(video), "--out", str(out), "--val-fraction", "0.99"]) == 0
+    splits = load_manifest(out)["splits"]
+    assert (splits["train"]["samples"], splits["val"]["samples"]) == (10, 0)
+    stderr = capsys.readouterr().err
+    assert "warning: the val split is empty: only 1 scene(s)" in stderr
+    assert "without validation" in stderr
+
+
+def test_a_slice_rebuild_invalidates_the_merged_manifest(tmp_path):
+    videos = [scene_video(tmp_path / f"v{i}.mp4", [9]) for i in range(2)]
+    out = tmp_path / "shards"
+    build = ["build", *map(str, videos), "--out", str(out), "--val-fraction", "0"]
+    for k in (0, 1):
+        assert main([*build, "--slice", f"{k}/2"]) == 0
+    assert main(["merge", str(out)]) == 0
+    merged = (out / "manifest.json").read_bytes()
+    slice0 = {s["tar"] for s in load_manifest(out / "manifest-s0of2.json")["splits"]["train"]
+              ["shards"]}
+    # A slice rebuild that fails leaves the merged data set as it was.
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    result = run_cli("build", str(empty), str(videos[1]), "--out", str(out), "--slice", "0/2",
+                     "--val-fraction", "0", "--overwrite")
+    assert result.returncode == 1 and "no usable input" in result.stderr
+    assert_whole(out, merged)
+    # Without --overwrite a slice build refuses to touch a merged manifest.
+    assert main([*build, "--slice", "0/2"]) == 1
+    # One that succeeds removes manifest.json before the shards it lists: until `merge`,
+    # there is no manifest for a trainer to read, rather than one with missing shards.
+    assert main([*build, "--slice", "0/2", "--overwrite"]) == 0
+    assert not (out / "manifest.json").exists()
+    assert not any((out / name).exists() for name in slice0)
+    with pytest.raises(ManifestError, match="not merged"):
+        load_manifest(out)
+    assert main(["merge", str(out)]) == 0 and verify(out) == []
+
+
+def test_bad_out_flags_and_manifests_are_one_line_errors(tmp_path, capsys):
+    video = scene_video(tmp_path / "v.mp4", [6])
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+
+    def error(*argv: str) -> str:
+        assert main(list(argv)) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("\n") == 1, err
+        return err
+
+    assert f"{a_file}: is a file" in error("build", str(video), "--out", str(a_file))
+    assert a_file.read_text() == "mine"
+    assert "--short-side must be an even number in 16..4320" in error(
+        "build", str(video), "--out", str(tmp_path / "o"), "--short-side", "20000")
+    assert not (tmp_path / "o").exists()
+    out = tmp_path / "shards"
+    assert main(["build", str(video), "--out", str(out), "--val-fraction", "0"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    broken = {
+        "no members": {k: v for k, v in manifest.items() if k != "members"},
+        "shard without sha256": json.loads(json.dumps(manifest).replace('"sha256"', '"sha"')),
+        "shard outside": json.loads(json.dumps(manifest).replace(
+            manifest["splits"]["train"]["shards"][0]["tar"], "../outside.tar")),
+    }
+    expected = {"no members": "key 'members' missing",
+                "shard without sha256": "key 'sha256' missing",
+                "shard outside": "'../outside.tar' is not a plain file name"}
+    for what, bad in broken.items():
+        (out / "manifest.json").write_text(json.dumps(bad))
+        problems = verify(out)
+        assert len(problems) == 1 and expected[what] in problems[0], (what, problems)
+        capsys.readouterr()
+        assert main(["verify", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert str(out / "manifest.json") in err and "Traceback" not in err
+
+
+def jpeg_scan_byte(data: bytes) -> int:
+    """An offset in the middle of a JPEG's entropy-coded data, away from any marker."""
+    start = data.index(b"\xff\xda")
+    start += 2 + int.from_bytes(data[start + 2:start + 4], "big")  # skip the SOS header
+    end = data.rindex(b"\xff\xd9")
+    offset = (start + end) // 2
+    while b"\xff" in data[offset - 1:offset + 2]:
+        offset += 1
+    return offset
+
+
+def test_verify_names_a_sample_whose_jpeg_data_is_damaged(tmp_path):
+    video = scene_video(tmp_path / "v.mp4", [8])
+    out = tmp_path / "shards"
+    assert main(["build", str(video), "--out", str(out), "--val-fraction", "0"]) == 0
+    tar_path = out / load_manifest(out)["splits"]["train"]["shards"][0]["tar"]
+    with tarfile.open(tar_path) as tar:
+        member = next(m for m in tar if m.name.endswith(".cur.jpg"))
+        data = tar.extractfile(member).read()
+    offset = jpeg_scan_byte(data)
+    raw = bytearray(tar_path.read_bytes())
+    raw[member.offset_data + offset] ^= 0x0F  # markers and sizes intact: the tar still reads
+    tar_path.write_bytes(bytes(raw))
+    key = member.name.split(".")[0]
+    problems = verify(out)
+    damaged = [p for p in problems if "damaged data" in p]
+    assert len(damaged) == 1 and f"sample {key!r}.cur.jpg" in damaged[0], problems
+    assert not any("not a decodable JPEG" in p for p in problems)  # it decodes: only the CRC
+
+
+def run_on_full_disk(cmd: list[str], out: Path, free_kb: int) -> subprocess.CompletedProcess:
+    """Run `tricolor-shards *cmd` on `out` with only `free_kb` KiB of room left for it.
+
+    Where mount namespaces are permitted, `out` is copied onto a real tmpfs of its size plus
+    `free_kb` (writes then fail with ENOSPC) and copied back afterwards; elsewhere the build
+    runs in place under RLIMIT_FSIZE=`free_kb` KiB with SIGXFSZ ignored (a write past the
+    limit then fails with EFBIG): the same failing-write path."""
+    shell_cmd = " ".join(map(shlex.quote, [sys.executable, "-m", "shards", *cmd]))
+    mnt = out.with_name(out.name + "-tmpfs")
+    mnt.mkdir()
+    size_kb = sum(p.stat().st_size for p in out.iterdir()) // 1024 + free_kb
+    script = (f"mount -t tmpfs -o size={size_kb}k tmpfs {mnt} && cp -a {out}/. {mnt} || exit 99\n"
+              f"{shell_cmd.replace(str(out), str(mnt))} 2>{mnt}.err; rc=$?\n"
+              f"rm -rf {out} && cp -a {mnt} {out} && cat {mnt}.err >&2 && exit $rc")
+    userns = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    unshare = shutil.which("unshare")
+    if unshare:
+        result = subprocess.run([unshare, *userns, "--mount", "sh", "-c", script],
+                                capture_output=True, text=True)
+        if result.returncode != 99:
+            return subprocess.CompletedProcess(
+                result.args, result.returncode, result.stdout,
+                result.stderr.replace(str(mnt), str(out)))
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (free_kb * 1024, free_kb * 1024))
+
+    return subprocess.run([sys.executable, "-m", "shards", *cmd], capture_output=True,
+                          text=True, preexec_fn=limit_file_size)
+
+
+# The rebuild (the sample clip at short side 64) spools ~0.9 MB of JPEGs, then writes
+# ~2.7 MB of shards: 400 KiB fills up while spooling, 1600 KiB while writing the shards.
+@pytest.mark.parametrize("free_kb", [400, 1600], ids=["spooling", "writing"])
+def test_a_full_disk_fails_cleanly_and_keeps_the_old_data_set(tmp_path, bunny, free_kb):
+    out = tmp_path / "shards"
+    assert main(["build", str(scene_video(tmp_path / "old.mp4", [8])), "--out", str(out),
+                 "--short-side", "64", "--val-fraction", "0"]) == 0
+    old_manifest, old_files = (out / "manifest.json").read_bytes(), sorted(out.iterdir())
+    result = run_on_full_disk(["build", str(bunny), "--out", str(out), "--short-side", "64",
+                               "--val-fraction", "0", "--overwrite"], out, free_kb)
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "tricolor-shards" in line]
+    assert errors[0].startswith(f"tricolor-shards: error: {out}")
+    assert "No space left on device" in errors[0] or "File too large" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert sorted(out.iterdir()) == old_files  # no .partial, spool or shard of the new build
+    assert_whole(out, old_manifest)
+    assert verify(out) == []
