@@ -252,14 +252,13 @@ class OldDataSet:
     listed: set[str]  # shard files those manifests list: deleted after them
 
 
-def listed_files(manifest_path: Path, log) -> set[str]:
-    """The shard file names a manifest lists; none (with a warning) when it cannot be read,
-    so that an unreadable manifest never makes a rebuild delete anything it names."""
+def listed_files(manifest_path: Path, log) -> set[str] | None:
+    """The shard file names a manifest lists; None (with a warning) when it cannot be read."""
     try:
         manifest = load_manifest(manifest_path)
     except ManifestError as e:
-        log(f"warning: {e}; the files it lists are not removed", file=sys.stderr)
-        return set()
+        log(f"warning: {e}; no file it may list is removed", file=sys.stderr)
+        return None
     return {s[k] for info in manifest["splits"].values() for s in info["shards"]
             for k in ("tar", "index")}
 
@@ -273,7 +272,9 @@ def find_old(out_dir: Path, slice_: tuple[int, int] | None, log) -> OldDataSet:
         return OldDataSet([], [], [], set())
     entries = sorted(out_dir.iterdir())
     manifests = [p for p in entries if p.name == MANIFEST or SLICE_MANIFEST.match(p.name)]
-    listed_anywhere = set().union(*(listed_files(m, log) for m in manifests))
+    lists = [listed_files(m, log) for m in manifests]
+    listed_anywhere = set().union(*(names for names in lists if names is not None))
+    unreadable = None in lists  # then any unlisted shard may be one it lists: keep them all
     mine = "" if slice_ is None else f"s{slice_[0]}of{slice_[1]}"
     if slice_ is None:
         ours = [p for p in entries if tool_file_slice(p.name) is not None]
@@ -282,11 +283,11 @@ def find_old(out_dir: Path, slice_: tuple[int, int] | None, log) -> OldDataSet:
         own = out_dir / manifest_name(slice_)
         manifests = [m for m in manifests if m in (own, out_dir / MANIFEST)]
         ours = [p for p in entries if tool_file_slice(p.name) == mine]
-        # Old slice shards the merged manifest lists are this slice's too (by their names).
-        listed = (listed_files(own, log) if own.exists() else set()) | {
-            name for name in listed_anywhere if tool_file_slice(name) == mine}
+        # This slice's shards by their names: those its own and the merged manifest list.
+        listed = {name for name in listed_anywhere if tool_file_slice(name) == mine}
         blocking = manifests + ours
-    leftovers = [p for p in ours if p.name not in listed_anywhere]
+    leftovers = [p for p in ours if p.name not in listed_anywhere
+                 and not (unreadable and p.suffix in (".tar", ".idx"))]
     return OldDataSet(blocking, leftovers, manifests, listed)
 
 
@@ -312,7 +313,7 @@ def retire(old: OldDataSet, new_manifest: Path, log) -> None:
         if manifest != new_manifest:
             manifest.unlink(missing_ok=True)
     fsync_dir(out_dir)
-    keep = listed_files(new_manifest, log)
+    keep = listed_files(new_manifest, log) or set()
     for name in sorted(old.listed - keep):
         if name.endswith((".tar", ".idx")):  # never anything else a manifest might name
             (out_dir / name).unlink(missing_ok=True)

@@ -234,6 +234,11 @@ def test_overwrite_replaces_only_the_old_data_set(tmp_path):
     assert not (out / "train-000099.tar.partial").exists()
     assert not (out / ".spool-all-partial").exists()
     assert verify(out) == []  # other.tar and x.idx are not this tool's names
+    # A manifest that cannot be read lists nothing for sure: a rebuild then removes no shard.
+    (out / "manifest.json").write_text("{")
+    result = run_cli(*build, "--overwrite")
+    assert result.returncode == 0 and "not valid JSON" in result.stderr
+    assert all((out / name).exists() for name in new_shards)
 
 
 def test_missing_input_and_bad_flags_are_clear_errors(tmp_path):
