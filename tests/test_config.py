@@ -146,3 +146,11 @@ def test_a_bad_value_stops_the_trainer_before_the_run_directory_exists(tmp_path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "config error: key 'train.keep_checkpoints'" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_mixed_precision_no_unquoted(tmp_path):
+    # YAML reads `no` as false; the documented spelling must still mean fp32
+    assert load_config(CONFIGS / "demo.yaml", ["train.mixed_precision=no"]).train \
+        .mixed_precision.value == "no"
+    path = write(tmp_path, "data:\n  shards: x\ntrain:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision.value == "no"

@@ -179,7 +179,21 @@ def test_channels_last_trains_the_same_model_in_nhwc(shards):
 def run_args(shards, runs, *extra: str) -> list[str]:
     return ["--config", "configs/demo.yaml", f"data.shards={shards}", f"runs_dir={runs}",
             "name=run", *TINY, "train.max_steps=2", "train.log_every=1", "train.image_every=0",
-            *extra]
+            "train.mixed_precision=no", *extra]
+
+
+def run_main(args: list[str]) -> int:
+    """trainer.main.main in this process, on CPU (as the other in-process tests) even on a GPU
+    host: the Accelerator's state is per process."""
+    before = os.environ.get("ACCELERATE_USE_CPU")
+    os.environ["ACCELERATE_USE_CPU"] = "true"
+    try:
+        return main(args)
+    finally:
+        if before is None:
+            del os.environ["ACCELERATE_USE_CPU"]
+        else:
+            os.environ["ACCELERATE_USE_CPU"] = before
 
 
 def snapshot(directory) -> dict[str, bytes]:
@@ -204,7 +218,7 @@ def finished(damaged_val, tmp_path_factory):
     """A complete 2-step run on `damaged_val`: validation turned off from the scan."""
     runs = tmp_path_factory.mktemp("finished")
     with warnings_to_stderr():
-        assert main(run_args(damaged_val, runs)) == 0
+        assert run_main(run_args(damaged_val, runs)) == 0
     return runs / "run"
 
 
@@ -245,14 +259,14 @@ def test_a_refused_relaunch_leaves_the_run_as_it_was(damaged_val, finished, tmp_
     capsys.readouterr()
 
     # another model: refused by the checkpointer, after the data scan
-    assert main(run_args(damaged_val, tmp_path, "model.ngf=16")) == 1
+    assert run_main(run_args(damaged_val, tmp_path, "model.ngf=16")) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("checkpoint error: ")
     assert "trainer.json: saved with another model config" in err[0] and "ngf" in err[0]
     assert snapshot(run) == before
 
     # --no-resume with a crop larger than the frames: nothing is moved aside
-    assert main(run_args(damaged_val, tmp_path, "--no-resume", "data.crop_size=128")) == 1
+    assert run_main(run_args(damaged_val, tmp_path, "--no-resume", "data.crop_size=128")) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("data error: ") and "data.crop_size" in err[0]
     assert snapshot(run) == before and not list(tmp_path.glob("run/checkpoints.before-*"))
@@ -263,7 +277,7 @@ def test_a_refused_relaunch_leaves_the_run_as_it_was(damaged_val, finished, tmp_
     manifest = json.loads((bad / "manifest.json").read_text())
     manifest["splits"]["train"]["shards"][0]["tar"] = "../elsewhere.tar"
     (bad / "manifest.json").write_text(json.dumps(manifest))
-    assert main(run_args(bad, tmp_path)) == 1
+    assert run_main(run_args(bad, tmp_path)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("data error: ") and "../elsewhere.tar" in err[0]
     assert snapshot(run) == before
@@ -290,7 +304,7 @@ def test_a_live_holder_is_refused_and_a_killed_one_taken_over(damaged_val, finis
         assert holder.stdout.readline() == "held\n"
         before = snapshot(run)
         capsys.readouterr()
-        assert main(run_args(damaged_val, tmp_path)) == 1
+        assert run_main(run_args(damaged_val, tmp_path)) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"run directory error: {run / 'LOCK'}: ")
         assert f"pid {holder.pid} " in err[0] and socket.gethostname() in err[0]
@@ -300,7 +314,7 @@ def test_a_live_holder_is_refused_and_a_killed_one_taken_over(damaged_val, finis
         holder.wait()
     assert str(holder.pid) in (run / "LOCK").read_text()
     with warnings_to_stderr():
-        assert main(run_args(damaged_val, tmp_path, "train.max_steps=3")) == 0
+        assert run_main(run_args(damaged_val, tmp_path, "train.max_steps=3")) == 0
     out, err = capsys.readouterr()
     assert "at step 2" in out.split("resumed from", 1)[1]  # the same run, continued
     assert f"taking over the lock of host {socket.gethostname()} pid {holder.pid}" in err

@@ -117,6 +117,9 @@ class ConfigError(ValueError):
 
 
 def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    # YAML reads an unquoted `no` as false: `train.mixed_precision: no` means Precision.no
+    if OmegaConf.select(other, "train.mixed_precision", default=None) is False:
+        other.train.mixed_precision = "no"
     try:
         return OmegaConf.merge(base, other)
     except OmegaConfBaseException as e:
