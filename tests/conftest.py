@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -6,6 +7,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # tests/videos.py helpers
 
 from shards.video import sample_video  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The loader remembers verified shards in $XDG_CACHE_HOME: keep the tests' own (and their
+    subprocesses') out of the user's cache."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.run_lock import RunLock, RunLocked
+from trainer.run_lock import RunLock, RunLocked, _process_start
 
 ROOT = Path(__file__).parent.parent
 
@@ -103,3 +103,26 @@ def test_sigterm_releases_the_lock(tmp_path):
     holder.send_signal(signal.SIGTERM)
     assert holder.wait(timeout=30) == 128 + signal.SIGTERM
     assert not (tmp_path / "LOCK").exists()
+
+
+def test_a_killed_holder_not_yet_reaped_is_not_alive(tmp_path):
+    """A SIGKILLed rank whose parent died waits for a reaper that a container's init may never
+    be: as a zombie it still answers kill(pid, 0), but it holds nothing."""
+    holder = subprocess.Popen(["sleep", "60"])
+    lock = tmp_path / "LOCK"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+                                "pid_start": _process_start(holder.pid),
+                                "started": "2026-01-01T00:00:00+00:00"}))
+    holder.kill()
+    deadline = time.time() + 10
+    while Path(f"/proc/{holder.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.time() < deadline
+        time.sleep(0.01)
+    os.kill(holder.pid, 0)  # a zombie: still there for kill(), not reaped yet
+    try:
+        taker = RunLock(tmp_path)
+        taker.acquire()
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        taker.release()
+    finally:
+        holder.wait()

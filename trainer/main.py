@@ -95,10 +95,10 @@ def exit_on_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
-def fail(accelerator, kind: str, error: Exception, agreed: bool = True) -> int:
-    """One line naming the problem, exit status 1. An `agreed` error was reached by every rank
-    alike: the main process says it; others say theirs (one line per rank at most)."""
-    if accelerator.is_main_process or not agreed:
+def fail(accelerator, kind: str, error: Exception) -> int:
+    """One line naming the problem, exit status 1. The error was reached by every rank alike
+    (the callers agree across ranks first), so the main process alone says it."""
+    if accelerator.is_main_process:
         print(f"{kind} error: {error}", file=sys.stderr, flush=True)
     return 1
 
@@ -161,9 +161,8 @@ def run(cfg, args, accelerator, run_dir: Path) -> int:
     explicit = Path(cfg.resume_from) if cfg.resume_from else None
     try:
         final = train(cfg, accelerator, run_dir, explicit, allow_resume=not args.no_resume)
-    except CheckpointError as e:
-        # decided per rank by the checkpointer: each rank that fails says so
-        return fail(accelerator, "checkpoint", e, agreed=False)
+    except CheckpointError as e:  # agreed across ranks by the checkpointer
+        return fail(accelerator, "checkpoint", e)
     except (NoSamplesError, ManifestError) as e:  # agreed across ranks (train.agreed)
         return fail(accelerator, "data", e)
     if final is None:  # stopped on request, checkpoint saved: a requeued job resumes

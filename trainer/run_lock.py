@@ -44,14 +44,20 @@ class RunLocked(RuntimeError):
     """The run directory belongs to another live process; the message names it."""
 
 
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of `pid` (clock ticks since boot), None where unknown. With the
-    pid it identifies a process: a pid reused by another process has another start time."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3... of /proc/<pid>/stat (state first), None where unknown."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name in (...) may hold spaces
+    return stat.rsplit(")", 1)[1].split()  # the name in (...) may hold spaces
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (clock ticks since boot), None where unknown. With the
+    pid it identifies a process: a pid reused by another process has another start time."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields else None  # field 22
 
 
 def _alive(pid: int, start: str | None) -> bool:
@@ -62,7 +68,12 @@ def _alive(pid: int, start: str | None) -> bool:
         return False
     except PermissionError:  # exists, owned by another user
         pass
-    now = _process_start(pid)
+    fields = _proc_stat(pid)
+    if fields and fields[0] in ("Z", "X"):
+        # Killed and not yet reaped (orphaned ranks wait for a reaper that a container's
+        # init may never be): it holds nothing any more.
+        return False
+    now = fields[19] if fields else None
     return start is None or now is None or now == start
 
 
