@@ -419,6 +419,7 @@ def agreement_rank(rank: int, world: int, port: int, root: Path) -> None:
     except CheckpointError as e:
         seen["explicit"] = str(e)
     (root / f"rank{rank}.json").write_text(json.dumps(seen))
+    dist.barrier()  # neither rank tears gloo down while the other still talks (SIGABRT)
     dist.destroy_process_group()
 
 
