@@ -320,6 +320,45 @@ def test_damaged_rank_files_are_named_errors(two_checkpoints):
         Checkpointer(ckpts.dir.parent, keep=0)
 
 
+def test_rank_files_missing_what_the_loader_reads_are_refused_before_agreeing(two_checkpoints):
+    """A rank file that reads as JSON but lacks the position (or holds a DALI state that is
+    not bytes) is a CheckpointError of `load`, which the ranks agree on; the loader itself
+    would raise a KeyError on that rank alone, after the agreement."""
+    from safetensors.torch import load_file, save_file
+
+    cfg, gan, ckpts = two_checkpoints
+    first, second = ckpts.complete_checkpoints()
+    position = second / "rank0.json"
+    saved = position.read_bytes()
+    for text, key in ((b"{}", "epoch"), (b'{"epoch": 0, "step": "3"}', "step"),
+                      (b'{"epoch": -1, "step": 0}', "epoch")):
+        position.write_bytes(text)
+        with pytest.raises(CheckpointError, match=rf"{position}: no '{key}'"):
+            ckpts.load(second, gan, cfg.model)
+    position.write_bytes(saved)
+    tensor_file = second / "rank0.safetensors"
+    tensors = load_file(str(tensor_file))
+    save_file({**tensors, "dali": torch.zeros(3)}, str(tensor_file))
+    with pytest.raises(CheckpointError, match=rf"{tensor_file}: 'dali' is not a 1-D uint8"):
+        ckpts.load(second, gan, cfg.model)
+    path, (state, _, _) = ckpts.restore(gan, cfg.model)  # falls back to the previous one
+    assert path == first and state["step"] == 1
+
+
+def test_a_failed_publish_removes_its_tmp(two_checkpoints):
+    """Rank 0's last step fails (here: a file, not a checkpoint, has the final name, and
+    replacing it fails): no `step_N.tmp` is left, the error names it, the file stays."""
+    cfg, gan, ckpts = two_checkpoints
+    squatter = ckpts.dir / "step_000003"
+    squatter.write_text("not a checkpoint\n")
+    with pytest.raises(CheckpointError, match=rf"checkpoint not saved: .*{squatter}"):
+        save_tiny(ckpts, 3, gan, cfg)
+    assert sorted(p.name for p in ckpts.dir.iterdir()) == ["latest", "step_000001",
+                                                          "step_000002", "step_000003"]
+    assert squatter.read_text() == "not a checkpoint\n"
+    assert ckpts.latest() == ckpts.dir / "step_000002"
+
+
 def test_a_failed_save_removes_its_tmp_and_names_the_cause(two_checkpoints):
     """A real write failure: RLIMIT_FSIZE makes every write past 20 kB fail (EFBIG)."""
     import resource

@@ -151,7 +151,7 @@ class Checkpointer:
         self._agreed_or_discard(failure, tmp)
         if rank == 0:
             failure = self._attempt(lambda: self._publish(tmp, final, world), final)
-        _raise_agreed(_agree(failure))
+        self._agreed_or_discard(failure, tmp)  # e.g. COMPLETE not written: tmp goes too
         if rank == 0:
             self._prune(final)
         log.info("saved checkpoint %s", final)
@@ -170,8 +170,8 @@ class Checkpointer:
         return None
 
     def _agreed_or_discard(self, failure, tmp: Path) -> None:
-        """Collective: when any rank failed, rank 0 removes `tmp` (nobody writes into it any
-        more) and every rank raises the same CheckpointError."""
+        """Collective: when any rank failed, rank 0 removes `tmp` if it is still there
+        (nobody writes into it any more) and every rank raises the same CheckpointError."""
         failure = _agree(failure)
         if failure is None:
             return
@@ -299,10 +299,10 @@ class Checkpointer:
         state = self._check(path, model_cfg, backend)
         rank, world = _rank_world()
         if state["world_size"] != world:
-            position = _read_json(path / "rank0.json")
+            position = _read_position(path / "rank0.json")
             position["source"] = None
             return state, position, None
-        position = _read_json(path / f"rank{rank}.json")
+        position = _read_position(path / f"rank{rank}.json")
         tensor_file = path / f"rank{rank}.safetensors"
         try:
             tensors = load_file(str(tensor_file))
@@ -310,7 +310,11 @@ class Checkpointer:
             raise CheckpointError(f"{tensor_file}: unreadable ({e})") from None
         if "rng_cpu" not in tensors:
             raise CheckpointError(f"{tensor_file}: no rng_cpu tensor")
-        position["source"] = bytes(tensors["dali"].numpy()) if "dali" in tensors else None
+        dali = tensors.get("dali")
+        if dali is not None and (dali.dtype != torch.uint8 or dali.dim() != 1):
+            raise CheckpointError(f"{tensor_file}: 'dali' is not a 1-D uint8 tensor "
+                                  f"({dali.dtype}, shape {list(dali.shape)})")
+        position["source"] = bytes(dali.numpy()) if dali is not None else None
         return state, position, tensors
 
     def load(self, path: Path, gan, model_cfg) -> tuple[dict, dict | None, dict | None]:
@@ -367,3 +371,15 @@ def _read_json(path: Path) -> dict:
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: not a JSON object")
     return value
+
+
+def _read_position(path: Path) -> dict:
+    """A rank's loader position, checked here (before the ranks agree) for what
+    TripletLoader.load_state_dict reads unconditionally: a rank that failed there alone,
+    after the agreement, would leave the others in the next collective."""
+    position = _read_json(path)
+    for key in ("epoch", "step"):
+        value = position.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"{path}: no {key!r} (a non-negative integer)")
+    return position
