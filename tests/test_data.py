@@ -448,3 +448,54 @@ def test_a_verified_shard_is_hashed_again_only_once_it_changes(tmp_path, shards,
     assert dict(make_loader(copy).skipped) == {"checksum mismatch": 1}
     monkeypatch.setenv("XDG_CACHE_HOME", str(tar))  # a cache that cannot be written
     assert dict(make_loader(copy).skipped) == {"checksum mismatch": 1}
+
+
+def test_an_unreadable_index_is_named_and_the_shard_reindexed(tmp_path, shards, caplog):
+    """An `.idx` that cannot be read at all (here a directory; likewise no permission) is
+    reported like a malformed one, and the tar indexed instead: no traceback on every rank."""
+    from trainer.data.samples import scan_split
+
+    bad = damaged_copy(shards, tmp_path)
+    index = bad / train_shards(bad)[0]["index"]
+    index.unlink()
+    index.mkdir()
+    with caplog.at_level(logging.WARNING):
+        found = scan_split(bad, "train")
+    assert f"{index}: unreadable index (Is a directory)" in caplog.text
+    assert "re-indexing" in caplog.text
+    reference = scan_split(shards, "train")
+    assert [s.lines for s in found.shards] == [s.lines for s in reference.shards]
+    assert found.fingerprint() == reference.fingerprint() and not found.skipped
+
+
+def test_ranks_with_other_samples_are_refused_together(tmp_path, shards):
+    """Ranks whose scans differ (another shard storage or verified-shards cache on one node)
+    get one data error naming the ranks; a scan error that is not a data error (an OSError)
+    becomes one."""
+    from accelerate import Accelerator
+
+    from shards.manifest import ManifestError
+    from trainer.data.samples import RanksDisagree, check_same_samples, scan_split
+    from trainer.train import agreed
+
+    same = scan_split(shards, "train").fingerprint()
+    check_same_samples([same, same, same], "the train split")
+    bad = damaged_copy(shards, tmp_path)
+    entry = train_shards(bad)[2]
+    (bad / entry["tar"]).unlink()  # what a node without this shard would find
+    other = scan_split(bad, "train").fingerprint()
+    assert other != same
+    with pytest.raises(RanksDisagree) as err:
+        check_same_samples([same, other, same, None], "the train split")
+    assert isinstance(err.value, ManifestError)  # reported as a data error by trainer.main
+    message = str(err.value)
+    assert message.startswith(f"the ranks found different readable samples in the train split "
+                              f"(ranks 0, 2: {same}; rank 1: {other}; rank 3: None)")
+    assert "verified-shards" in message and "same shard storage" in message
+
+    def unreadable():
+        raise IsADirectoryError(21, "Is a directory", str(bad / entry["index"]))
+
+    with pytest.raises(NoSamplesError, match=rf"cannot scan the shards: .*Is a directory: "
+                                             rf"'{bad / entry['index']}'"):
+        agreed(Accelerator(cpu=True), unreadable)

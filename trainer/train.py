@@ -83,14 +83,23 @@ def agreed(accelerator: Accelerator, build):
     """`build()` on every rank; a data error on any rank is raised on every rank. The scans
     behind the loaders are deterministic (the same files read in the same order), so ranks
     fail alike; the gather makes sure that even then (a file changed between two ranks'
-    scans) no rank goes on alone into collectives the others never reach."""
+    scans) no rank goes on alone into collectives the others never reach. The ranks' sample
+    lists must be the same too (`check_same_samples`): a node with other shard files or
+    another verified-shards cache would read another number of batches."""
+    from trainer.data.samples import check_same_samples
+
     try:
         result, error = build(), None
     except (NoSamplesError, ManifestError) as e:
         result, error = None, e
-    errors = [e for e in gather_object([error]) if e is not None]
+    except (OSError, ValueError) as e:  # a shard file the scan could not read as expected
+        result, error = None, NoSamplesError(f"cannot scan the shards: {e}")
+    fingerprint = None if result is None else result.samples.fingerprint()
+    outcomes = gather_object([(error, fingerprint)])
+    errors = [e for e, _ in outcomes if e is not None]
     if errors:
         raise errors[0]
+    check_same_samples([f for _, f in outcomes], f"the {result.split} split")
     return result
 
 

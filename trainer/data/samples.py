@@ -6,7 +6,8 @@ manifest (`shards.manifest.shard_file`: plain names inside the shard folder). Pe
 
 - a missing, empty or unreadable shard (not a tar) is skipped with a warning and counts as
   the manifest's number of samples for it;
-- its `.idx` must be a DALI index of this very tar: a malformed one (bad header, wrong field
+- its `.idx` must be a DALI index of this very tar: an unreadable one (a directory, no
+  permission), a malformed one (bad header, wrong field
   count, non-integers, members listed past the end of a whole tar) or a stale one (the tar
   header 512 bytes before a listed member does not carry its name and size) is reported
   naming the index file, and the shard is re-indexed from the tar for this run, as when the
@@ -45,7 +46,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shards.manifest import load_manifest, shard_file
+from shards.manifest import ManifestError, load_manifest, shard_file
 from shards.tario import INDEX_VERSION, split_member_name
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,30 @@ Sample = dict[str, Member]  # extension (e.g. "cur.jpg") -> member
 
 class NoSamplesError(ValueError):
     """The shard list holds no readable sample."""
+
+
+class RanksDisagree(ManifestError):
+    """The ranks' scans found different samples. A ManifestError (not a NoSamplesError): a
+    data error for every launch, never taken for "too few val samples, validation off"."""
+
+
+def check_same_samples(fingerprints: list[str | None], what: str) -> None:
+    """Raise RanksDisagree unless every rank's `SampleSet.fingerprint()` (None: that rank
+    failed) is the same. The scans are deterministic, so a difference means the ranks read
+    different files (another shard storage, a shard changed between their scans) or trusted
+    different verified-shard caches (`VerifiedCache`, per node): ranks with different sample
+    lists would step a different number of times and hang in a collective."""
+    groups: dict[str | None, list[int]] = {}
+    for rank, fingerprint in enumerate(fingerprints):
+        groups.setdefault(fingerprint, []).append(rank)
+    if len(groups) <= 1:
+        return
+    found = "; ".join(f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: "
+                      f"{fingerprint}" for fingerprint, ranks in groups.items())
+    raise RanksDisagree(
+        f"the ranks found different readable samples in {what} ({found}): check that every "
+        "node reads the same shard storage, and delete the verified-shards cache "
+        f"({VerifiedCache.directory()} on each node) so that every shard is checked again")
 
 
 @dataclass
@@ -200,6 +225,8 @@ def _listed_samples(tar: Path, index: Path, data: mmap.mmap) -> tuple[list[Sampl
         problem = _index_problem(tar, samples, data)
     except ValueError as e:  # UnicodeDecodeError included
         problem = f"malformed index ({e})"
+    except OSError as e:  # a directory, no permission: the tar itself still says it all
+        problem = f"unreadable index ({e.strerror or e})"
     if problem is None:
         return samples, None
     log.warning("%s: %s; re-indexing %s from the tar for this run (rebuild the shards to "
