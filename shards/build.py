@@ -315,7 +315,9 @@ def retire(old: OldDataSet, new_manifest: Path, log) -> None:
     fsync_dir(out_dir)
     keep = listed_files(new_manifest, log) or set()
     for name in sorted(old.listed - keep):
-        if name.endswith((".tar", ".idx")):  # never anything else a manifest might name
+        # Only this tool's own shard names: a hand-edited or downloaded manifest may list
+        # any file of the folder (a user's backup.tar), which is not ours to delete.
+        if name.endswith((".tar", ".idx")) and tool_file_slice(name) is not None:
             (out_dir / name).unlink(missing_ok=True)
 
 

@@ -18,7 +18,8 @@ SLICE_MANIFEST = re.compile(r"^manifest-s(\d+)of(\d+)\.json$")
 _TOOL_NAMES = (
     re.compile(r"^(?:train|val)-(?:(s\d+of\d+)-)?(?:[0-9a-f]{8}-)?\d{6}\.(?:tar|idx)(?:\.partial)?$"),
     re.compile(r"^manifest(?:-(s\d+of\d+))?\.json\.partial$"),
-    re.compile(r"^\.spool-(?:(s\d+of\d+)-)?"),
+    # spool folders: `.spool-[sKofN-]<build id>.partial`, earlier `.spool-{all,sKofN}-partial`
+    re.compile(r"^\.spool-(?:all-partial|(?:(s\d+of\d+)-)?(?:[0-9a-f]{8}\.)?partial)$"),
 )
 
 
@@ -86,6 +87,32 @@ def _missing(obj: object, keys: dict, what: str) -> str | None:
     return None
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_size(value: object) -> bool:
+    return (isinstance(value, list) and len(value) == 2
+            and all(_is_count(v) and v > 0 for v in value))
+
+
+def _value_problems(manifest: dict):
+    """Values of the right container type but the wrong contents."""
+    if not all(isinstance(m, str) for m in manifest["members"]):
+        yield "key 'members': expected a list of member names (strings)"
+    for split, info in manifest["splits"].items():
+        if not _is_count(info["samples"]):
+            yield f"split {split!r}: key 'samples' is {info['samples']!r}, expected a count >= 0"
+        bad = next((s for s in info["frame_sizes"] if not _is_size(s)), None)
+        if bad is not None:
+            yield (f"split {split!r}: frame_sizes entry {bad!r}, expected a list of "
+                   "two positive integers (a frame size)")
+        for i, shard in enumerate(info["shards"]):
+            if not _is_count(shard["samples"]):
+                yield (f"split {split!r} shard {i}: key 'samples' is {shard['samples']!r}, "
+                       "expected a count >= 0")
+
+
 def _field_problems(manifest: dict):
     if problem := _missing(manifest, _KEYS, "manifest"):
         yield problem
@@ -93,10 +120,12 @@ def _field_problems(manifest: dict):
     for split, info in manifest["splits"].items():
         if problem := _missing(info, _SPLIT_KEYS, f"split {split!r}"):
             yield problem
-            continue
+            return
         for i, shard in enumerate(info["shards"]):
             if problem := _missing(shard, _SHARD_KEYS, f"split {split!r} shard {i}"):
                 yield problem
+                return
+    yield from _value_problems(manifest)
 
 
 def _check_shard_names(manifest: dict, shard_dir: Path, where: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import resource
 import shlex
 import shutil
@@ -24,6 +25,7 @@ from shards.cli import main
 from shards.manifest import ManifestError, load_manifest
 from shards.tario import split_member_name
 from shards.verify import verify
+from trainer.data.samples import scan_split
 
 
 def read_samples(out: Path, split: str) -> dict[str, dict]:
@@ -222,6 +224,9 @@ def test_overwrite_replaces_only_the_old_data_set(tmp_path):
         (out / name).write_bytes(data)
     (out / "train-000099.tar.partial").write_bytes(b"junk")
     (out / ".spool-all-partial").mkdir()
+    (out / ".spool-s0of2-0123abcd.partial").mkdir()  # a killed slice build's
+    (out / ".spool-mystuff").mkdir()  # a user's folder that merely starts like a spool
+    (out / ".spool-mystuff" / "keep.txt").write_text("mine")
     result = run_cli(*build)
     assert result.returncode == 1 and "--overwrite" in result.stderr
     assert dataset_files(out) == old_shards
@@ -233,7 +238,18 @@ def test_overwrite_replaces_only_the_old_data_set(tmp_path):
     assert not any((out / name).exists() for name in old_shards)
     assert not (out / "train-000099.tar.partial").exists()
     assert not (out / ".spool-all-partial").exists()
+    assert not (out / ".spool-s0of2-0123abcd.partial").exists()
+    assert (out / ".spool-mystuff" / "keep.txt").read_text() == "mine"
     assert verify(out) == []  # other.tar and x.idx are not this tool's names
+    # A hand-edited manifest that lists a user's file as a shard: the rebuild keeps the file.
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0].update(tar="other.tar", index="x.idx")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli(*build, "--overwrite").returncode == 0
+    for name, data in unrelated.items():
+        assert (out / name).read_bytes() == data
+    assert verify(out) == []
+    new_shards = dataset_files(out)
     # A manifest that cannot be read lists nothing for sure: a rebuild then removes no shard.
     (out / "manifest.json").write_text("{")
     result = run_cli(*build, "--overwrite")
@@ -468,9 +484,34 @@ def test_bad_out_flags_and_manifests_are_one_line_errors(tmp_path, capsys):
         "shard outside": json.loads(json.dumps(manifest).replace(
             manifest["splits"]["train"]["shards"][0]["tar"], "../outside.tar")),
     }
+    train = manifest["splits"]["train"]
+
+    def changed(change) -> dict:
+        bad = json.loads(json.dumps(manifest))
+        change(bad, bad["splits"]["train"])
+        return bad
+
+    broken |= {
+        "frame size not a pair": changed(lambda m, t: t.update(frame_sizes=[5])),
+        "frame size zero": changed(lambda m, t: t.update(frame_sizes=[[0, 64]])),
+        "member not a name": changed(lambda m, t: m.update(members=["cur.jpg", 3])),
+        "shard samples": changed(lambda m, t: t["shards"][0].update(samples=-1)),
+        "shard samples float": changed(lambda m, t: t["shards"][0].update(samples=2.5)),
+        "split samples": changed(lambda m, t: t.update(samples="60")),
+        "sha256 not a string": changed(lambda m, t: t["shards"][0].update(sha256=None)),
+    }
     expected = {"no members": "key 'members' missing",
                 "shard without sha256": "key 'sha256' missing",
-                "shard outside": "'../outside.tar' is not a plain file name"}
+                "shard outside": "'../outside.tar' is not a plain file name",
+                "frame size not a pair": "split 'train': frame_sizes entry 5, expected a list "
+                                         "of two positive integers",
+                "frame size zero": "frame_sizes entry [0, 64]",
+                "member not a name": "key 'members': expected a list of member names",
+                "shard samples": "split 'train' shard 0: key 'samples' is -1, expected a count",
+                "shard samples float": "shard 0: key 'samples' float, expected int",
+                "split samples": "split 'train': key 'samples' str, expected int",
+                "sha256 not a string": "shard 0: key 'sha256' NoneType, expected str"}
+    assert train["frame_sizes"] and train["shards"][0]["samples"] > 0  # the real ones pass
     for what, bad in broken.items():
         (out / "manifest.json").write_text(json.dumps(bad))
         problems = verify(out)
@@ -479,6 +520,8 @@ def test_bad_out_flags_and_manifests_are_one_line_errors(tmp_path, capsys):
         assert main(["verify", str(out)]) == 1
         err = capsys.readouterr().err
         assert str(out / "manifest.json") in err and "Traceback" not in err
+        with pytest.raises(ManifestError, match=re.escape(expected[what])):
+            scan_split(out, "train")  # the trainer's start-up scan: the same one line
 
 
 def jpeg_scan_byte(data: bytes) -> int:
