@@ -546,6 +546,28 @@ def test_huge_ngf_is_refused_before_anything_is_built(tmp_path):
     assert grew < 100 * 2**20, grew
 
 
+@pytest.mark.parametrize("depth", [100_000, 17, 3])
+def test_an_absurd_depth_is_refused_before_anything_is_built(tmp_path, depth):
+    """generator.json says depth=100000 (the meta-device build alone would take minutes):
+    refused from the settings at once; a plausible wrong depth by the weights' shapes."""
+    from trainer.colorize import ModelError
+
+    export = tiny_export(tmp_path / "export")
+    meta = json.loads((export / "generator.json").read_text())
+    meta["model"]["depth"] = depth
+    (export / "generator.json").write_text(json.dumps(meta))
+    t0 = time.monotonic()
+    with pytest.raises(ModelError) as err:
+        load_model(export, torch.device("cpu"))
+    assert time.monotonic() - t0 < 2
+    message = str(err.value)
+    assert str(export / "generator.json") in message and f"depth={depth}" in message
+    if depth > 16:
+        assert "expected 1..16 (frame sides must be multiples of 2**depth)" in message
+    else:
+        assert "do not describe these weights" in message
+
+
 # --- video metadata: display rotation, a size change mid-stream -----------------------------
 
 def player_frames(path: Path) -> list[np.ndarray]:

@@ -23,6 +23,9 @@ from models.config import ModelConfig
 # /2: the generator with the first seed's widths (2026-11-30); a /1 export holds the earlier
 # generator, whose weights do not fit it, and is refused by name.
 EXPORT_FORMAT = "tricolor-generator/2"
+# Frame sides must be multiples of 2**depth: beyond 16 (65536 pixels) no frame fits, and a
+# settings file saying depth=100000 would take minutes to build even on the meta device.
+MAX_DEPTH = 16
 
 
 def export_generator(G: nn.Module, model_cfg, out_dir: Path, step: int) -> None:
@@ -56,9 +59,13 @@ def load_generator(export_dir: Path) -> tuple[nn.Module, dict]:
 def check_shapes(cfg, weights: Path) -> None:
     """ValueError unless the tensors G built from `cfg` would have are exactly those in
     `weights` (names and shapes). Both sides cost no memory: G is built on the meta device
-    (shapes only) and safetensors reads only the file's header."""
+    (shapes only), after a bound on its depth (the number of its layers), and safetensors
+    reads only the file's header."""
     settings = ", ".join(f"{k}={getattr(cfg[k], 'value', cfg[k])}"
                          for k in ("mode", "ngf", "depth", "norm"))
+    if not 1 <= cfg.depth <= MAX_DEPTH:
+        raise ValueError(f"the settings ({settings}) say depth={cfg.depth}: expected 1.."
+                         f"{MAX_DEPTH} (frame sides must be multiples of 2**depth)")
     try:
         with torch.device("meta"):
             G = build_generator(cfg)
