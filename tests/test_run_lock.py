@@ -42,14 +42,33 @@ def test_the_holder_refreshes_its_heartbeat_and_releases(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no LOCK, no leftovers
 
 
-def test_a_lock_of_another_host_with_an_old_heartbeat_is_taken_over(tmp_path, caplog):
-    foreign_lock(tmp_path, age_s=30)
-    t0 = time.monotonic()
-    with RunLock(tmp_path, stale_s=5):
-        assert json.loads((tmp_path / "LOCK").read_text())["pid"] == os.getpid()
-    assert time.monotonic() - t0 < 2
+def test_a_lock_of_another_host_is_taken_over_once_watched_unchanged(tmp_path, caplog):
+    """An old mtime alone proves nothing (the other host's clock may be behind): the lock is
+    watched for stale_s of this host's monotonic clock, whatever its mtime says."""
+    for age_s in (3600, -3600):  # written an hour ago, or an hour "from now"
+        foreign_lock(tmp_path, age_s=age_s)
+        t0 = time.monotonic()
+        with RunLock(tmp_path, stale_s=1):
+            assert json.loads((tmp_path / "LOCK").read_text())["pid"] == os.getpid()
+        assert 1 <= time.monotonic() - t0 < 4
     assert "taking over the lock of host node-elsewhere pid 4242" in caplog.text
-    assert "no heartbeat for 30 s" in caplog.text
+    assert "its heartbeat did not change in 1 s of watching" in caplog.text
+
+
+def test_a_live_holder_whose_clock_is_behind_is_refused(tmp_path):
+    """Its heartbeat writes mtimes an hour in the past, but they change: the holder lives."""
+    lock = foreign_lock(tmp_path, age_s=3600)
+    beat = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time\n"
+        "while True:\n"
+        "    t = time.time() - 3600; os.utime(sys.argv[1], (t, t)); time.sleep(0.1)\n"),
+        str(lock)])
+    try:
+        with pytest.raises(RunLocked, match="refreshed its heartbeat"):
+            RunLock(tmp_path, stale_s=10).acquire()
+    finally:
+        beat.kill()
+        beat.wait()
 
 
 def test_a_young_lock_of_another_host_is_watched(tmp_path):
@@ -126,3 +145,38 @@ def test_a_killed_holder_not_yet_reaped_is_not_alive(tmp_path):
         taker.release()
     finally:
         holder.wait()
+
+
+LOSING_HOLDER = """
+import sys, time
+from trainer.main import exit_on_sigterm
+from trainer.run_lock import RunLock
+with exit_on_sigterm(), RunLock(sys.argv[1], heartbeat_s=0.1):
+    print("held", flush=True)
+    time.sleep(300)
+"""
+
+
+@pytest.mark.parametrize("taken", ["by another host", "removed"])
+def test_a_holder_whose_lock_was_taken_stops(tmp_path, taken):
+    """A holder whose heartbeat stalled (NFS) may have been taken over meanwhile: when its
+    heartbeat sees the lock gone or another's, it stops itself through SIGTERM (the trainer's
+    stop path) instead of training on beside the new owner, whose lock it leaves alone."""
+    holder = subprocess.Popen([sys.executable, "-c", LOSING_HOLDER, str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=ROOT)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        lock = tmp_path / "LOCK"
+        lock.unlink()
+        if taken == "by another host":
+            foreign_lock(tmp_path)
+        assert holder.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "no longer this process's lock" in holder.stderr.read()
+    if taken == "by another host":
+        assert json.loads(lock.read_text())["host"] == "node-elsewhere"
+    else:
+        assert not lock.exists()

@@ -13,12 +13,18 @@ warning:
 - same host: the holder's process no longer exists (pid and process start time, so that a
   reused pid does not count as the holder);
 - another host: its heartbeat (the mtime, refreshed every `heartbeat_s` by a daemon thread of
-  the holder) is older than `stale_s`. A younger one is watched: refreshed, the holder lives
-  and the start is refused; not refreshed for `stale_s`, it is taken over. So a job requeued
-  onto another node right after its first set was killed waits at most `stale_s`.
+  the holder) is watched: refreshed (changed at all), the holder lives and the start is
+  refused; unchanged for `stale_s` of this host's monotonic clock, it is taken over. The
+  mtime is never compared with this host's clock (the holder's host, or the file server,
+  may run fast or slow), so a start on another host waits `stale_s` for every lock it finds.
 Anything else is refused with RunLocked, naming the file and the holder. The lock is released
 on a normal exit and on an error; a process killed outright (SIGKILL, a second SIGTERM that
 aborts) leaves it behind, and the next start takes it over as above.
+
+A holder whose heartbeat could not be refreshed for `stale_s` (a storage stall) may have been
+taken over meanwhile: when its heartbeat finds the lock gone or another's, it logs an error and
+asks its own process to stop (SIGTERM: the trainer's stop path, a checkpoint and exit), so that
+two sets of ranks never go on training the same run.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -140,12 +147,19 @@ class RunLock:
             try:
                 holder, _ = self._read()
                 if holder != self.record:
-                    log.error("%s: no longer this process's lock (now: %s); another start took "
-                              "it over", self.path, describe(holder) if holder else "none")
+                    log.error("%s: no longer this process's lock (now: %s): another start took "
+                              "it over (this holder's heartbeat stalled?); stopping",
+                              self.path, describe(holder) if holder else "none")
+                    self._lost()
                     return
                 os.utime(self.path)
             except OSError as e:  # a storage hiccup: the next beat tries again
                 log.warning("%s: heartbeat failed: %s", self.path, e)
+
+    @staticmethod
+    def _lost() -> None:
+        """The lock is someone else's now: stop this process the way a scheduler would."""
+        os.kill(os.getpid(), signal.SIGTERM)
 
     # -- a starter's side -------------------------------------------------------------------
 
@@ -179,13 +193,15 @@ class RunLock:
 
     def _wait_for_heartbeat(self, holder: dict, mtime: float) -> str | None:
         """Watch another host's lock until it is refreshed (refused) or has not been for
-        `stale_s`; returns the reason to take it over, None when the lock changed hands
-        meanwhile (look again)."""
+        `stale_s` of watching; returns the reason to take it over, None when the lock changed
+        hands meanwhile (look again). Only a change of the mtime counts, never its age: the
+        other host's clock is not this one's."""
         watched = time.monotonic()
         while True:
-            silent = max(time.time() - mtime, time.monotonic() - watched)
+            silent = time.monotonic() - watched
             if silent > self.stale_s:
-                return f"no heartbeat for {silent:.0f} s (> {self.stale_s:g} s)"
+                return (f"its heartbeat did not change in {silent:.0f} s of watching "
+                        f"(> {self.stale_s:g} s)")
             time.sleep(POLL_S)
             now, now_mtime = self._read()
             if now != holder:
