@@ -2,13 +2,13 @@
 
     G = build_generator(cfg.model)       # GreyUNet or LineartUNet
     D = build_discriminator(cfg.model)   # PatchDiscriminator or GlobalDiscriminator
-    loss = build_loss(cfg.loss)          # GANLoss: d_loss, g_loss, pixel
+    loss = build_loss(cfg.loss)          # GANLoss: d_loss, g_loss, pixel, chroma, adv_weight
     d_in = assemble_d_input(cfg.model, condition, colour, target)
 
 `python -m models.summary` prints shapes, parameter counts and receptive fields.
 """
 
-from models.colour import black_lab_like, compose_lab, denormalize_lab, normalize_lab
+from models.colour import black_lab_like, chroma, compose_lab, denormalize_lab, normalize_lab
 from models.config import AdvLoss, DHead, LossConfig, Mode, ModelConfig, Norm, PixelLoss
 from models.discriminator import assemble_d_input, build_discriminator, d_in_channels
 from models.generator import build_generator
@@ -31,6 +31,7 @@ __all__ = [
     "build_discriminator",
     "build_generator",
     "build_loss",
+    "chroma",
     "compose_lab",
     "d_in_channels",
     "denormalize_lab",

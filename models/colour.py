@@ -39,3 +39,16 @@ def black_lab_like(x: Tensor) -> Tensor:
     black = torch.zeros_like(x)
     black[..., 0, :, :] = -1.0
     return black
+
+
+# Added under the square root: sqrt's gradient is infinite at 0, and a grey prediction (a = b
+# = 0, where a zero-initialised head starts) must not make the chroma loss NaN. 1e-8 moves the
+# chroma of grey to 1e-4 (0.011 CIE units), far below anything visible.
+CHROMA_EPS = 1e-8
+
+
+def chroma(x: Tensor) -> Tensor:
+    """Chroma magnitude sqrt(a^2 + b^2) [..., 1, H, W] of normalized a,b [..., 2, H, W] or
+    Lab [..., 3, H, W]: a,b are the last two colour channels in both."""
+    ab = x[..., -2:, :, :]
+    return (ab.square().sum(dim=-3, keepdim=True) + CHROMA_EPS).sqrt()

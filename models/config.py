@@ -48,6 +48,10 @@ class ModelConfig:
     depth: int = 5  # G down-sampling stages; frame sides must be multiples of 2**depth
     norm: Norm = Norm.batch  # G normalization layers (D has none: spectral norm instead)
     temporal: bool = True  # False: per-frame ablation, G sees frame t only (baselines)
+    # Start at grey: the head's a,b outputs get zero weights and bias, so a fresh G outputs
+    # a = b = 0 exactly (grey mode: the input's own grey frame; line-art mode: L is still
+    # predicted, a,b are 0). Only the initialization changes; a resumed run loads its weights.
+    zero_init_head: bool = False
     # Discriminator.
     ndf: int = 32  # D channels of its first layer; doubles per stage, capped at 8 * ndf
     d_head: DHead = DHead.patch
@@ -66,6 +70,13 @@ class LossConfig:
     pixel: PixelLoss = PixelLoss.l1  # on a,b (grey mode) or Lab (line-art mode), in [-1, 1]
     lambda_pixel: float = 20.0  # weight of the pixel loss in G's loss (first seed: beta = 20)
     lambda_adv: float = 1.0  # weight of the adversarial loss in G's loss (first seed: alpha)
+    # Pixel-only warm-up (DeOldify's NoGAN, VCGAN's first stage): G's loss has no adversarial
+    # term before this trainer step (the counter of train.max_steps, restored on resume); D
+    # trains from step 0 all the same, so it is not a random judge when the term switches on.
+    adv_start_step: int = 0  # 0 = adversarial from the first step
+    # Against the desaturated average: weight of mean |sqrt(a^2+b^2)(pred) - (target)|, the
+    # L1 distance between predicted and true chroma magnitudes, whatever the hue.
+    lambda_chroma: float = 0.0  # 0 = off
 
 
 def choice(enum_cls: type[Enum], value: object, key: str) -> Enum:
@@ -98,6 +109,11 @@ def check_model_config(cfg: ModelConfig) -> None:
 def check_loss_config(cfg: LossConfig) -> None:
     choice(AdvLoss, cfg.adversarial, "adversarial")
     choice(PixelLoss, cfg.pixel, "pixel")
-    for key in ("lambda_pixel", "lambda_adv"):
-        if getattr(cfg, key) < 0:
+    for key in ("lambda_pixel", "lambda_adv", "lambda_chroma"):
+        if not getattr(cfg, key) >= 0:  # written so that nan fails too
             raise ValueError(f"{key}: a loss weight, must be >= 0, got {getattr(cfg, key)}")
+    if cfg.adv_start_step < 0:
+        raise ValueError(
+            f"adv_start_step: a trainer step, must be >= 0 (0 = no warm-up), got "
+            f"{cfg.adv_start_step}"
+        )

@@ -16,6 +16,8 @@ Grey mode (first seed), `GreyUNet`:
     head, tanh    [B, 2, H, W]          3x3 conv to min(c_1, 32) channels, upsample, concat
                                         the full-resolution L of frame t, 3x3 conv:
                                         a,b of frame t in [-1, 1]
+                                        (`zero_init_head`: a,b rows start at 0, so
+                                        a fresh G outputs a = b = 0 exactly)
 The colour frame is the input L with these a,b (`colour.compose_lab`): luminance is kept
 exactly, G only has to find chroma.
 
@@ -119,6 +121,16 @@ class Decoder(nn.Module):
         self.last = conv_block(chans[0], c_head, 3, 1, norm, nn.ReLU())
         self.head = nn.Conv2d(c_head + c_in, c_out, 3, 1, 1)
 
+    def start_at_grey(self) -> None:
+        """Zero the weights and bias of the head's a,b outputs (its last two channels), so
+        they are tanh(0) = 0 whatever the input: G starts at the grey frame, the L1 optimum
+        of knowing nothing, instead of random chroma. At the first step only these rows get
+        a gradient (the layers before see them through zero weights); from the second step
+        every layer does."""
+        with torch.no_grad():
+            self.head.weight[-2:].zero_()
+            self.head.bias[-2:].zero_()
+
     def forward(self, x: Tensor, skips: list[Tensor], full_res: Tensor) -> Tensor:
         for block, skip in zip(self.up, reversed(skips)):
             x = upsample(block(x)) + skip
@@ -143,6 +155,8 @@ class GreyUNet(nn.Module):
         self.encoder = Encoder(1, chans, norm)
         self.fusion = Fusion(chans[-1], 3, norm)
         self.decoder = Decoder(chans, 1, 2, norm)
+        if cfg.zero_init_head:
+            self.decoder.start_at_grey()
 
     def forward(self, condition: Tensor) -> Tensor:
         _expect(condition, (3, 1), "grey-mode condition (L of frames t-1, t, t+1)")
@@ -175,6 +189,8 @@ class LineartUNet(nn.Module):
         self.encoder = Encoder(1 + 3, chans, norm)
         self.fusion = Fusion(chans[-1], 1, norm)
         self.decoder = Decoder(chans, 1 + 3, 3, norm)
+        if cfg.zero_init_head:  # a,b only: L has no grey answer to start from
+            self.decoder.start_at_grey()
 
     def forward(self, lineart: Tensor, prev_colour: Tensor) -> Tensor:
         _expect(lineart, (1,), "line art of frame t")

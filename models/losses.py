@@ -8,9 +8,27 @@ With r = D(real) and f = D(fake) logits, means over every logit (patch or frame)
     hinge        mean(relu(1 - r)) + mean(relu(1 + f))    -mean(f)
 
 vanilla is BCE with logits (softplus(-x) = -log sigmoid(x)): D has no sigmoid, so nothing
-saturates in low precision. G's loss = lambda_adv * adversarial + lambda_pixel * pixel, the
-pixel loss being the mean |pred - target| (l1) or (pred - target)^2 (l2) over a,b (grey
+saturates in low precision. G's loss
+
+    lambda_adv * adversarial + lambda_pixel * pixel + lambda_chroma * chroma
+
+with the pixel loss the mean |pred - target| (l1) or (pred - target)^2 (l2) over a,b (grey
 mode) or Lab (line-art mode), all in [-1, 1].
+
+Pixel-only warm-up (`adv_start_step`, DeOldify's NoGAN, VCGAN's first stage): before that
+trainer step the adversarial term is left out of G's loss altogether (`adv_weight` is 0; not
+multiplied by 0, so a non-finite D output cannot poison it); it is still computed and logged.
+
+Chroma term (`lambda_chroma`), against the desaturated average: where the hue is uncertain,
+the pixel loss is lowest near a = b = 0 (L1's median, L2's mean of opposite hues), so G learns
+grey-brown. The term is the mean |C(pred) - C(target)| of the chroma magnitude
+C = sqrt(a^2 + b^2): it asks for the truth's saturation and is blind to the hue, so a
+saturated guess costs nothing more than a grey one where the hue is unknown. It needs no
+pretrained network and no statistics of the data. Zhang et al. 2016's class rebalancing
+(weights from the train split's histogram of quantized a,b) was the alternative; it needs a
+pass over the shards before training and was not done. C's gradient is 0 at exactly a = b = 0
+(`colour.CHROMA_EPS`), so at a zero-initialised head this term starts to act once the pixel
+loss has moved a,b off zero.
 """
 
 from __future__ import annotations
@@ -21,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.blocks import autocast_off
+from models.colour import chroma
 from models.config import AdvLoss, LossConfig, PixelLoss, check_loss_config, choice
 
 
@@ -31,9 +50,10 @@ class DLoss(NamedTuple):
 
 
 class GLoss(NamedTuple):
-    total: Tensor  # what G minimizes: lambda_adv * adv + lambda_pixel * pixel
+    total: Tensor  # what G minimizes: adv_weight * adv + lambda_pixel * pixel (+ chroma term)
     adv: Tensor  # unweighted
     pixel: Tensor  # unweighted
+    chroma: Tensor  # unweighted
 
 
 class GANLoss:
@@ -45,6 +65,18 @@ class GANLoss:
         self.pixel_kind = choice(PixelLoss, cfg.pixel, "pixel")
         self.lambda_pixel = float(cfg.lambda_pixel)
         self.lambda_adv = float(cfg.lambda_adv)
+        self.adv_start_step = int(cfg.adv_start_step)
+        self.lambda_chroma = float(cfg.lambda_chroma)
+
+    def adv_weight(self, step: int | None) -> float:
+        """The weight of the adversarial term at trainer step `step` (0-based: the number of
+        steps done before this one): 0 during the pixel-only warm-up, else lambda_adv."""
+        if step is None:
+            if self.adv_start_step:
+                raise ValueError("loss.adv_start_step is set: the step must be given "
+                                 "(train_step(accelerator, gan, batch, step))")
+            return self.lambda_adv
+        return 0.0 if step < self.adv_start_step else self.lambda_adv
 
     def d_loss(self, real_logits: Tensor, fake_logits: Tensor) -> DLoss:
         with autocast_off(real_logits.device.type):
@@ -72,9 +104,25 @@ class GANLoss:
             diff = pred.float() - target.float()
             return diff.abs().mean() if self.pixel_kind == PixelLoss.l1 else diff.square().mean()
 
-    def g_loss(self, fake_logits: Tensor, pred: Tensor, target: Tensor) -> GLoss:
+    def chroma(self, pred: Tensor, target: Tensor) -> Tensor:
+        """mean |C(pred) - C(target)|, C = sqrt(a^2 + b^2), over a,b or Lab in [-1, 1]."""
+        with autocast_off(pred.device.type):
+            return (chroma(pred.float()) - chroma(target.float())).abs().mean()
+
+    def g_loss(self, fake_logits: Tensor, pred: Tensor, target: Tensor,
+               adv_weight: float | None = None) -> GLoss:
+        """`adv_weight`: the adversarial term's weight (default lambda_adv; see
+        `adv_weight()`). A term of weight 0 is left out of the total, not multiplied by 0."""
+        adv_weight = self.lambda_adv if adv_weight is None else adv_weight
         adv, pixel = self.g_adv(fake_logits), self.pixel(pred, target)
-        return GLoss(self.lambda_adv * adv + self.lambda_pixel * pixel, adv, pixel)
+        # the chroma term is logged even when off; only then does it build a graph
+        chroma = self.chroma(pred if self.lambda_chroma else pred.detach(), target)
+        total = self.lambda_pixel * pixel
+        if adv_weight:
+            total = adv_weight * adv + total
+        if self.lambda_chroma:
+            total = total + self.lambda_chroma * chroma
+        return GLoss(total, adv, pixel, chroma)
 
 
 def build_loss(cfg: LossConfig) -> GANLoss:

@@ -99,8 +99,65 @@ def test_losses_backpropagate_to_logits():
         (dict(adversarial="wgan"), "adversarial: unknown option 'wgan'; expected one of: lsgan"),
         (dict(pixel="l3"), "pixel: unknown option 'l3'; expected one of: l1, l2"),
         (dict(lambda_pixel=-1.0), "lambda_pixel: a loss weight, must be >= 0"),
+        (dict(lambda_chroma=float("nan")), "lambda_chroma: a loss weight, must be >= 0"),
+        (dict(adv_start_step=-1), "adv_start_step: a trainer step, must be >= 0"),
     ],
 )
 def test_unknown_or_invalid_option_is_a_clear_error(change, message):
     with pytest.raises(ValueError, match=message):
         loss(**change)
+
+
+# --- recipe options: pixel-only warm-up, chroma term ---------------------------------------
+
+
+def test_warm_up_leaves_the_adversarial_term_out_until_its_step():
+    L = loss(adv_start_step=3, lambda_adv=2.0)
+    assert [L.adv_weight(s) for s in range(5)] == [0.0, 0.0, 0.0, 2.0, 2.0]
+    pred = torch.tensor([0.5, -0.5, 1.0, 0.0]).view(1, 1, 2, 2)
+    target = torch.zeros(1, 1, 2, 2)
+    # before the step: pixel only, even when D's logits are not finite (left out, not * 0)
+    nan = torch.full_like(FAKE, float("nan"))
+    g = L.g_loss(nan, pred, target, L.adv_weight(2))
+    assert g.total.item() == pytest.approx(20 * 0.5) and g.adv.isnan()
+    # from the step: lambda_adv * lsgan + lambda_pixel * l1
+    g = L.g_loss(FAKE, pred, target, L.adv_weight(3))
+    assert g.total.item() == pytest.approx(2 * 2.125 + 20 * 0.5)
+    with pytest.raises(ValueError, match="adv_start_step is set: the step must be given"):
+        L.adv_weight(None)
+    assert loss().adv_weight(None) == 1.0  # no warm-up: no step needed
+
+
+def test_chroma_term_is_zero_at_the_truth_and_pushes_saturation_up():
+    torch.manual_seed(0)
+    truth = torch.rand(2, 2, 8, 8) - 0.5  # a,b
+    L = loss(lambda_chroma=5.0)
+    assert L.chroma(truth, truth).item() == 0.0
+    # hue-blind: the same saturation at the opposite hue costs nothing
+    assert L.chroma(-truth, truth).item() == pytest.approx(0.0, abs=1e-6)
+    # a desaturated prediction: positive, and gradient descent on the term raises its chroma
+    pred = (0.3 * truth).requires_grad_()
+    term = L.chroma(pred, truth)
+    assert term.item() > 0.05
+    term.backward()
+    stepped = pred.detach() - 0.1 * pred.grad
+    c = lambda x: x.square().sum(1).sqrt().mean().item()  # noqa: E731
+    assert c(pred.detach()) < c(stepped) < c(truth)
+    # in G's loss with its weight; Lab (line art) uses the last two channels, a,b
+    g = L.g_loss(FAKE, pred.detach(), truth)
+    assert g.total.item() == pytest.approx(2.125 + 20 * g.pixel.item() + 5 * term.item())
+    lab = torch.cat([torch.zeros(2, 1, 8, 8), truth], 1)
+    assert L.chroma(lab, lab * torch.tensor([1.0, 0.3, 0.3]).view(1, 3, 1, 1)).item() == (
+        pytest.approx(term.item()))
+    # grey (a = b = 0, a zero-initialised head): finite, with a finite gradient
+    grey = torch.zeros(2, 2, 8, 8, requires_grad=True)
+    L.chroma(grey, truth).backward()
+    assert torch.isfinite(grey.grad).all()
+
+
+def test_chroma_term_is_off_by_default_but_logged():
+    torch.manual_seed(0)
+    truth = torch.rand(2, 2, 8, 8) - 0.5
+    g = loss().g_loss(FAKE, 0.3 * truth, truth)
+    assert g.chroma.item() > 0
+    assert g.total.item() == pytest.approx(2.125 + 20 * g.pixel.item())

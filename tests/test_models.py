@@ -369,3 +369,90 @@ def test_overfit_one_batch_trains_g_and_d(mode):
     assert pixel[-1] < 0.3 * pixel[0], (pixel[0], pixel[-1])
     moved = [(p - p0).abs().max().item() for p, p0 in zip(D.parameters(), d_start)]
     assert min(moved) > 0, "some D parameter never trained"
+
+
+# --- recipe options: start at grey, pixel-only warm-up ------------------------------------
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_zero_init_head_starts_at_grey_then_trains_off_it(mode):
+    """A fresh G outputs a = b = 0 exactly; the first step trains the head only (the rest
+    sees its gradient through zero weights), the second every layer; then a,b are not 0."""
+    torch.manual_seed(0)
+    grey = mode == Mode.grey
+    G = build_generator(tiny(mode=mode, norm=Norm.group, zero_init_head=True))
+    cond, target = grey_batch(2) if grey else lineart_batch(2)
+    run = (lambda: G(cond)) if grey else (lambda: G(cond[:, 1], target[:, 0]))  # noqa: E731
+    out = run()
+    assert torch.equal(out[:, -2:], torch.zeros_like(out[:, -2:]))
+    if not grey:  # line art: L is still predicted
+        assert out[:, 0].abs().max() > 0
+    opt = torch.optim.Adam(G.parameters(), lr=1e-3)
+    head = {id(p) for p in G.decoder.head.parameters()}
+    for step in range(2):
+        opt.zero_grad(set_to_none=True)
+        (run() - target[:, 1]).abs().mean().backward()
+        moved = {id(p) for p in G.parameters() if p.grad is not None and p.grad.abs().max() > 0}
+        if step == 0 and grey:
+            assert moved == head
+        else:
+            assert moved == {id(p) for p in G.parameters()}
+        opt.step()
+    assert run()[:, -2:].abs().max() > 1e-4
+    # off by default: random chroma at step 0
+    default = build_generator(tiny(mode=mode, norm=Norm.group))
+    out = default(cond) if grey else default(cond[:, 1], target[:, 0])
+    assert out[:, -2:].abs().max() > 1e-2
+
+
+def test_warm_up_in_train_step_pixel_only_until_adv_start_step(shards):
+    """The trainer's step: before loss.adv_start_step G's loss is lambda_pixel * pixel (and D
+    trains); from it the adversarial term is in. Logged as Loss/G/adv_weight."""
+    from accelerate import Accelerator
+
+    from trainer.config import load_config
+    from trainer.data import Batch
+    from trainer.step import train_step
+    from trainer.train import build_gan
+
+    torch.manual_seed(0)
+    cfg = load_config("configs/demo.yaml", [f"data.shards={shards}", "model.ngf=8",
+                                            "model.ndf=8", "loss.adv_start_step=2"])
+    accelerator = Accelerator(cpu=True)
+    gan = build_gan(cfg, accelerator)
+    cond, target = grey_batch(2)
+    batch = Batch(cond, target, ["a", "b"])
+    for step in range(3):
+        d_before = [p.detach().clone() for p in gan.D.parameters()]
+        out = train_step(accelerator, gan, batch, step)
+        total, adv, pixel = (out[f"Loss/G/{k}"].item() for k in ("total", "adv", "pixel"))
+        assert adv > 0 and "Loss/G/chroma" in out
+        if step < 2:
+            assert out["Loss/G/adv_weight"].item() == 0.0
+            assert total == pytest.approx(20 * pixel, rel=1e-6)
+        else:
+            assert out["Loss/G/adv_weight"].item() == 1.0
+            assert total == pytest.approx(adv + 20 * pixel, rel=1e-6)
+        assert any(not torch.equal(a, b) for a, b in zip(d_before, gan.D.parameters()))
+    with pytest.raises(ValueError, match="the step must be given"):
+        train_step(accelerator, gan, batch)
+
+
+@pytest.mark.slow
+def test_warm_up_switches_on_at_its_step_across_a_resume(shards, tmp_path):
+    """Two launches of the real trainer (in-process, 1 rank): 2 steps, then resumed to 4, with
+    loss.adv_start_step=3. The step counter comes back from the checkpoint, so the term is
+    off for trainer steps 0-2 and on for step 3 (logged at steps 1-3 and 4)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_trainer import run_args, run_main
+
+    runs = tmp_path / "runs"
+    for steps in (2, 4):
+        args = run_args(shards, runs, f"train.max_steps={steps}", "loss.adv_start_step=3",
+                        "train.val_every=0")
+        assert run_main(args) == 0
+    events = EventAccumulator(str(runs / "run" / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    # one entry per step: the second launch resumed at step 2 instead of starting over
+    weights = [(e.step, e.value) for e in events.Scalars("Loss/G/adv_weight")]
+    assert weights == [(1, 0.0), (2, 0.0), (3, 0.0), (4, 1.0)]

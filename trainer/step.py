@@ -2,6 +2,8 @@
 
     D phase:  D learns real (condition, colour_t) -> real, (condition, G(condition)) -> fake
     G phase:  G learns to make D call its output real, plus lambda_pixel * |G - colour_t|
+              (and lambda_chroma * the chroma term); during the pixel-only warm-up (trainer
+              steps before loss.adv_start_step) without the adversarial term, D still training
 
 Gradient synchronization goes only through `accelerator.accumulate(G, D)` (one context for
 both, per batch). Wrapping, autocast, backward, clipping, loss scaling and the optimizer step
@@ -77,9 +79,14 @@ def generate(gan: GAN, G: nn.Module, batch: Batch) -> Tensor:
     return G(batch.cond[:, 1], prev)
 
 
-def train_step(accelerator: Accelerator, gan: GAN, batch: Batch) -> dict[str, Tensor]:
-    """One D update (or `d_steps_per_g`), then one G update. Returns scalars (not synced)."""
+def train_step(accelerator: Accelerator, gan: GAN, batch: Batch,
+               step: int | None = None) -> dict[str, Tensor]:
+    """One D update (or `d_steps_per_g`), then one G update. Returns scalars (not synced).
+
+    `step`: the trainer's step counter (steps done before this one, restored on resume), which
+    decides the pixel-only warm-up; needed only when loss.adv_start_step is set."""
     cfg, backend = gan.model_cfg, gan.backend
+    adv_weight = gan.loss.adv_weight(step)
     real = batch.target[:, 1]  # colour of the centre frame
     D_raw = backend.unwrap(gan.D)
     out: dict[str, Tensor] = {}
@@ -102,9 +109,10 @@ def train_step(accelerator: Accelerator, gan: GAN, batch: Batch) -> dict[str, Te
         # gradients (none are computed; ZeRO-2 fails and ZeRO-1 steps D on G's gradients
         # otherwise).
         D_raw.requires_grad_(False)
-        with backend.autocast():
+        # In the warm-up D's opinion of the fake is only logged: no graph through D for it.
+        with backend.autocast(), torch.set_grad_enabled(adv_weight > 0):
             fake_logits = D_raw(assemble_d_input(cfg, batch.cond, fake, batch.target))
-        g = gan.loss.g_loss(fake_logits, fake, real)
+        g = gan.loss.g_loss(fake_logits, fake, real, adv_weight)
         optimize(backend, g.total, gan.G, gan.opt_G, gan.grad_clip, "G", out)
         D_raw.requires_grad_(True)
 
@@ -118,5 +126,7 @@ def train_step(accelerator: Accelerator, gan: GAN, batch: Batch) -> dict[str, Te
         "Loss/G/total": g.total.detach(),
         "Loss/G/adv": g.adv.detach(),
         "Loss/G/pixel": g.pixel.detach(),
+        "Loss/G/chroma": g.chroma.detach(),
+        "Loss/G/adv_weight": torch.tensor(adv_weight, device=g.total.device),
     }
     return out

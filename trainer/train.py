@@ -227,7 +227,7 @@ def train(
                 if batch is None:
                     break  # end of the epoch
                 t1 = time.perf_counter()
-                out = train_step(accelerator, gan, batch)
+                out = train_step(accelerator, gan, batch, step)
                 for scheduler in schedulers:
                     scheduler.step()
                 t2 = time.perf_counter()
