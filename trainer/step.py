@@ -127,6 +127,6 @@ def train_step(accelerator: Accelerator, gan: GAN, batch: Batch,
         "Loss/G/adv": g.adv.detach(),
         "Loss/G/pixel": g.pixel.detach(),
         "Loss/G/chroma": g.chroma.detach(),
-        "Loss/G/adv_weight": torch.tensor(adv_weight, device=g.total.device),
+        "Loss/G/adv_weight": g.total.new_full((), adv_weight),  # a fill, no host copy
     }
     return out
