@@ -25,7 +25,8 @@ backend's (trainer/backend.py); the rest is the same for both.
 Ranks decide together: each step a rank does alone (writing its files, reading and checking
 them) ends in an exchange of outcomes (`_agree`), so that all ranks go on, fall back to an
 older checkpoint, or stop with the same error naming the file; none is left waiting in a
-collective. A failed save (a full disk) removes `step_N.tmp/` and stops every rank.
+collective. A failed save (a full disk) removes `step_N.tmp/` and stops every rank (DDP;
+under DeepSpeed a write failing inside `engine.save_checkpoint` hangs: docs/deepspeed.md).
 
 Loading a DDP checkpoint runs no code from it: DCP's `.metadata` goes through a restricted
 unpickler and its other entries through `torch.load(weights_only=True)`
