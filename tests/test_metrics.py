@@ -52,10 +52,16 @@ def moving_texture(T: int = 3, H: int = 48, W: int = 64, shift: int = 2, seed: i
     return rgb, (rgb * LUMA).sum(dim=1, keepdim=True)
 
 
-def run_metrics(pred, truth, grey, chunks=None) -> dict[str, float]:
+def as_rgb(grey: torch.Tensor) -> torch.Tensor:
+    """A grey frame [..., 1, H, W] as RGB [..., 3, H, W]: a zero-chroma colorization."""
+    return grey.expand(*grey.shape[:-3], 3, *grey.shape[-2:])
+
+
+def run_metrics(pred, truth, grey, chunks=None, baseline=None) -> dict[str, float]:
+    baseline = as_rgb(grey) if baseline is None else baseline
     m = ColorizationMetrics()
     for sl in chunks or [slice(None)]:
-        m.update(pred[sl], truth[sl], grey[sl])
+        m.update(pred[sl], truth[sl], grey[sl], baseline[sl])
     return m.compute()
 
 
@@ -133,15 +139,15 @@ def test_psnr_ssim_match_torchmetrics_per_clip():
     for i, T in enumerate((3, 3, 2)):  # two updates with different T
         rgb, grey = moving_texture(T=T, H=32, W=40, seed=i)
         pred = (rgb + (0.02 + 0.05 * i) * torch.randn(rgb.shape, generator=g)).clamp(0, 1)
-        clips.append((pred, rgb, grey))
+        clips.append((pred, rgb, grey, as_rgb(grey)))
     m = ColorizationMetrics()
     m.update(*(torch.stack(x) for x in zip(*clips[:2])))
     m.update(*(x[None] for x in clips[2]))
     out = m.compute()
     # Per clip: PSNR over all of the clip's frames at once, SSIM the mean over its frames.
-    psnr = [peak_signal_noise_ratio(p, t, data_range=1.0).item() for p, t, _ in clips]
+    psnr = [peak_signal_noise_ratio(p, t, data_range=1.0).item() for p, t, *_ in clips]
     ssim = [structural_similarity_index_measure(p, t, data_range=1.0).item()
-            for p, t, _ in clips]
+            for p, t, *_ in clips]
     assert out["psnr"] == pytest.approx(sum(psnr) / 3, rel=1e-5)
     assert out["ssim"] == pytest.approx(sum(ssim) / 3, rel=1e-5)
     # ...which is not the same as pooling all frames (the per-video convention matters).
@@ -162,6 +168,34 @@ def test_psnr_of_identical_clips_is_capped():
     json.loads(json.dumps(out, allow_nan=False))  # finite: valid metrics.jsonl
 
 
+def test_grey_baseline_gain_and_colourfulness_per_clip():
+    """psnr_grey/ssim_grey score the baseline as psnr/ssim score the model; the gain is their
+    difference (exactly 0 when the model is the baseline); colourfulness is M averaged over
+    each clip's frames, then over clips."""
+    g = torch.Generator().manual_seed(4)
+    clips = [moving_texture(T=3, H=32, W=40, seed=s) for s in (5, 6)]
+    truth = torch.stack([rgb for rgb, _ in clips])
+    grey = torch.stack([luma for _, luma in clips])
+    pred = (truth + 0.08 * torch.randn(truth.shape, generator=g)).clamp(0, 1)
+    out = run_metrics(pred, truth, grey)
+    psnr_grey = [peak_signal_noise_ratio(as_rgb(luma), rgb, data_range=1.0).item()
+                 for rgb, luma in clips]
+    ssim_grey = [structural_similarity_index_measure(as_rgb(luma), rgb, data_range=1.0).item()
+                 for rgb, luma in clips]
+    assert out["psnr_grey"] == pytest.approx(sum(psnr_grey) / 2, rel=1e-5)
+    assert out["ssim_grey"] == pytest.approx(sum(ssim_grey) / 2, rel=1e-5)
+    assert out["psnr_gain"] == out["psnr"] - out["psnr_grey"] > 1.0  # the noisy truth wins
+    m_pred = [colourfulness(p).mean().item() for p in pred]  # per clip: mean over frames
+    assert out["colourfulness"] == pytest.approx(sum(m_pred) / 2, rel=1e-9)
+    assert out["colourfulness_truth"] == pytest.approx(
+        colourfulness(truth).mean(dim=1).mean().item(), rel=1e-9)
+    assert out["colourfulness_truth"] > 10  # a colour texture; grey has M = 0
+
+    same = run_metrics(as_rgb(grey), truth, grey)  # the model *is* the baseline
+    assert same["psnr_gain"] == 0.0 and same["psnr"] == same["psnr_grey"]
+    assert same["ssim"] == same["ssim_grey"] and same["colourfulness"] == 0.0
+
+
 def test_runs_in_fp32_under_bf16_autocast():
     rgb, grey = moving_texture(T=3)
     pred = (rgb * 0.9)[None]
@@ -175,9 +209,11 @@ def test_rejects_bad_shapes():
     rgb, grey = moving_texture(T=3)
     m = ColorizationMetrics()
     with pytest.raises(ValueError, match="grey"):
-        m.update(rgb[None], rgb[None], grey)
+        m.update(rgb[None], rgb[None], grey, rgb[None])
+    with pytest.raises(ValueError, match="baseline"):
+        m.update(rgb[None], rgb[None], grey[None], rgb[None, :2])
     with pytest.raises(ValueError, match="T >= 2"):
-        m.update(rgb[None, :1], rgb[None, :1], grey[None, :1])
+        m.update(rgb[None, :1], rgb[None, :1], grey[None, :1], rgb[None, :1])
 
 
 # --- two real ranks (gloo) -----------------------------------------------------------------
@@ -207,7 +243,7 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
         pred, truth, grey = dataset()
         m = ColorizationMetrics()
         for sl in SPLIT[rank]:
-            m.update(pred[sl], truth[sl], grey[sl])
+            m.update(pred[sl], truth[sl], grey[sl], as_rgb(grey[sl]))
         result = m.compute()  # torchmetrics syncs the states across ranks here
         m.sync()  # the reduced states themselves: counts must be totals, not means
         result["_clips"] = int(m.clips)

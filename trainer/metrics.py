@@ -25,6 +25,12 @@ The definitions are those of `../shared/docs/metrics.md`; the conventions it lea
   no valid pair does not count towards the warp means (`warp_clips`).
 - `*_truth` are the same metrics on the ground truth (with the same flows): the floor that real
   motion alone gives. `warp_excess = warp - warp_truth`.
+- `*_grey` are PSNR and SSIM of a baseline colorization of the same clips (validation passes
+  zero chroma: the truth's L with a = b = 0), and `psnr_gain = psnr - psnr_grey`: what the
+  model knows about colour that a grey frame does not. The gain is a difference of the two
+  means over the same clips.
+- Colourfulness (`colourfulness` below) of a clip: the mean of M over its frames;
+  `colourfulness` of the prediction, `colourfulness_truth` of the ground truth.
 
 Everything is computed in fp32 outside autocast; states are fp64 sums and int64 counts.
 
@@ -170,18 +176,22 @@ def clip_warp_error(video: Tensor, fwd: Tensor, mask: Tensor) -> tuple[Tensor, T
 class ColorizationMetrics(Metric):
     """PSNR, SSIM, CDC and warp error of colorized clips, with the ground-truth floors.
 
-    `update(pred, truth, grey)`: pred and truth are RGB in [0, 1], [B, T, 3, H, W], each batch
-    item T consecutive frames of one clip (T >= 2); grey [B, T, 1, H, W] in [0, 1] is the
-    greyscale input, from which the flow is computed. `compute()` (synced across ranks by
-    torchmetrics) returns floats: psnr (dB), ssim, cdc, cdc_truth, warp, warp_truth,
-    warp_excess; the means over clips described in the module docstring (NaN with no clips).
+    `update(pred, truth, grey, baseline)`: pred, truth and baseline are RGB in [0, 1],
+    [B, T, 3, H, W], each batch item T consecutive frames of one clip (T >= 2); grey
+    [B, T, 1, H, W] in [0, 1] is the greyscale input, from which the flow is computed;
+    baseline is the reference colorization the model is compared with (zero chroma).
+    `compute()` (synced across ranks by torchmetrics) returns floats: psnr (dB), psnr_grey,
+    psnr_gain, ssim, ssim_grey, cdc, cdc_truth, warp, warp_truth, warp_excess, colourfulness,
+    colourfulness_truth; the means over clips described in the module docstring (NaN with no
+    clips).
     """
 
     is_differentiable = False
     higher_is_better = None  # mixed: psnr/ssim up, the rest down
     full_state_update = False
 
-    SUMS = ("psnr", "ssim", "cdc", "cdc_truth", "warp", "warp_truth")
+    SUMS = ("psnr", "psnr_grey", "ssim", "ssim_grey", "cdc", "cdc_truth", "warp", "warp_truth",
+            "colourfulness", "colourfulness_truth")
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -191,10 +201,11 @@ class ColorizationMetrics(Metric):
         self.add_state("clips", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("warp_clips", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
 
-    def update(self, pred: Tensor, truth: Tensor, grey: Tensor) -> None:
-        if pred.ndim != 5 or pred.shape[2] != 3 or pred.shape != truth.shape:
-            raise ValueError(f"pred and truth must both be RGB [B, T, 3, H, W]; got "
-                             f"{tuple(pred.shape)} and {tuple(truth.shape)}")
+    def update(self, pred: Tensor, truth: Tensor, grey: Tensor, baseline: Tensor) -> None:
+        if pred.ndim != 5 or pred.shape[2] != 3 or not pred.shape == truth.shape == baseline.shape:
+            raise ValueError(f"pred, truth and baseline must all be RGB [B, T, 3, H, W]; got "
+                             f"{tuple(pred.shape)}, {tuple(truth.shape)} and "
+                             f"{tuple(baseline.shape)}")
         if grey.shape != (*pred.shape[:2], 1, *pred.shape[3:]):
             raise ValueError(f"grey must be [B, T, 1, H, W] matching pred {tuple(pred.shape)}; "
                              f"got {tuple(grey.shape)}")
@@ -202,15 +213,19 @@ class ColorizationMetrics(Metric):
             raise ValueError(f"temporal metrics need clips of T >= 2 frames; got T = "
                              f"{pred.shape[1]}")
         with torch.autocast(device_type=pred.device.type, enabled=False):
-            pred, truth, grey = pred.float(), truth.float(), grey.float()
+            pred, truth, grey, baseline = (x.float() for x in (pred, truth, grey, baseline))
             fwd, bwd = farneback_flows(grey)
             mask = non_occlusion_mask(fwd.flatten(0, 1), bwd.flatten(0, 1))
             mask = mask.view(*fwd.shape[:2], *mask.shape[-2:])
             warp_pred, valid = clip_warp_error(pred, fwd, mask)
             warp_truth, _ = clip_warp_error(truth, fwd, mask)  # same masks: same validity
             per_clip = {"psnr": clip_psnr(pred, truth), "ssim": clip_ssim(pred, truth),
+                        "psnr_grey": clip_psnr(baseline, truth),
+                        "ssim_grey": clip_ssim(baseline, truth),
                         "cdc": clip_cdc(pred), "cdc_truth": clip_cdc(truth),
-                        "warp": warp_pred * valid, "warp_truth": warp_truth * valid}
+                        "warp": warp_pred * valid, "warp_truth": warp_truth * valid,
+                        "colourfulness": colourfulness(pred).mean(dim=1),
+                        "colourfulness_truth": colourfulness(truth).mean(dim=1)}
         for name, values in per_clip.items():
             state = getattr(self, f"{name}_sum")
             setattr(self, f"{name}_sum", state + values.sum().to(state))
@@ -218,12 +233,15 @@ class ColorizationMetrics(Metric):
         self.warp_clips += valid.sum().to(self.warp_clips)
 
     def compute(self) -> dict[str, float]:
-        out = {}
+        mean = {}
         for name in self.SUMS:
             count = self.warp_clips if name.startswith("warp") else self.clips
-            out[name] = (getattr(self, f"{name}_sum") / count).item()
-        out["warp_excess"] = out["warp"] - out["warp_truth"]
-        return out
+            mean[name] = (getattr(self, f"{name}_sum") / count).item()
+        derived = {"psnr_gain": mean["psnr"] - mean["psnr_grey"],
+                   "warp_excess": mean["warp"] - mean["warp_truth"]}
+        order = ("psnr", "psnr_grey", "psnr_gain", "ssim", "ssim_grey", "cdc", "cdc_truth",
+                 "warp", "warp_truth", "warp_excess", "colourfulness", "colourfulness_truth")
+        return {name: (mean | derived)[name] for name in order}
 
 
 # --- colourfulness and CIEDE2000 -----------------------------------------------------------

@@ -106,7 +106,7 @@ def agreed(accelerator: Accelerator, build):
 def make_loader(cfg, accelerator: Accelerator, mode: str, split: str) -> TripletLoader:
     return TripletLoader(cfg.data, mode, split, accelerator.process_index,
                          accelerator.num_processes, accelerator.device, cfg.train.seed,
-                         shuffle=split == "train")
+                         shuffle=split == "train", augment=split == "train")
 
 
 def make_val_loader(cfg, accelerator: Accelerator, mode: str) -> TripletLoader | None:

@@ -4,6 +4,20 @@ G predicts the centre frame of a window; to score temporal consistency we need a
 frames of a triplet colorized, so each is predicted the way inference does it at a clip's
 edges: grey mode from the windows (t-1, t-1, t), (t-1, t, t+1), (t, t+1, t+1); line-art
 mode recurrently, from black for frame t-1 and then from its own previous output.
+
+The pixels are the same at every validation: the val loader reads its split in order, each
+rank its own slice, and takes the centre crop of `data.crop_size` with no flip or jitter
+(`TripletLoader(augment=False)`).
+
+Beside the model, the same clips are scored for zero chroma (`zero_chroma`: the truth's L with
+a = b = 0, i.e. the grey frame itself), giving `psnr_grey`, `ssim_grey` and
+`psnr_gain = psnr - psnr_grey`: a model that has learnt nothing about colour scores a gain
+near 0 (exactly 0 if it outputs a = b = 0), one that paints wrong colours a negative gain.
+In line-art mode the same zero-chroma reference is used, although it is not a baseline the
+model could reach: it holds the true L, which the model only sees as edges. It is what doing
+nothing would score if the luminance were known, so there a negative gain is expected and says
+how far the model is from that; the mean colour of the train split would be a fairer
+baseline, but needs a pass over the train split before the first validation.
 """
 
 from __future__ import annotations
@@ -43,6 +57,11 @@ def truth_lab(batch: Batch, mode: str) -> Tensor:
     return torch.cat([batch.cond, batch.target], dim=2) if mode == "grey" else batch.target
 
 
+def zero_chroma(truth: Tensor) -> Tensor:
+    """The grey baseline: normalized Lab [..., 3, H, W] with its L and a = b = 0."""
+    return torch.cat([truth[..., :1, :, :], torch.zeros_like(truth[..., 1:, :, :])], dim=-3)
+
+
 def image_grid(batch: Batch, pred_lab: Tensor, mode: str, rows: int = 4) -> Tensor:
     """RGB [3, H', W']: per sample a row of condition | prediction | truth, frames t-1, t, t+1."""
     n = min(rows, pred_lab.shape[0])
@@ -54,15 +73,16 @@ def image_grid(batch: Batch, pred_lab: Tensor, mode: str, rows: int = 4) -> Tens
 
 @torch.no_grad()
 def validate(G: nn.Module, loader, metrics, mode: str):
-    """Run `metrics` (a torchmetrics collection; synced across ranks by `compute`) over the
-    val loader; returns (metric dict, first batch, its prediction) for the image grid."""
+    """Run `metrics` (`ColorizationMetrics`; synced across ranks by `compute`) over the val
+    loader, with the zero-chroma baseline beside the model; returns (metric dict, first batch,
+    its prediction) for the image grid."""
     metrics.reset()
     first = None
     for batch in loader:  # always the whole split: a loader epoch is never cut short
         pred = colorize_triplet(G, batch.cond, mode)
         truth = truth_lab(batch, mode)
         grey = (truth[:, :, :1].float() + 1) / 2  # the frames' luminance, for the flow
-        metrics.update(lab_to_rgb(pred), lab_to_rgb(truth), grey)
+        metrics.update(lab_to_rgb(pred), lab_to_rgb(truth), grey, lab_to_rgb(zero_chroma(truth)))
         if first is None:
             first = (batch, pred)
     return {k: float(v) for k, v in metrics.compute().items()}, first

@@ -7,6 +7,11 @@
         batch.keys                  # sample keys, for logging and debugging
     state = loader.state_dict()     # exact mid-epoch position (per rank), for checkpoints
 
+`shuffle=True, augment=True` (training): shuffled samples, a random crop, flip and brightness
+per triplet. `shuffle=False, augment=False` (validation): every epoch gives the same samples
+in the same order on the same rank, each the centre crop of `data.crop_size` (window start
+(side - crop + 1) // 2), unflipped, unjittered: the same pixels at every validation.
+
 Backends: `dali` (default wherever DALI imports: GPU decoding, or CPU without a GPU) and
 `webdataset` (torch DataLoader over the webdataset library) with the same contract.
 """
@@ -49,10 +54,11 @@ class TripletLoader:
         device: torch.device,
         seed: int,
         shuffle: bool = True,
+        augment: bool = True,
     ):
         self.cfg, self.mode, self.split = cfg, str(getattr(mode, "value", mode)), split
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.augment = seed, shuffle, augment
         self.backend = str(getattr(cfg.backend, "value", cfg.backend))
         if self.backend == "dali" and not dali_available():
             log.warning("DALI is not installed here; using the webdataset backend instead")

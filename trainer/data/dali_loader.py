@@ -1,5 +1,12 @@
 """The DALI pipeline: triplet shards -> decoded, identically cropped and flipped RGB triplets.
 
+Training (`augment=True`): a random crop position, flip and brightness gain per sample, the
+same for its three frames. Validation (`augment=False`): the centre crop (crop_pos 0.5: the
+window starts at round-half-up((side - crop) / 2)), no flip, no jitter, read in index order;
+`stick_to_shard` keeps every rank on its own slice at every epoch (DALI otherwise moves each
+rank to the next slice each epoch), so every validation scores the same pixels on the same
+ranks.
+
 `device="mixed"` decodes the JPEGs on the GPU (nvJPEG); on a host without one the same
 pipeline runs with `device="cpu"` and `device_id=None`. Each rank reads its own slice of the
 samples (`shard_id` = rank, `num_shards` = world size); the reader named "Reader" lets the
@@ -32,6 +39,7 @@ def build_pipeline(
     num_threads: int,
     seed: int,
     shuffle: bool = True,
+    augment: bool = True,
     checkpoint: bytes | None = None,
 ):
     decoder_device = "mixed" if device_id is not None else "cpu"
@@ -53,18 +61,22 @@ def build_pipeline(
             shard_id=rank,
             num_shards=world_size,
             random_shuffle=shuffle,
+            stick_to_shard=not shuffle,
             initial_fill=1024,
             pad_last_batch=True,
             name=READER,
         )
         # "<tar>:<offset>:<key>.cur.jpg", padded with zeros to the longest in the batch.
         info = fn.pad(fn.get_property(cur, key="source_info"), fill_value=0)
-        # One draw per sample, shared by its three frames: a triplet cropped or flipped
-        # differently per frame would teach the model flicker.
-        crop_x = fn.random.uniform(range=(0.0, 1.0))
-        crop_y = fn.random.uniform(range=(0.0, 1.0))
-        mirror = fn.random.coin_flip(probability=0.5 if flip else 0.0)
-        gain = fn.random.uniform(range=(1.0 - brightness_jitter, 1.0 + brightness_jitter))
+        if augment:
+            # One draw per sample, shared by its three frames: a triplet cropped or flipped
+            # differently per frame would teach the model flicker.
+            crop_x = fn.random.uniform(range=(0.0, 1.0))
+            crop_y = fn.random.uniform(range=(0.0, 1.0))
+            mirror = fn.random.coin_flip(probability=0.5 if flip else 0.0)
+            gain = fn.random.uniform(range=(1.0 - brightness_jitter, 1.0 + brightness_jitter))
+        else:  # the same pixels at every validation: the centre crop, nothing random
+            crop_x = crop_y = 0.5
         frames = []
         for encoded in (prev, cur, nxt):
             # ROI decoding: only the crop window is decoded.
@@ -76,9 +88,10 @@ def build_pipeline(
                 crop_pos_x=crop_x,
                 crop_pos_y=crop_y,
             )
-            image = fn.flip(image, horizontal=mirror)
-            if brightness_jitter > 0:
-                image = fn.brightness(image, brightness=gain)
+            if augment:
+                image = fn.flip(image, horizontal=mirror)
+                if brightness_jitter > 0:
+                    image = fn.brightness(image, brightness=gain)
             frames.append(image)
         return fn.stack(*frames), info  # [3, H, W, 3] uint8 per sample
 

@@ -38,6 +38,7 @@ class DaliSource:
             # not replay the shuffle of epoch 0.
             seed=loader.seed + 7919 * loader.epoch,
             shuffle=loader.shuffle,
+            augment=loader.augment,
             checkpoint=checkpoint,
         )
         self.iterator = build_iterator(self.pipe)

@@ -21,6 +21,18 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from trainer.data.samples import FRAME_MEMBERS
 
 
+def centre_start(side: int, crop: int) -> int:
+    """Where the centre crop starts: round-half-up((side - crop) / 2), as DALI's crop_pos 0.5."""
+    return (side - crop + 1) // 2
+
+
+def centre_crop(frames: list[np.ndarray], crop: int) -> np.ndarray:
+    """The centre crop of the three frames, nothing random (validation) -> [3, crop, crop, 3]."""
+    h, w = frames[0].shape[:2]
+    y, x = centre_start(h, crop), centre_start(w, crop)
+    return np.ascontiguousarray(np.stack([f[y : y + crop, x : x + crop] for f in frames]))
+
+
 def crop_and_flip(frames: list[np.ndarray], crop: int, flip: bool, jitter: float, rng):
     """The same random crop, flip and brightness for the three frames -> [3, crop, crop, 3]."""
     h, w = frames[0].shape[:2]
@@ -36,8 +48,8 @@ def crop_and_flip(frames: list[np.ndarray], crop: int, flip: bool, jitter: float
 
 
 class _RankSamples(IterableDataset):
-    def __init__(self, tars, keys, cfg, seed, epoch, rank, shuffle):
-        self.tars, self.cfg, self.shuffle = tars, cfg, shuffle
+    def __init__(self, tars, keys, cfg, seed, epoch, rank, shuffle, augment):
+        self.tars, self.cfg, self.shuffle, self.augment = tars, cfg, shuffle, augment
         self.position = {k: i for i, k in enumerate(keys)}
         self.seed = (seed, epoch, rank)
 
@@ -59,7 +71,11 @@ class _RankSamples(IterableDataset):
             rng = random.Random(str((*self.seed, sample["__key__"])))
             frames = [np.asarray(Image.open(io.BytesIO(sample[m])).convert("RGB"))
                       for m in FRAME_MEMBERS]
-            triplet = crop_and_flip(frames, cfg.crop_size, cfg.flip, cfg.brightness_jitter, rng)
+            if self.augment:
+                triplet = crop_and_flip(frames, cfg.crop_size, cfg.flip, cfg.brightness_jitter,
+                                        rng)
+            else:
+                triplet = centre_crop(frames, cfg.crop_size)
             yield torch.from_numpy(triplet), sample["__key__"]
 
 
@@ -79,7 +95,7 @@ class WebDatasetSource:
     def _start_epoch(self, skip_batches: int = 0) -> None:
         loader = self.loader
         dataset = _RankSamples(self.tars, self.keys, loader.cfg, loader.seed, loader.epoch,
-                               loader.rank, loader.shuffle)
+                               loader.rank, loader.shuffle, loader.augment)
         workers = loader.cfg.num_threads
         self._samples = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
                                         persistent_workers=False))
