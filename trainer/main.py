@@ -47,15 +47,24 @@ def precision(cfg, accelerator_cls) -> str:
 
 
 def validation_table(metrics: dict[str, float]) -> str:
-    """The final validation as a small table: value and, where there is one, the floor
-    (the ground truth's own value: real video is not perfectly consistent either)."""
-    lines = ["validation (EMA generator, val split)", f"{'metric':<8} {'value':>10} {'floor':>10}"]
+    """The final validation as a small table: the model beside zero chroma (the grey frame
+    itself) and the gain over it, and where there is one the ground truth's own value (the
+    floor of cdc and warp: real video is not perfectly consistent either)."""
+    columns = ("model", "grey", "gain", "truth")
+    lines = ["validation (EMA generator, val split)",
+             f"{'metric':<14}" + "".join(f"{c:>10}" for c in columns)]
+    derived = ("_truth", "_grey", "_gain", "_excess")
     for name, value in metrics.items():
-        if name.endswith("_truth") or name.endswith("_excess"):
+        if name.endswith(derived):
             continue
-        floor = metrics.get(f"{name}_truth")
-        floor_text = f"{floor:>10.4g}" if floor is not None else f"{'':>10}"
-        lines.append(f"{name:<8} {value:>10.4g} {floor_text}")
+        grey, truth = metrics.get(f"{name}_grey"), metrics.get(f"{name}_truth")
+        gain = value - grey if grey is not None else None
+        cells = [value, grey, gain, truth]
+        lines.append(f"{name:<14}" + "".join(
+            f"{'':>10}" if v is None else f"{v:>+10.4g}" if c == "gain" else f"{v:>10.4g}"
+            for c, v in zip(columns, cells)))
+    lines.append("centre crops of the val split; grey: zero chroma (the grey frame itself, "
+                 "a = b = 0); truth: the ground truth's own value, the floor of cdc and warp")
     return "\n".join(lines)
 
 
