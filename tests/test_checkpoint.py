@@ -19,7 +19,7 @@ from launching import TINY, launch, popen
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from trainer.checkpoint import Checkpointer, CheckpointError
+from trainer.checkpoint import Checkpointer, CheckpointError, IncompatibleCheckpoint
 from trainer.config import load_config
 from trainer.train import build_gan
 
@@ -509,3 +509,21 @@ def test_deepspeed_files_load_weights_only(tmp_path):
     with pytest.raises(CheckpointError, match=rf"{crafted}: refused .*posix.system"):
         deepspeed_weights_only_load(str(crafted))
     assert not marker.exists()
+
+
+def test_a_setting_added_after_the_save_takes_its_default(two_checkpoints):
+    """A checkpoint written before a model setting existed resumes when the run keeps that
+    setting's default, and is refused when it does not."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    cfg, gan, ckpts = two_checkpoints
+    state_file = ckpts.dir / "step_000002" / "trainer.json"
+    state = json.loads(state_file.read_text())
+    del state["model"]["zero_init_head"]  # as saved before the setting existed
+    state_file.write_text(json.dumps(state))
+    assert ckpts.load(ckpts.dir / "step_000002", gan, cfg.model)[0]["step"] == 2
+    changed = OmegaConf.merge(cfg.model, {"zero_init_head": True})
+    with pytest.raises(IncompatibleCheckpoint, match="zero_init_head"):
+        ckpts.load(ckpts.dir / "step_000002", gan, changed)

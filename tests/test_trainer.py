@@ -37,9 +37,12 @@ def test_demo_config_trains_end_to_end_on_two_processes(shards, tmp_path):
     assert not (run / "LOCK").exists()  # released at the end
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 6]
-    for key in ("psnr", "ssim", "cdc", "cdc_truth", "warp", "warp_truth"):
+    for key in ("psnr", "ssim", "cdc", "cdc_truth", "warp", "warp_truth", "psnr_grey",
+                "psnr_gain"):
         assert key in records[-1]
     assert 5.0 < records[-1]["psnr"] < 60.0
+    # the same val pixels at every validation: the grey baseline scores exactly alike
+    assert records[0]["psnr_grey"] == records[1]["psnr_grey"]
     G, meta = load_generator(run / "export")
     assert meta["step"] == 6 and meta["model"]["ngf"] == 8
     assert "validation (EMA generator, val split)" in result.stdout
@@ -51,7 +54,8 @@ def test_demo_config_trains_end_to_end_on_two_processes(shards, tmp_path):
     for tag in ("Loss/G/total", "Loss/G/adv", "Loss/G/pixel", "Loss/D/total", "Loss/D/real",
                 "Loss/D/fake", "LR/G", "LR/D", "Grad/G", "Grad/D", "Skipped/total",
                 "Timing/data_wait_fraction", "Timing/triplets_per_s", "Metrics/val/psnr",
-                "Metrics/val/ssim", "Metrics/val/cdc", "Metrics/val/warp"):
+                "Metrics/val/ssim", "Metrics/val/cdc", "Metrics/val/warp",
+                "Metrics/val/psnr_gain"):
         assert tag in scalars, tag
     assert any(t.startswith("SpectralNorm/sigma/") for t in scalars)
     assert [e.step for e in events.Scalars("Loss/G/total")] == [2, 4, 6]
@@ -281,6 +285,10 @@ def test_a_refused_relaunch_leaves_the_run_as_it_was(damaged_val, finished, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("data error: ") and "../elsewhere.tar" in err[0]
     assert snapshot(run) == before
+
+    # a refused first launch leaves no run directory behind
+    first = run_args(damaged_val, tmp_path, "name=first", "data.crop_size=128")
+    assert run_main(first) == 1 and not (tmp_path / "first").exists()
 
 
 # -- the run directory lock ---------------------------------------------------------------

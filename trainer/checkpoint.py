@@ -48,6 +48,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
+from models.config import ModelConfig
 from shards.atomic import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -277,6 +278,12 @@ class Checkpointer:
             raise CheckpointError(f"{state_file}: no world_size (a positive integer)")
         saved = state.get("model")
         current = OmegaConf.to_container(OmegaConf.structured(model_cfg), enum_to_str=True)
+        if isinstance(saved, dict):
+            # A setting added after this checkpoint was written takes its default, which is
+            # what the code did before the setting existed.
+            defaults = OmegaConf.to_container(OmegaConf.structured(ModelConfig),
+                                              enum_to_str=True)
+            saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
         if saved != current:
             saved = saved if isinstance(saved, dict) else {}
             diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}

@@ -148,16 +148,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     set_seed(cfg.train.seed, device_specific=True)  # per-rank seeds: different noise per rank
     run_dir = Path(cfg.runs_dir) / cfg.name
+    created = not run_dir.exists()
     with exit_on_sigterm():
         try:
             lock = take_run_lock(accelerator, run_dir)
         except RunLocked as e:
             return fail(accelerator, "run directory", e)
+        status = 1
         try:
-            return run(cfg, args, accelerator, run_dir)
+            status = run(cfg, args, accelerator, run_dir)
+            return status
         finally:
             if lock is not None:
                 lock.release()
+                if status != 0 and created:  # a refused first launch leaves no trace
+                    with contextlib.suppress(OSError):
+                        run_dir.rmdir()  # only if empty
 
 
 def run(cfg, args, accelerator, run_dir: Path) -> int:
