@@ -6,11 +6,11 @@ PY := $(VENV)/bin/python
 # The CPU build of torch that this machine kind carries locally; on other hosts set TORCH_SPEC=torch.
 TORCH_SPEC ?= torch==2.13.0
 # DALI publishes Linux x86_64 wheels only; elsewhere the webdataset backend is used.
-EXTRAS ?= dev,demo,deepspeed$(shell [ "$$(uname -sm)" = "Linux x86_64" ] && echo ,dali)
+EXTRAS ?= dev,demo,bench,deepspeed$(shell [ "$$(uname -sm)" = "Linux x86_64" ] && echo ,dali)
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench quality clean
 
 install: $(STAMP)
 
@@ -66,6 +66,15 @@ bench: $(STAMP)
 	cat $(BENCH_OUT)/step.md
 	$(PY) -m bench.scaling --json $(BENCH_OUT)/scaling.json > $(BENCH_OUT)/scaling.md
 	cat $(BENCH_OUT)/scaling.md
+
+# Colour quality: every recipe variant of bench/quality.py trained on the first 70 % of the
+# sample clips' frames, scored with tricolor-eval on the later frames (and on carphone) next to
+# the grey input; writes docs/quality.md and docs/quality/*.png. About 25 minutes on 2 CPU
+# cores; bigger hosts: QUALITY_ARGS="--steps 3000 --crop 128 --seeds 3".
+QUALITY_OUT ?= $(BENCH_OUT)/quality
+QUALITY_ARGS ?=
+quality: $(STAMP)
+	$(PY) -m bench.quality --out $(QUALITY_OUT) $(QUALITY_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
