@@ -66,7 +66,7 @@ SHORT_SIDE = 128  # of the shards and the test clips, as `make demo` builds them
 TRAIN_SHARE = 0.7  # the first 70 % of each clip's frames train
 SPLIT_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4")
 OTHER_DOMAIN = "carphone_pristine.mp4"
-STRIP_CLIP = "bikes_late"  # the strip's frames: the first STRIP_FRAMES of this test clip
+STRIP_CLIP = "bigbuckbunny_late"  # the strip's frames: the first STRIP_FRAMES of this test clip
 STRIP_FRAMES = 31  # line-art strip: frames 0, 10, 30
 GREY_STRIP = (14, 15, 16)  # three consecutive frames, away from the clip's edges
 LINEART_STRIP = (0, 10, 30)
@@ -77,7 +77,7 @@ PNG_BUDGET = 300_000  # bytes per PNG in docs/quality/
 COLUMNS = (("psnr", "PSNR dB", 1, "{:.2f}"), ("gain", "gain dB", 1, "{:+.2f}"),
            ("ssim", "SSIM", 1, "{:.4f}"), ("cdc_excess", "CDC−floor ×1e3", 1e3, "{:.3f}"),
            ("warp_excess", "warp excess ×1e3", 1e3, "{:.3f}"),
-           ("colourfulness_diff", "|ΔM|", 1, "{:.2f}"), ("ciede2000", "ΔE00", 1, "{:.2f}"))
+           ("colourfulness_diff", "\\|ΔM\\|", 1, "{:.2f}"), ("ciede2000", "ΔE00", 1, "{:.2f}"))
 
 
 def log(msg: str) -> None:
@@ -199,10 +199,9 @@ def launcher() -> tuple[list[str], dict, int]:
 def train_and_score(name: str, seed: int, args, data: dict, out: Path) -> dict:
     run = f"{name}_s{seed}"
     preset = VARIANTS[name][0]
-    val_every = args.val_every or max(1, args.steps // 5)
     over = [f"name={run}", f"runs_dir={out / 'runs'}", f"data.shards={data['shards']}",
             f"train.max_steps={args.steps}", f"data.crop_size={args.crop}", f"train.seed={seed}",
-            f"train.val_every={val_every}", "train.checkpoint_every=0", "train.image_every=0",
+            f"train.val_every={args.val_every}", "train.checkpoint_every=0", "train.image_every=0",
             *overrides(name, args)]
     launch, env, procs = launcher()
     logs = out / "logs"
@@ -305,8 +304,9 @@ def cell(values: list[float], scale: float, fmt: str) -> str:
 
 
 def save_png(fig, path: Path) -> str:
-    """Save a figure as an RGB PNG (matplotlib writes RGBA: a third more bytes) under
-    PNG_BUDGET bytes, quantized to 256 colours only if it does not fit; returns a note then."""
+    """Save a figure as an RGB PNG (matplotlib writes RGBA: a third more bytes) of at most
+    PNG_BUDGET bytes: quantized to 256 colours, then scaled down, only as far as needed to
+    fit; returns a note saying which."""
     from io import BytesIO
 
     from PIL import Image
@@ -318,10 +318,16 @@ def save_png(fig, path: Path) -> str:
     with Image.open(buf) as im:
         rgb = im.convert("RGB")
     rgb.save(path, optimize=True)
-    if path.stat().st_size <= PNG_BUDGET:
-        return ""
-    rgb.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
-    return " (quantized to 256 colours to stay small)"
+    note = ""
+    for scale in (1.0, 0.8, 0.64, 0.5):
+        if path.stat().st_size <= PNG_BUDGET:
+            break
+        size = (round(rgb.width * scale), round(rgb.height * scale))
+        small = rgb if scale == 1 else rgb.resize(size, Image.Resampling.LANCZOS)
+        small.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+        note = " (quantized to 256 colours" + (f", scaled to {scale:.0%}" if scale < 1 else "")
+        note += " to stay small)"
+    return note
 
 
 def read_frames(folder: Path, indices) -> list[np.ndarray]:
@@ -455,15 +461,15 @@ def table(summary: dict, proto: str, names: list[str]) -> list[str]:
 
 def clip_table(summary: dict, names: list[str]) -> list[str]:
     clips = list(summary["grey"]["clips"])
-    head = ["variant", *[f"{c} gain dB (abs ΔM)" for c in clips]]
+    head = ["variant", *[f"{c}: gain dB; \\|ΔM\\|" for c in clips]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in ["grey", *names]:
         if name not in summary:
             continue
         row = summary[name]["clips"]
         label = "grey (zero chroma)" if name == "grey" else name
-        cells = [f"{cell(row[c]['gain'], 1, '{:+.2f}')} "
-                 f"({cell(row[c]['colourfulness_diff'], 1, '{:.1f}')})" for c in clips]
+        cells = [f"{cell(row[c]['gain'], 1, '{:+.2f}')}; "
+                 f"{np.mean(row[c]['colourfulness_diff']):.1f}" for c in clips]
         lines.append("| " + " | ".join([label, *cells]) + " |")
     return lines
 
@@ -487,13 +493,17 @@ def write_report(results: list[dict], data: dict, args, info: dict, docs: Path) 
                                LINEART_STRIP, "lineart", f"{STRIP_CLIP}: line-art mode from "
                                "the clip's first frame, frames 0, 10, 30"))
     curve_key = learning_curve_png(results, pics / "learning_curve.png")
+    for name, made in (("strip.png", grey_names), ("lineart_strip.png", line_names)):
+        if not made:  # not this run's: a figure left from another run would mislead
+            (pics / name).unlink(missing_ok=True)
     m = info["machine"]
     clips = data["clips"]
     lines = [
         "# Colour quality: recipes side by side on held-out footage",
         "",
         f"Generated by `{info['command']}` on {info['date']} (commit {info['commit']}); "
-        "do not edit by hand, rerun the command.",
+        "`make quality` runs `python -m bench.quality --out bench_out/quality`. Do not edit by "
+        "hand: rerun the command (a benchmark, not a test: the figures are this run's).",
         "",
     ]
     if grey_names:
@@ -514,14 +524,15 @@ def write_report(results: list[dict], data: dict, args, info: dict, docs: Path) 
         f"process{'es' if info['processes'] > 1 else ''}.",
         f"- Budget per run: {args.steps} steps, crop {args.crop}, the preset's batch "
         f"({info['batch']} per process unless the variant says otherwise), validation every "
-        f"{args.val_every or max(1, args.steps // 5)} steps; seeds: {args.seeds} for "
+        f"{args.val_every} steps; seeds: {args.seeds} for "
         f"{', '.join(sorted(MULTI_SEED))}, 1 for the others.",
         f"- Wall time: {info['wall_s'] / 60:.1f} min in all ({info['train_s'] / 60:.1f} min "
         f"training, {info['eval_s'] / 60:.1f} min scoring and strips, data "
         f"{data['seconds']:.0f} s when made).",
         f"- Data: {', '.join(SPLIT_CLIPS)} split by time, the first {TRAIN_SHARE:.0%} of each "
         "clip's frames to the shards ("
-        + ", ".join(f"{k} {v['samples']} triplets in {v['scenes']} scenes"
+        + ", ".join(f"{k} {v['samples']} triplets in {v['scenes']} scene"
+                    f"{'s' if v['scenes'] != 1 else ''}"
                     for k, v in data["splits"].items())
         + "), the rest held out: "
         + ", ".join(f"{c} = frames {v['from_frame']}-{v['of'] - 1} ({v['size'][0]}x"
@@ -552,17 +563,19 @@ def write_report(results: list[dict], data: dict, args, info: dict, docs: Path) 
             clips=", ".join(Path(p).stem for p in paths))
         lines += ["", f"## {title}", "", *table(summary, proto, names)]
     lines += ["", "## Gain over grey per clip", "",
-              "PSNR gain over zero chroma in dB, |ΔM| (colourfulness difference to the truth) "
-              "in brackets.", "", *clip_table(summary, names)]
+              "PSNR gain over zero chroma in dB (with several seeds: the mean, max − min in "
+              "brackets); after the semicolon \\|ΔM\\|, the colourfulness difference to the "
+              "truth (mean over seeds).", "", *clip_table(summary, names)]
     key_note = ("validation `psnr_gain` (PSNR − grey's PSNR on the val split)"
                 if curve_key == "psnr_gain" else
                 "validation PSNR (the runs did not log `psnr_gain`)")
     lines += ["", "## Learning curves", "", f"![learning curves]({rel / 'learning_curve.png'})",
               "", f"*{key_note} against the training step, one line per variant (later seeds "
               "thinner).*", "", "## Runs", "",
-              "| run | train s | eval s | |", "|---|---|---|---|"]
+              "| run | train s | eval + strip s | note |", "|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['run']} | {r.get('train_s', 0):.0f} | {r.get('eval_s', 0):.0f} | "
+        lines.append(f"| {r['run']} | {r.get('train_s', 0):.0f} | "
+                     f"{r.get('eval_s', 0) + r.get('strip_s', 0):.0f} | "
                      f"{'FAILED: ' + r['error'].splitlines()[0] if 'error' in r else ''} |")
     docs.parent.mkdir(parents=True, exist_ok=True)
     tmp = docs.with_name(f".{docs.name}.tmp")
@@ -576,7 +589,7 @@ def write_report(results: list[dict], data: dict, args, info: dict, docs: Path) 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench.quality", description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=400, help="training steps per run")
+    p.add_argument("--steps", type=int, default=1000, help="training steps per run")
     p.add_argument("--crop", type=int, default=64, help="training crop side (data.crop_size)")
     p.add_argument("--seeds", type=int, default=2,
                    help=f"seeds of {', '.join(sorted(MULTI_SEED))} (the others: 1)")
@@ -598,6 +611,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name} must be >= 1")
     if args.crop % 8:
         p.error("--crop must be a multiple of 8 (2**model.depth of the presets)")
+    args.val_every = args.val_every or max(1, args.steps // 5)
     return args
 
 
@@ -612,7 +626,13 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out.absolute()
     results_path = args.out / "results.json"
     if args.report_only:
+        if not results_path.is_file():
+            print(f"bench.quality: error: {results_path}: no results to report; run without "
+                  "--report-only first", file=sys.stderr)
+            return 1
         saved = json.loads(results_path.read_text())
+        for key, value in saved["info"]["budget"].items():  # the runs' budget, not the flags'
+            setattr(args, key, value)
         write_report(saved["results"], saved["data"], args, saved["info"], args.docs)
         return 0
     for sub in ("logs", "eval", "strips", "runs"):
@@ -648,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": git_commit(),
         "machine": machine(),
         "processes": launcher()[2],
+        "budget": {k: getattr(args, k) for k in ("steps", "crop", "seeds", "val_every")},
         "batch": load_config(DEMO).data.batch_size,
         "wall_s": time.perf_counter() - t0,
         "train_s": sum(r.get("train_s", 0) for r in results),
