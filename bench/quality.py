@@ -676,7 +676,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     results_path.write_text(json.dumps({"results": results, "data": data, "info": info},
                                        indent=1))
-    write_report(results, data, args, info, args.docs)
+    try:
+        write_report(results, data, args, info, args.docs)
+    except RuntimeError as e:  # every run failed: their logs say why
+        print(f"bench.quality: error: {e}; logs in {args.out / 'logs'}", file=sys.stderr)
+        return 1
     failed = [r["run"] for r in results if "error" in r]
     log(f"done in {info['wall_s'] / 60:.1f} min" + (f"; FAILED: {', '.join(failed)}"
                                                     if failed else ""))
