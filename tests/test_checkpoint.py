@@ -524,6 +524,6 @@ def test_a_setting_added_after_the_save_takes_its_default(two_checkpoints):
     del state["model"]["zero_init_head"]  # as saved before the setting existed
     state_file.write_text(json.dumps(state))
     assert ckpts.load(ckpts.dir / "step_000002", gan, cfg.model)[0]["step"] == 2
-    changed = OmegaConf.merge(cfg.model, {"zero_init_head": True})
+    changed = OmegaConf.merge(cfg.model, {"zero_init_head": False})  # not the default
     with pytest.raises(IncompatibleCheckpoint, match="zero_init_head"):
         ckpts.load(ckpts.dir / "step_000002", gan, changed)

@@ -27,7 +27,9 @@ from models.generator import GreyUNet, LineartUNet
 from models.summary import main as summary_main
 from models.summary import receptive_field
 
-TINY = dict(ngf=8, ndf=8, depth=3)  # frames must be multiples of 8
+# frames must be multiples of 8; a random chroma head (the library starts at grey) so that what
+# reaches the output is visible in it
+TINY = dict(ngf=8, ndf=8, depth=3, zero_init_head=False)
 
 
 def tiny(**kw) -> ModelConfig:

@@ -86,7 +86,8 @@ def test_the_val_loader_gives_each_rank_the_same_centre_crops_at_every_epoch(
 
 def tiny_generator(mode: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build_generator(ModelConfig(mode=mode, ngf=4, depth=2, norm="group"))
+    return build_generator(ModelConfig(mode=mode, ngf=4, depth=2, norm="group",
+                                       zero_init_head=False))
 
 
 @pytest.mark.parametrize("mode", ["grey", "lineart"])
