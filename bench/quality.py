@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -228,6 +229,9 @@ def train_and_score(name: str, seed: int, args, data: dict, out: Path) -> dict:
             *overrides(name, args)]
     launch, env, procs = launcher()
     logs = out / "logs"
+    # A fresh run directory: the trainer appends to metrics.jsonl and tb/, and an earlier run
+    # of the same name (another recipe, when a preset changed) would join the learning curve.
+    shutil.rmtree(out / "runs" / run, ignore_errors=True)
     train_s = run_cmd([*launch, "trainer/main.py", "--config", preset, "--no-resume", *over],
                       logs / f"{run}.train.log", env)
     eval_env = {"OMP_NUM_THREADS": str(min(os.cpu_count() or 1, 8))}
@@ -625,7 +629,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--val-every", type=int, default=0,
                    help="steps between validations (0: a fifth of --steps)")
     p.add_argument("--out", type=Path, default=Path("bench_out/quality"))
-    p.add_argument("--docs", type=Path, default=Path("docs/quality.md"))
+    p.add_argument("--docs", type=Path, default=ROOT / "docs" / "quality.md")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite --docs from the runs already in --out (results.json)")
     args = p.parse_args(argv)
@@ -639,6 +643,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.crop % 8:
         p.error("--crop must be a multiple of 8 (2**model.depth of the presets)")
     args.val_every = args.val_every or max(1, args.steps // 5)
+    args.out, args.docs = args.out.resolve(), args.docs.resolve()  # commands run in ROOT
     return args
 
 
@@ -696,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "processes": launcher()[2],
         "budget": {k: getattr(args, k) for k in ("steps", "crop", "seeds", "val_every")},
-        "batch": load_config(DEMO).data.batch_size,
+        "batch": load_config(ROOT / DEMO).data.batch_size,
         "wall_s": time.perf_counter() - t0,
         "train_s": sum(r.get("train_s", 0) for r in results),
         "eval_s": sum(r.get("eval_s", 0) + r.get("strip_s", 0) for r in results),

@@ -513,7 +513,8 @@ def test_deepspeed_files_load_weights_only(tmp_path):
 
 def test_a_setting_added_after_the_save_takes_its_default(two_checkpoints):
     """A checkpoint written before a model setting existed resumes when the run keeps that
-    setting's default, and is refused when it does not."""
+    setting's default, and is refused when it does not; a setting that only chooses the
+    initial weights never blocks a resume."""
     import json
 
     from omegaconf import OmegaConf
@@ -521,9 +522,11 @@ def test_a_setting_added_after_the_save_takes_its_default(two_checkpoints):
     cfg, gan, ckpts = two_checkpoints
     state_file = ckpts.dir / "step_000002" / "trainer.json"
     state = json.loads(state_file.read_text())
-    del state["model"]["zero_init_head"]  # as saved before the setting existed
+    del state["model"]["zero_init_head"], state["model"]["d_temporal"]  # as saved before them
     state_file.write_text(json.dumps(state))
     assert ckpts.load(ckpts.dir / "step_000002", gan, cfg.model)[0]["step"] == 2
-    changed = OmegaConf.merge(cfg.model, {"zero_init_head": False})  # not the default
-    with pytest.raises(IncompatibleCheckpoint, match="zero_init_head"):
+    init_only = OmegaConf.merge(cfg.model, {"zero_init_head": not cfg.model.zero_init_head})
+    assert ckpts.load(ckpts.dir / "step_000002", gan, init_only)[0]["step"] == 2
+    changed = OmegaConf.merge(cfg.model, {"d_temporal": True})  # not the default
+    with pytest.raises(IncompatibleCheckpoint, match="d_temporal"):
         ckpts.load(ckpts.dir / "step_000002", gan, changed)

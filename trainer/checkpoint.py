@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE = "COMPLETE"
+INIT_ONLY = ("zero_init_head",)  # model settings that only choose the starting weights
 
 
 class CheckpointError(RuntimeError):
@@ -280,10 +281,14 @@ class Checkpointer:
         current = OmegaConf.to_container(OmegaConf.structured(model_cfg), enum_to_str=True)
         if isinstance(saved, dict):
             # A setting added after this checkpoint was written takes its default, which is
-            # what the code did before the setting existed.
+            # what the code did before the setting existed; settings that only choose the
+            # initial weights do not matter to a resume, which loads the saved ones.
             defaults = OmegaConf.to_container(OmegaConf.structured(ModelConfig),
                                               enum_to_str=True)
             saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+            for key in INIT_ONLY:
+                saved.pop(key, None)
+                current.pop(key, None)
         if saved != current:
             saved = saved if isinstance(saved, dict) else {}
             diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
