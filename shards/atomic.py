@@ -27,18 +27,25 @@ def publish(partial: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
-def write_json_partial(path: Path, obj: object) -> Path:
-    """Write `obj` to `<path>.partial`, flushed to disk, and return that path: the caller
+def write_text_partial(path: Path, text: str) -> Path:
+    """Write `text` to `<path>.partial`, flushed to disk, and return that path: the caller
     publishes it with `os.replace` when it chooses (see `shards.build.build`)."""
     partial = path.with_name(path.name + PARTIAL_SUFFIX)
     with open(partial, "w") as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     return partial
 
 
-def write_json_atomic(path: Path, obj: object) -> None:
-    partial = write_json_partial(path, obj)
-    os.replace(partial, path)
+def write_text_atomic(path: Path, text: str) -> None:
+    os.replace(write_text_partial(path, text), path)
     fsync_dir(path.parent)
+
+
+def write_json_partial(path: Path, obj: object) -> Path:
+    return write_text_partial(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")

@@ -34,9 +34,10 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def index_lines(tar_path: Path) -> list[str]:
-    """The lines of a wds2idx-compatible index for `tar_path` (regular files only)."""
-    samples: list[list[str]] = []
+def read_index(tar_path: Path, samples: list[list[tuple[str, int, int, str]]]) -> None:
+    """Append to `samples`, as the tar is read, each sample's members (ext, data offset, size,
+    name) in order, regular files only, as wds2idx indexes them. Errors of a tar cut short
+    propagate; what was read before the cut stays in `samples` (the loader's scan keeps it)."""
     last_key = None
     with tarfile.open(tar_path, "r:") as tar:
         for member in tar:
@@ -45,15 +46,21 @@ def index_lines(tar_path: Path) -> list[str]:
             key, ext = split_member_name(member.name)
             if not key or key.endswith("/"):  # hidden files, as wds2idx skips them
                 continue
-            component = f"{ext} {member.offset_data} {member.size} {member.name}"
             if key != last_key:
-                samples.append([component])
+                samples.append([])
                 last_key = key
-            else:
-                samples[-1].append(component)
+            samples[-1].append((ext, member.offset_data, member.size, member.name))
+
+
+def index_lines(tar_path: Path) -> list[str]:
+    """The lines of a wds2idx-compatible index for `tar_path` (regular files only)."""
+    samples: list[list[tuple[str, int, int, str]]] = []
+    read_index(tar_path, samples)
     if not samples:
         raise ValueError(f"{tar_path}: no samples in this tar, cannot index it")
-    return [f"{INDEX_VERSION} {len(samples)}"] + [" ".join(s) for s in samples]
+    return [f"{INDEX_VERSION} {len(samples)}"] + [
+        " ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in sample)
+        for sample in samples]
 
 
 def index_text(tar_path: Path) -> str:

@@ -60,9 +60,9 @@ def make_loader(shards, backend="dali", rank=0, world=1, mode="grey", *overrides
     return TripletLoader(cfg, mode, "train", rank, world, torch.device("cpu"), seed=3)
 
 
-def read_tar_samples(shards: Path) -> dict[str, dict[str, bytes]]:
+def read_tar_samples(shards: Path, split: str = "train") -> dict[str, dict[str, bytes]]:
     samples = {}
-    for tar_path in sorted(shards.glob("train-*.tar")):
+    for tar_path in sorted(shards.glob(f"{split}-*.tar")):
         with tarfile.open(tar_path) as tar:
             for m in tar:
                 key, ext = split_member_name(m.name)

@@ -302,14 +302,25 @@ time.sleep(300)
 """
 
 
-def test_a_live_holder_is_refused_and_a_killed_one_taken_over(damaged_val, finished, tmp_path,
-                                                               capsys):
-    run = tmp_path / "run"
-    shutil.copytree(finished, run)
+@contextlib.contextmanager
+def lock_holder(run):
+    """Another live process holding `run`'s lock; SIGKILLed on exit, so its LOCK stays behind,
+    naming a dead process."""
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE,
                               text=True, cwd=ROOT)
     try:
         assert holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_live_holder_is_refused_and_a_killed_one_taken_over(damaged_val, finished, tmp_path,
+                                                               capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    with lock_holder(run) as holder:  # SIGKILLed at the end: the lock stays behind
         before = snapshot(run)
         capsys.readouterr()
         assert run_main(run_args(damaged_val, tmp_path)) == 1
@@ -317,9 +328,6 @@ def test_a_live_holder_is_refused_and_a_killed_one_taken_over(damaged_val, finis
         assert len(err) == 1 and err[0].startswith(f"run directory error: {run / 'LOCK'}: ")
         assert f"pid {holder.pid} " in err[0] and socket.gethostname() in err[0]
         assert snapshot(run) == before  # LOCK is the holder's
-    finally:
-        holder.kill()  # SIGKILL: the lock stays behind, naming a dead process
-        holder.wait()
     assert str(holder.pid) in (run / "LOCK").read_text()
     with warnings_to_stderr():
         assert run_main(run_args(damaged_val, tmp_path, "train.max_steps=3")) == 0
@@ -337,14 +345,8 @@ def test_refusals_on_two_ranks_are_one_line_and_every_rank_exits(damaged_val, fi
     waits alone, and the error is said once, not as a traceback per rank."""
     run = tmp_path / "run"
     shutil.copytree(finished, run)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE,
-                              text=True, cwd=ROOT)
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with lock_holder(run) as holder:
         locked = launch("trainer/main.py", *run_args(damaged_val, tmp_path), timeout=300)
-    finally:
-        holder.kill()
-        holder.wait()
     assert locked.returncode != 0
     assert locked.stderr.count("run directory error:") == 1, locked.stderr[-3000:]
     assert f"pid {holder.pid} " in locked.stderr and "Traceback" not in locked.stdout

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +10,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 from PIL import Image
-from test_data import best_placement, lab_to_rgb
+from test_data import best_placement, lab_to_rgb, read_tar_samples
 
 from models import build_generator
 from models.config import ModelConfig
-from shards.tario import split_member_name
 from trainer.config import load_config
 from trainer.data import TripletLoader, dali_available
 from trainer.metrics import ColorizationMetrics
@@ -34,16 +32,6 @@ def val_cfg(shards: Path, backend: str):
     return load_config("configs/demo.yaml", [
         f"data.shards={shards}", f"data.backend={backend}", "data.crop_size=32",
         "data.batch_size=2", "data.num_threads=1", "model.ngf=4", "model.depth=2", *AUGMENTED])
-
-
-def val_tar_frames(shards: Path) -> dict[str, dict[str, bytes]]:
-    samples = {}
-    for tar_path in sorted(shards.glob("val-*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for m in tar:
-                key, ext = split_member_name(m.name)
-                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return samples
 
 
 def epoch(loader) -> list:
@@ -65,7 +53,7 @@ def test_the_val_loader_gives_each_rank_the_same_centre_crops_at_every_epoch(
             assert torch.equal(c1, c2) and torch.equal(t1, t2)
         keys.append([k for batch_keys, _, _ in first for k in batch_keys])
     assert not set(keys[0]) & set(keys[1])  # each rank its own slice, at every epoch
-    frames = val_tar_frames(shards)
+    frames = read_tar_samples(shards, "val")
     assert len(keys[0]) + len(keys[1]) == len(frames)
 
     # The crop is the centre window of the decoded JPEG: unflipped, no brightness change.

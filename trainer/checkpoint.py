@@ -49,7 +49,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from models.config import ModelConfig
-from shards.atomic import fsync_dir
+from shards.atomic import fsync_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,6 @@ class CheckpointError(RuntimeError):
 class IncompatibleCheckpoint(CheckpointError):
     """Intact, but not for this run as launched (another model config, backend, ZeRO stage or,
     for DeepSpeed, world size): an older checkpoint of the run would not do either."""
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _rank_world() -> tuple[int, int]:
@@ -108,26 +103,16 @@ def _write_failure(e: BaseException, where: Path) -> str:
     if isinstance(cause, OSError) and cause.strerror:
         return f"{cause.strerror} writing {cause.filename or where}"
     lines = str(cause).strip().splitlines() or [type(cause).__name__]
+    errno = re.search(r"os error (\d+)", lines[-1])  # safetensors' wording
+    if errno:
+        return f"{os.strerror(int(errno.group(1)))} writing {where}"
     try:
         full = shutil.disk_usage(where if where.exists() else where.parent).free < 1 << 20
     except OSError:
         full = False
-    errno = re.search(r"os error (\d+)", lines[-1])  # safetensors' wording
-    if errno:
-        return f"{os.strerror(int(errno.group(1)))} writing {where}"
     if full:
         return f"No space left on device writing {where} ({lines[-1][:200]})"
     return f"cannot write {where} ({lines[-1][:200]})"
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
-    fsync_dir(path.parent)
 
 
 class Checkpointer:
@@ -213,12 +198,12 @@ class Checkpointer:
 
     def _publish(self, tmp: Path, final: Path, world: int) -> None:
         """Rank 0, once every rank's files are on disk: COMPLETE, rename, then `latest`."""
-        _write_text_atomic(tmp / COMPLETE, f"{world}\n")
+        write_text_atomic(tmp / COMPLETE, f"{world}\n")
         if final.exists():  # an older save of the same step (e.g. rerun): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(self.dir)
-        _write_text_atomic(self.dir / "latest", final.name + "\n")
+        write_text_atomic(self.dir / "latest", final.name + "\n")
 
     def _prune(self, final: Path) -> None:
         complete = self.complete_checkpoints()

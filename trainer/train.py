@@ -15,7 +15,7 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from models import build_discriminator, build_generator, build_loss
-from shards.atomic import publish
+from shards.atomic import write_text_atomic
 from shards.manifest import ManifestError
 from trainer.backend import make_backend
 from trainer.checkpoint import Checkpointer
@@ -141,9 +141,8 @@ def start_run(cfg, accelerator: Accelerator, run_dir: Path, fresh: bool) -> None
             old.rename(aside)
             log.warning("--no-resume: moved %s to %s", old, aside)
         (run_dir / "COMPLETE").unlink(missing_ok=True)
-        partial = run_dir / "config.yaml.partial"
-        partial.write_text(f"# git commit {git_commit()}\n" + OmegaConf.to_yaml(cfg))
-        publish(partial, run_dir / "config.yaml")
+        write_text_atomic(run_dir / "config.yaml",
+                          f"# git commit {git_commit()}\n" + OmegaConf.to_yaml(cfg))
     accelerator.wait_for_everyone()
 
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shards.manifest import ManifestError, load_manifest, shard_file
-from shards.tario import INDEX_VERSION, split_member_name
+from shards.tario import INDEX_VERSION, read_index, split_member_name
 
 log = logging.getLogger(__name__)
 
@@ -163,21 +163,13 @@ def parse_index(text: str) -> list[Sample]:
 def index_tar(tar: Path) -> tuple[list[Sample], str | None]:
     """Index `tar` from its headers, as wds2idx does; for a tar cut short, the samples before
     the cut and what went wrong (None when the whole tar was read)."""
-    samples: list[Sample] = []
-    last_key = None
+    members: list[list[tuple[str, int, int, str]]] = []
     try:
-        with tarfile.open(tar, "r:") as archive:
-            for member in archive:
-                key, ext = split_member_name(member.name)
-                if not member.isreg() or not key or key.endswith("/"):  # as wds2idx skips
-                    continue
-                if key != last_key:
-                    samples.append({})
-                    last_key = key
-                samples[-1][ext] = (member.offset_data, member.size, member.name)
+        read_index(tar, members)
+        error = None
     except (tarfile.TarError, OSError, EOFError) as e:
-        return samples, str(e) or type(e).__name__
-    return samples, None
+        error = str(e) or type(e).__name__
+    return [{ext: (offset, size, name) for ext, offset, size, name in m} for m in members], error
 
 
 def _header_holds(data: mmap.mmap, member: Member) -> bool:
