@@ -40,12 +40,12 @@ demo: $(STAMP)
 	$(PY) -m shards verify $(DEMO_OUT)/shards
 	$(LAUNCH) trainer/main.py --config configs/demo.yaml --no-resume runs_dir=$(DEMO_OUT)/runs \
 		data.shards=$(DEMO_OUT)/shards
-	OMP_NUM_THREADS=1 $(PY) -m trainer.colorize --model $(DEMO_OUT)/runs/demo \
+	OMP_NUM_THREADS=1 $(PY) -m inference.colorize --model $(DEMO_OUT)/runs/demo \
 		--input $(HELD_OUT) --output $(DEMO_OUT)/carphone_colorized.mp4 --overwrite
-	OMP_NUM_THREADS=1 $(PY) -m trainer.colorize --model $(DEMO_OUT)/runs/demo \
+	OMP_NUM_THREADS=1 $(PY) -m inference.colorize --model $(DEMO_OUT)/runs/demo \
 		--input $(HELD_OUT) --output $(DEMO_OUT)/carphone_side_by_side.mp4 --side-by-side \
 		--overwrite
-	OMP_NUM_THREADS=1 $(PY) -m trainer.evaluate --model $(DEMO_OUT)/runs/demo \
+	OMP_NUM_THREADS=1 $(PY) -m inference.evaluate --model $(DEMO_OUT)/runs/demo \
 		--videos $(HELD_OUT) --json $(DEMO_OUT)/eval.json
 	@echo "colored video: $(DEMO_OUT)/carphone_colorized.mp4 (side by side: $(DEMO_OUT)/carphone_side_by_side.mp4)"
 	@echo "TensorBoard:   $(VENV)/bin/tensorboard --logdir $(DEMO_OUT)/runs/demo/tb"

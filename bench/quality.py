@@ -236,12 +236,13 @@ def train_and_score(name: str, seed: int, args, data: dict, out: Path) -> dict:
     eval_env = {"OMP_NUM_THREADS": str(min(os.cpu_count() or 1, 8))}
     eval_json = out / "eval" / f"{run}.json"
     videos = [v for vids in data["protocols"].values() for v in vids]
-    eval_s = run_cmd([sys.executable, "-m", "trainer.evaluate", "--model", str(out / "runs" / run),
+    eval_s = run_cmd([sys.executable, "-m", "inference.evaluate", "--model",
+                      str(out / "runs" / run),
                       "--videos", *videos, "--json", str(eval_json)],
                      logs / f"{run}.eval.log", eval_env)
     strip_s = 0.0
     if seed == 0:  # the strip shows the first seed of each variant
-        strip_s = run_cmd([sys.executable, "-m", "trainer.colorize", "--model",
+        strip_s = run_cmd([sys.executable, "-m", "inference.colorize", "--model",
                            str(out / "runs" / run), "--input", data["strip"], "--output",
                            str(out / "strips" / run), "--overwrite"],
                           logs / f"{run}.strip.log", eval_env)
@@ -368,10 +369,10 @@ def strip_columns(data: dict, indices, mode: str) -> list[tuple[str, list[np.nda
     import kornia
     import torch
 
+    from inference.colorize import compose_grey
+    from inference.video_io import Source
     from models.colour import normalize_lab
-    from trainer.colorize import compose_grey
     from trainer.data.transforms import line_art
-    from trainer.video_io import Source
 
     wanted = set(indices)
     truth = [f.rgb for i, f in enumerate(Source(Path(data["strip"])).read()) if i in wanted]

@@ -23,15 +23,15 @@ from PIL import Image
 from torch import nn
 from videos import rotated_video, scene_video, size_change_video, textured_frames
 
+from inference import colorize
+from inference.colorize import Colorizer, Model, compose_grey, load_model, main, prepare
+from inference.video_io import Source
 from models import build_generator
 from models.colour import black_lab_like
 from models.config import ModelConfig
 from shards.cli import main as shards_main
 from shards.video import VideoError, decode_frames
-from trainer import colorize
-from trainer.colorize import Colorizer, Model, compose_grey, load_model, main, prepare
 from trainer.export import export_generator
-from trainer.video_io import Source
 
 ROOT = Path(__file__).resolve().parents[1]
 LUMINANCE = torch.tensor([0.212671, 0.715160, 0.072169]).view(3, 1, 1)
@@ -361,7 +361,7 @@ def test_a_failure_midway_leaves_no_output(tmp_path, grey_export, capsys, monkey
         if len(calls) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr("trainer.video_io.FrameFolderSink.write", interrupt)
+    monkeypatch.setattr("inference.video_io.FrameFolderSink.write", interrupt)
     assert run("--model", grey_export, "--input", whole, "--output", tmp_path / "frames",
                "--size", 32) == 130
     assert not (tmp_path / "frames").exists()
@@ -372,7 +372,7 @@ def test_a_failure_midway_leaves_no_output(tmp_path, grey_export, capsys, monkey
 
 PEAK_RSS = """
 import resource, sys
-from trainer.colorize import main
+from inference.colorize import main
 rc = main(sys.argv[1:])
 print("maxrss_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "rc", rc)
 """
@@ -490,7 +490,7 @@ def test_sigterm_leaves_no_partial_file(tmp_path, grey_export):
     src = long_clip(tmp_path / "in.mp4", 300)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trainer.colorize", "--model", str(grey_export), "--input",
+        [sys.executable, "-m", "inference.colorize", "--model", str(grey_export), "--input",
          str(src), "--output", str(tmp_path / "out.mp4"), "--size", "240", "--preset",
          "ultrafast"], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
@@ -514,7 +514,7 @@ def test_sigterm_leaves_no_partial_file(tmp_path, grey_export):
 HUGE_NGF = """
 import resource, sys
 import torch
-from trainer.colorize import ModelError, load_model
+from inference.colorize import ModelError, load_model
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     load_model(sys.argv[1], torch.device("cpu"))
@@ -550,7 +550,7 @@ def test_huge_ngf_is_refused_before_anything_is_built(tmp_path):
 def test_an_absurd_depth_is_refused_before_anything_is_built(tmp_path, depth):
     """generator.json says depth=100000 (the meta-device build alone would take minutes):
     refused from the settings at once; a plausible wrong depth by the weights' shapes."""
-    from trainer.colorize import ModelError
+    from inference.colorize import ModelError
 
     export = tiny_export(tmp_path / "export")
     meta = json.loads((export / "generator.json").read_text())

@@ -14,7 +14,7 @@ import torch
 from test_colorize import decode, tiny_export, write_clip
 from videos import scene_video, size_change_video, textured_frames
 
-from trainer.evaluate import METHODS, main
+from inference.evaluate import METHODS, main
 
 FLOORS = ("cdc_truth", "warp_truth", "colourfulness_truth")
 

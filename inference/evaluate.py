@@ -1,4 +1,4 @@
-"""`tricolor-eval` (also `python -m trainer.evaluate`): score a model against two baselines.
+"""`tricolor-eval` (also `python -m inference.evaluate`): score a model against two baselines.
 
     tricolor-eval --model RUN_OR_EXPORT_DIR --videos V... [--json OUT] [--max-frames N]
         [--device auto|cpu|cuda] [--batch-size N] [--size S] [--scene-threshold T]
@@ -42,9 +42,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from shards.atomic import write_json_atomic
-from shards.video import VideoError, find_videos
-from trainer.colorize import (
+from inference.colorize import (
     SCENE_THRESHOLD,
     Colorizer,
     Model,
@@ -56,8 +54,10 @@ from trainer.colorize import (
     prepare,
     resolve_size,
 )
+from inference.video_io import Frame, OutputError, Source
+from shards.atomic import write_json_atomic
+from shards.video import VideoError, find_videos
 from trainer.metrics import VideoScores, rgb_to_cielab
-from trainer.video_io import Frame, OutputError, Source
 
 METHODS = ("model", "per_frame", "zero_chroma")
 CONVENTIONS = (

@@ -1,4 +1,4 @@
-"""`tricolor-colorize` (also `python -m trainer.colorize`): a video in, the colored video out.
+"""`tricolor-colorize` (also `python -m inference.colorize`): a video in, the colored video out.
 
     tricolor-colorize --model RUN_OR_EXPORT_DIR --input IN --output OUT
         [--device auto|cpu|cuda] [--batch-size N] [--side-by-side] [--lineart]
@@ -73,14 +73,7 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models.colour import AB_SCALE, black_lab_like
-from shards.scenes import SceneCuts
-from shards.video import VideoError
-from trainer.config import DataConfig
-from trainer.data.transforms import line_art, rgb_to_lab_triplets
-from trainer.export import load_generator
-from trainer.validate import lab_to_rgb
-from trainer.video_io import (
+from inference.video_io import (
     DEFAULT_CRF,
     DEFAULT_PRESET,
     X264_PRESETS,
@@ -91,6 +84,13 @@ from trainer.video_io import (
     check_output,
     output_kind,
 )
+from models.colour import AB_SCALE, black_lab_like
+from shards.scenes import SceneCuts
+from shards.video import VideoError
+from trainer.config import DataConfig
+from trainer.data.transforms import line_art, rgb_to_lab_triplets
+from trainer.export import load_generator
+from trainer.validate import lab_to_rgb
 
 DEFAULT_SHORT_SIDE = 256  # when the run does not say: `tricolor-shards build`'s default
 SCENE_THRESHOLD = 27.0  # `tricolor-shards build --scene-threshold` default
