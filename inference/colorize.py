@@ -3,6 +3,7 @@
     tricolor-colorize --model RUN_OR_EXPORT_DIR --input IN --output OUT
         [--device auto|cpu|cuda] [--batch-size N] [--side-by-side] [--lineart]
         [--size S] [--scene-threshold T] [--fps F] [--crf Q] [--preset P] [--overwrite]
+        [--keyframes FOLDER | --keyframes VIDEO (--keyframe-frames I,J,... | --keyframe-at-cuts)]
 
 IN is a video file or a folder of frames (sorted by name, `--fps` for their rate). A video's
 frames are taken upright: its display rotation (phones record sideways and set one) is
@@ -31,14 +32,26 @@ trained:
   training (`trainer.data.transforms.line_art`, with the run's Canny thresholds), or the
   input is line art already (`--lineart`: its L is the condition). G gets its own previous
   output, black at a scene's first frame; its Lab output is upsampled to full resolution.
+- Colour memory (line-art mode; grey mode trained with `model.memory`): G also gets the
+  colour of the previous frame, its own previous output, so it runs recurrently, one frame
+  at a time; none at a scene's first frame unless a keyframe is given.
+- Keyframes (`--keyframes`, a model with colour memory): a folder of colour images named by
+  frame index (`000120.png`), or a colour video as long as the input with
+  `--keyframe-frames 0,120,...` or `--keyframe-at-cuts` (its frame at every scene start of
+  the input). At a keyframe the output is the keyframe's colour on the input's luminance
+  (grey mode) or the keyframe itself (line art), and the memory goes on from its colour at
+  the working resolution. A keyframe of the input's aspect but another size is resized (and
+  the tool says so); another aspect, a greyscale or unreadable image, an index past the
+  input's end, or keyframes for a model without memory are errors (inference/keyframes.py).
 - Scene cuts: the content detector of `tricolor-shards` (`shards.scenes.SceneCuts`) on the
   working-resolution frames. At a cut the temporal context restarts: the grey-mode window
   is padded with frame t, as at a video's first and last frames ((t, t, t+1) and
-  (t-1, t, t)); the line-art recurrence starts from black. For a greyscale input the
+  (t-1, t, t)); the colour memory starts from none. For a greyscale input the
   detector's hue and saturation terms are constant, so its score (the mean of the three)
   is a third of the luma change: the threshold is divided by 3 for such videos.
 - Memory: frames stream through decoding, G and encoding; grey mode holds at most
-  batch size + 2 frames; line-art mode is recurrent, one frame at a time (its batch is 1).
+  batch size + 2 frames; a model with colour memory is recurrent, one frame at a time (its
+  batch is 1); folder keyframes are held at the input's size.
 
 Errors (exit status 1, a message naming the file): an unreadable, empty or truncated input,
 or one whose frame size changes mid-stream; a model folder without an export, or whose
@@ -73,6 +86,13 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from inference.keyframes import (
+    KeyframeError,
+    KeyframeFolder,
+    KeyframeVideo,
+    is_greyscale,
+    parse_frame_list,
+)
 from inference.video_io import (
     DEFAULT_CRF,
     DEFAULT_PRESET,
@@ -84,7 +104,8 @@ from inference.video_io import (
     check_output,
     output_kind,
 )
-from models.colour import AB_SCALE, black_lab_like
+from models.colour import AB_SCALE
+from models.memory import memory_of, no_memory_like
 from shards.scenes import SceneCuts
 from shards.video import VideoError
 from trainer.config import DataConfig
@@ -94,7 +115,6 @@ from trainer.validate import lab_to_rgb
 
 DEFAULT_SHORT_SIDE = 256  # when the run does not say: `tricolor-shards build`'s default
 SCENE_THRESHOLD = 27.0  # `tricolor-shards build --scene-threshold` default
-GREY_LEVELS = 3  # a frame whose channels differ by at most this many levels is greyscale
 # The Y row of kornia's sRGB (D65) -> XYZ matrix: luminance from linear RGB.
 LUMINANCE = (0.212671, 0.715160, 0.072169)
 
@@ -116,6 +136,12 @@ class Model:
     short_side: int | None  # of the training frames, None when the run does not say
     short_side_from: str  # where short_side came from, or why it is unknown
     canny: tuple[float, float]  # line-art mode: the Canny thresholds of training
+    memory: bool = False  # G takes the previous colour (line-art mode; grey with memory)
+
+    @property
+    def takes_keyframes(self) -> bool:
+        """Whether a keyframe's colour can carry on: G has a memory and uses it."""
+        return self.memory and getattr(self.G, "temporal", True)
 
     def with_temporal(self, temporal: bool) -> Model:
         """The same weights with `temporal` set: False is the per-frame ablation (grey: frame
@@ -165,6 +191,7 @@ def load_model(path: Path, device: torch.device) -> Model:
     try:
         G, meta = load_generator(export_dir)
         mode, depth = str(meta["model"]["mode"]), int(meta["model"]["depth"])
+        memory = mode == "lineart" or bool(meta["model"].get("memory", False))
     except (ValueError, RuntimeError, KeyError, TypeError, OSError, SafetensorError,
             OmegaConfBaseException) as e:
         # Wrong format, weights of another architecture, a damaged or missing file.
@@ -174,7 +201,7 @@ def load_model(path: Path, device: torch.device) -> Model:
                          f"{reason}") from e
     short, short_from, canny = training_settings(export_dir)
     return Model(G.to(device).eval(), mode, depth, export_dir, int(meta.get("step", 0)),
-                 short, short_from, canny)
+                 short, short_from, canny, memory)
 
 
 def working_size(width: int, height: int, short_side: int, depth: int) -> tuple[int, int]:
@@ -198,8 +225,9 @@ def pick_device(name: str) -> torch.device:
 @dataclass
 class Item:
     """One frame on its way through: the full-resolution input, its scene and G's condition
-    at the working resolution ([1, h, w] in [-1, 1]: L, or line art), and what the
-    colorizers made of it (name -> RGB uint8 [H, W, 3])."""
+    at the working resolution ([1, h, w] in [-1, 1]: L, or line art), what the colorizers
+    made of it (name -> RGB uint8 [H, W, 3]) and, if one is given, its colour keyframe (RGB
+    uint8 at the input's size)."""
 
     index: int
     rgb: np.ndarray
@@ -207,11 +235,7 @@ class Item:
     scene: int
     cond: Tensor
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-def is_greyscale(rgb: np.ndarray) -> bool:
-    spread = rgb.max(axis=-1).astype(np.int16) - rgb.min(axis=-1)
-    return int(spread.max(initial=0)) <= GREY_LEVELS
+    keyframe: np.ndarray | None = None  # its colour is given (inference/keyframes.py)
 
 
 @torch.inference_mode()
@@ -303,6 +327,10 @@ class Colorizer:
 
     `colorizer(items, key)` yields the same Items in order, each with `outputs[key]` set;
     a generator, so the next stage can consume frames while later ones are still decoding.
+    A G with colour memory runs recurrently, one frame at a time: its memory is its own
+    previous output, a keyframe's colour, or none at a scene's first frame. At a keyframe the
+    output is the keyframe's colour on the input's luminance (grey mode) or the keyframe
+    itself (line-art mode).
     """
 
     def __init__(self, model: Model, batch_size: int = 8):
@@ -311,50 +339,75 @@ class Colorizer:
         self.model, self.batch_size = model, batch_size
 
     def __call__(self, items: Iterable[Item], key: str) -> Iterator[Item]:
-        if self.model.mode == "grey":
-            return self._grey(items, key)
-        return self._lineart(items, key)
+        frames = self._windows(items) if self.model.mode == "grey" else (
+            (item, item.cond[None]) for item in items)
+        if self.model.memory:
+            return self._recurrent(frames, key)
+        return self._batched(frames, key)
 
     @staticmethod
     def _window(prev: Item | None, cur: Item, nxt: Item | None) -> Tensor:
-        """L of (t-1, t, t+1) [3, 1, h, w], padded with t at the ends and across cuts."""
+        """L of (t-1, t, t+1) [1, 3, 1, h, w], padded with t at the ends and across cuts."""
         p = prev if prev is not None and prev.scene == cur.scene else cur
         n = nxt if nxt is not None and nxt.scene == cur.scene else cur
-        return torch.stack([p.cond, cur.cond, n.cond])
+        return torch.stack([p.cond, cur.cond, n.cond])[None]
 
-    def _grey(self, items: Iterable[Item], key: str) -> Iterator[Item]:
+    def _windows(self, items: Iterable[Item]) -> Iterator[tuple[Item, Tensor]]:
         prev = cur = None
-        batch: list[tuple[Item, Tensor]] = []
         for nxt in items:
             if cur is not None:  # frame t is ready once t+1 (and its scene) is known
-                batch.append((cur, self._window(prev, cur, nxt)))
-                if len(batch) == self.batch_size:
-                    yield from self._run_grey(batch, key)
-                    batch = []
+                yield cur, self._window(prev, cur, nxt)
             prev, cur = cur, nxt
         if cur is not None:
-            batch.append((cur, self._window(prev, cur, None)))
-        yield from self._run_grey(batch, key)
+            yield cur, self._window(prev, cur, None)
+
+    def _batched(self, frames: Iterable[tuple[Item, Tensor]], key: str) -> Iterator[Item]:
+        batch: list[tuple[Item, Tensor]] = []
+        for frame in frames:
+            batch.append(frame)
+            if len(batch) == self.batch_size:
+                yield from self._run_batch(batch, key)
+                batch = []
+        yield from self._run_batch(batch, key)
 
     @torch.inference_mode()
-    def _run_grey(self, batch: list[tuple[Item, Tensor]], key: str) -> Iterator[Item]:
+    def _run_batch(self, batch: list[tuple[Item, Tensor]], key: str) -> Iterator[Item]:
         if not batch:
             return
-        ab = self.model.G(torch.stack([w for _, w in batch])).float()  # [B, 2, h, w]
+        ab = self.model.G(torch.cat([w for _, w in batch])).float()  # [B, 2, h, w]
         for (item, _), item_ab in zip(batch, ab):
-            item.outputs[key] = compose_grey(item.rgb, item_ab)
+            given = self._keyframe_colour(item)
+            item.outputs[key] = compose_grey(item.rgb, item_ab if given is None else given)
             yield item
 
     @torch.inference_mode()
-    def _lineart(self, items: Iterable[Item], key: str) -> Iterator[Item]:
-        prev, scene = None, None
-        for item in items:
-            if prev is None or item.scene != scene:  # a scene's first frame: from black
-                prev = black_lab_like(item.cond.new_empty(1, 3, *item.cond.shape[-2:]))
-            prev = self.model.G(item.cond[None], prev).float()  # Lab of t [1, 3, h, w]
-            scene = item.scene
-            item.outputs[key] = lab_to_uint8(prev[0], *item.rgb.shape[:2])
+    def _recurrent(self, frames: Iterable[tuple[Item, Tensor]], key: str) -> Iterator[Item]:
+        mode, memory, scene = self.model.mode, None, None
+        for item, frame in frames:
+            given = self._keyframe_colour(item)
+            if given is not None:  # the keyframe's colour, and the memory goes on from it
+                colour = F.interpolate(given[None], frame.shape[-2:], mode="area")
+            else:
+                if memory is None or item.scene != scene:  # a scene's first frame
+                    memory = no_memory_like(item.cond[None], mode)
+                colour = self.model.G(frame, memory).float()  # a,b or Lab [1, C, h, w]
+            memory, scene = memory_of(colour, mode), item.scene
+            if mode == "grey":
+                item.outputs[key] = compose_grey(item.rgb, colour[0] if given is None else given)
+            elif item.keyframe is not None:
+                item.outputs[key] = item.keyframe
+            else:
+                item.outputs[key] = lab_to_uint8(colour[0], *item.rgb.shape[:2])
             yield item
+
+    def _keyframe_colour(self, item: Item) -> Tensor | None:
+        """The item's keyframe as G's colour at the input's size: normalized a,b [2, H, W]
+        (grey mode) or Lab [3, H, W]; None without a keyframe."""
+        if item.keyframe is None:
+            return None
+        rgb = torch.from_numpy(item.keyframe).to(item.cond.device)[None, None]
+        lab = rgb_to_lab_triplets(rgb)[0, 0]
+        return lab[1:] if self.model.mode == "grey" else lab
 
 
 # --- the command ---------------------------------------------------------------------------
@@ -390,7 +443,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"x264 preset of a video output, {X264_PRESETS[0]} .. "
                         f"{X264_PRESETS[-1]} (default {DEFAULT_PRESET}; faster: larger files)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--keyframes", type=Path, default=None,
+                   help="colour keyframes (a model with colour memory): a folder of images "
+                        "named by frame index (000120.png), or a colour video as long as the "
+                        "input with --keyframe-frames or --keyframe-at-cuts")
+    p.add_argument("--keyframe-frames", default=None, metavar="I,J,...",
+                   help="with a keyframe video: the frames to take from it, e.g. 0,120")
+    p.add_argument("--keyframe-at-cuts", action="store_true",
+                   help="with a keyframe video: its frame at every scene start of the input")
     args = p.parse_args(argv)
+    if (args.keyframe_frames is not None or args.keyframe_at_cuts) and args.keyframes is None:
+        p.error("--keyframe-frames and --keyframe-at-cuts need --keyframes VIDEO")
+    if args.keyframe_frames is not None and args.keyframe_at_cuts:
+        p.error("--keyframe-frames and --keyframe-at-cuts: one or the other")
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.size is not None and args.size < 1:
@@ -426,6 +491,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"input: {source.path}: {source.width}x{source.height}, {float(source.fps):.3f} fps, "
           f"{source.frames or 'unknown'} frames{', audio' if source.audio else ''}",
           file=sys.stderr)
+    keyframes = open_keyframes(args, model, source)  # read and checked before any output
     out_w = source.width * (2 if args.side_by_side else 1)
     if output_kind(args.output) == "video":
         sink = VideoSink(args.output, out_w, source.height, source.fps, source.time_base,
@@ -435,6 +501,8 @@ def run(args: argparse.Namespace) -> int:
         sink = FrameFolderSink(args.output, args.overwrite)
     items = prepare(source.read(), size, model, device, float(source.fps),
                     args.scene_threshold, args.lineart)
+    if keyframes is not None:
+        items = keyframes(items)
     written = 0
     try:
         with tqdm(total=source.frames or None, unit="frame", desc="colorize",
@@ -454,6 +522,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def open_keyframes(args: argparse.Namespace, model: Model, source: Source):
+    """The keyframe stage the arguments ask for (inference/keyframes.py), or None."""
+    if args.keyframes is None:
+        return None
+    if not model.takes_keyframes:
+        raise KeyframeError(f"--keyframes: {model.export_dir} is a {model.mode}-mode model "
+                            "without colour memory (model.memory=false): it cannot carry a "
+                            "keyframe's colour on; train one with model.memory=true")
+    if args.keyframes.is_dir():
+        if args.keyframe_frames is not None or args.keyframe_at_cuts:
+            raise KeyframeError(f"{args.keyframes}: a folder of keyframes is indexed by its "
+                                "file names; --keyframe-frames/--keyframe-at-cuts are for a "
+                                "keyframe video")
+        stage = KeyframeFolder(args.keyframes, source.width, source.height, source.frames)
+        print(f"keyframes: {len(stage.frames)} from {args.keyframes}", file=sys.stderr)
+        return stage
+    if not args.keyframes.exists():
+        raise KeyframeError(f"{args.keyframes}: no such file or folder")
+    at = parse_frame_list(args.keyframe_frames) if args.keyframe_frames is not None else None
+    return KeyframeVideo(args.keyframes, source.width, source.height, source.frames, at,
+                         args.keyframe_at_cuts)
+
+
 class Terminated(BaseException):
     """SIGTERM (a scheduler's or `kill`'s stop): unwinds like Ctrl-C, so the sink is aborted
     and nothing is left under OUT's name or a temporary one."""
@@ -469,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return run(args)
-    except (ModelError, VideoError, OutputError) as e:
+    except (ModelError, VideoError, OutputError, KeyframeError) as e:
         print(f"tricolor-colorize: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

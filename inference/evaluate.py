@@ -2,6 +2,7 @@
 
     tricolor-eval --model RUN_OR_EXPORT_DIR --videos V... [--json OUT] [--max-frames N]
         [--device auto|cpu|cuda] [--batch-size N] [--size S] [--scene-threshold T]
+        [--keyframes none|first|every:N]
 
 Each colour video is colorized from its own greyscale (grey mode: its L; line-art mode: line
 art extracted as in training) exactly as `tricolor-colorize` colours it (the same working
@@ -20,6 +21,14 @@ method) with the ground truth's as the floor, and the excess over it; colourfuln
 (Hasler & Süsstrunk, mean over frames) and |ΔM| to the ground truth; mean CIEDE2000. Overall:
 the mean over videos of the per-video values. Frames are streamed: a video of any length is
 scored in constant memory (`--max-frames` scores only the first N frames).
+
+Protocols (`--keyframes`, models with colour memory): `none`, automatic; `first`, the
+ground truth's first frame of every scene is given (the exemplar protocol of DeepExemplar and
+ColorMNet); `every:N`, its frame at every N-th frame. Every table and the JSON name the
+protocol; a given frame is left out of the per-frame scores (PSNR, SSIM, CIEDE2000,
+colourfulness), so it does not flatter them, and kept in the temporal ones (CDC, warp), where
+a jump out of it shows. Each video's JSON has `psnr_by_frame` per method (null at given
+frames): the drift curve.
 
 A greyscale video (every scored frame grey) has no colour to score against: it is reported
 with a warning and `"greyscale": true`, its zero-chroma baseline (the truth itself) left
@@ -54,12 +63,15 @@ from inference.colorize import (
     prepare,
     resolve_size,
 )
+from inference.keyframes import KeyframeError, TruthKeyframes
 from inference.video_io import Frame, OutputError, Source
 from shards.atomic import write_json_atomic
 from shards.video import VideoError, find_videos
 from trainer.metrics import VideoScores, rgb_to_cielab
 
 METHODS = ("model", "per_frame", "zero_chroma")
+PER_FRAME_KEYS = {"psnr_by_frame"}
+AUTOMATIC = "automatic: no colour given"
 CONVENTIONS = (
     "RGB in [0, 1] at each video's own resolution, 8-bit frames as decoded / written; "
     "PSNR over all frames of a video (capped at 100 dB), SSIM (Gaussian 11, sigma 1.5) the "
@@ -95,16 +107,18 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
 
 
 def score_video(path: Path, model: Model, per_frame: Model, device: torch.device,
-                args: argparse.Namespace) -> dict:
+                args: argparse.Namespace, keyframes: TruthKeyframes | None = None) -> dict:
     source = Source(path)
     size, why = resolve_size(model, source.width, source.height, args.size)
     total = min(source.frames, args.max_frames) if args.max_frames else source.frames
     frames = first(source.read(), args.max_frames)
     items = prepare(frames, size, model, device, float(source.fps), args.scene_threshold)
+    if keyframes is not None:
+        items = keyframes(items)
     items = Colorizer(model, args.batch_size)(items, "model")
     items = Colorizer(per_frame, args.batch_size)(items, "per_frame")
     scores = VideoScores(list(METHODS))
-    scenes, greyscale = 0, True
+    scenes, greyscale, given = 0, True, []
     zero_ab = torch.zeros(2, 1, 1, device=device)
     for item in tqdm(items, total=total or None, unit="frame", desc=path.name,
                      file=sys.stderr, dynamic_ncols=True):
@@ -113,7 +127,10 @@ def score_video(path: Path, model: Model, per_frame: Model, device: torch.device
         preds = {"model": to_tensor(item.outputs["model"]),
                  "per_frame": to_tensor(item.outputs["per_frame"]),
                  "zero_chroma": to_tensor(compose_grey(item.rgb, zero_ab))}
-        scores.update(truth, grey, preds)
+        scored = item.keyframe is None  # a keyframe's colour is the truth's: not scored
+        if not scored:
+            given.append(item.index)
+        scores.update(truth, grey, preds, scored)
         scenes = item.scene + 1
         greyscale = greyscale and is_greyscale(item.rgb)
     methods = scores.compute()
@@ -123,8 +140,10 @@ def score_video(path: Path, model: Model, per_frame: Model, device: torch.device
         print(f"tricolor-eval: warning: {path}: greyscale video (every scored frame): it has "
               "no colour to score against; reported but left out of the overall means",
               file=sys.stderr)
-        methods["zero_chroma"] = {k: float("nan") for k in methods["zero_chroma"]}
-    return {"path": str(path), "frames": scores.frames, "size": [source.width, source.height],
+        methods["zero_chroma"] = {k: None if k in PER_FRAME_KEYS else float("nan")
+                                  for k in methods["zero_chroma"]}
+    return {"path": str(path), "frames": scores.frames, "scored_frames": scores.scored,
+            "keyframes": given, "size": [source.width, source.height],
             "fps": float(source.fps), "working_size": list(size), "working_size_from": why,
             "scenes": scenes, "greyscale": greyscale, "methods": methods}
 
@@ -140,6 +159,8 @@ def overall(videos: list[dict]) -> dict[str, dict[str, float]] | None:
         keys = videos[0]["methods"][method].keys()
         out[method] = {}
         for key in keys:
+            if key in PER_FRAME_KEYS:  # a curve per video, not averaged
+                continue
             vals = [v["methods"][method][key] for v in videos]
             vals = [x for x in vals if not math.isnan(x)]
             out[method][key] = float(np.mean(vals)) if vals else float("nan")
@@ -159,11 +180,14 @@ def table(report: dict) -> str:
                 cells.append(" " + (f"{'-':>7s}" if math.isnan(x) else fmt.format(x * scale)))
             lines.append(f"  {method:26s}" + "".join(cells))
 
+    lines.insert(0, f"protocol: {report['protocol']}")
     for v in report["videos"]:
         w, h = v["size"]
         grey = "; GREYSCALE: no colour to score, not in overall" if v["greyscale"] else ""
+        given = (f"; {len(v['keyframes'])} keyframes given, not scored" if v["keyframes"]
+                 else "")
         rows(f"{Path(v['path']).name} ({v['frames']} frames, {w}x{h}, {v['scenes']} scenes"
-             f"{grey})", v["methods"])
+             f"{given}{grey})", v["methods"])
     n = sum(not v["greyscale"] for v in report["videos"])
     if report["overall"] is None:
         lines.append("overall: no colour video scored")
@@ -200,6 +224,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=None,
                    help="short side of the working resolution (as tricolor-colorize)")
     p.add_argument("--scene-threshold", type=float, default=SCENE_THRESHOLD)
+    p.add_argument("--keyframes", default="none", metavar="none|first|every:N",
+                   help="the protocol: none (automatic); first: the truth's first frame of "
+                        "every scene is given (the exemplar protocol); every:N: its frame at "
+                        "every N-th frame. Given frames are not scored (a model with colour "
+                        "memory)")
     args = p.parse_args(argv)
     for name in ("max_frames", "batch_size", "size"):
         value = getattr(args, name)
@@ -234,17 +263,26 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     model = load_model(args.model, device)
     per_frame = model.with_temporal(False)
-    print(f"model: {model.export_dir} ({model.mode} mode, step {model.step}) on {device}",
-          file=sys.stderr)
+    keyframes = None
+    if args.keyframes != "none":
+        keyframes = TruthKeyframes(args.keyframes)
+        if not model.takes_keyframes:
+            raise KeyframeError(f"--keyframes {args.keyframes}: {model.export_dir} is a "
+                                f"{model.mode}-mode model without colour memory "
+                                "(model.memory=false): a keyframe could not carry on")
+    protocol = AUTOMATIC if keyframes is None else keyframes.describe()
+    print(f"model: {model.export_dir} ({model.mode} mode, step {model.step}) on {device}; "
+          f"protocol: {protocol}", file=sys.stderr)
     videos, failures = [], []
     for path in paths:
         try:
-            videos.append(score_video(path, model, per_frame, device, args))
+            videos.append(score_video(path, model, per_frame, device, args, keyframes))
         except VideoError as e:  # e.g. damaged midway: the others are still scored
             print(f"tricolor-eval: error: {e}; scoring the other videos", file=sys.stderr)
             failures.append({"path": str(path), "error": str(e)})
     report = {"model": str(model.export_dir), "mode": model.mode, "step": model.step,
-              "conventions": CONVENTIONS, "videos": videos, "overall": overall(videos),
+              "protocol": protocol, "keyframes": args.keyframes, "conventions": CONVENTIONS,
+              "videos": videos, "overall": overall(videos),
               "failures": failures}
     print(table(report))
     if args.json is not None:
@@ -261,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (ModelError, VideoError, OutputError) as e:
+    except (ModelError, VideoError, OutputError, KeyframeError) as e:
         print(f"tricolor-eval: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

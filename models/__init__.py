@@ -9,11 +9,20 @@
 """
 
 from models.colour import black_lab_like, chroma, compose_lab, denormalize_lab, normalize_lab
-from models.config import AdvLoss, DHead, LossConfig, Mode, ModelConfig, Norm, PixelLoss
+from models.config import (
+    AdvLoss,
+    DHead,
+    LossConfig,
+    Mode,
+    ModelConfig,
+    Norm,
+    PixelLoss,
+    has_memory,
+)
 from models.discriminator import assemble_d_input, build_discriminator, d_in_channels
 from models.generator import build_generator
 from models.losses import DLoss, GANLoss, GLoss, build_loss
-from models.tcvc import previous_colour
+from models.memory import memory_of, no_memory_like, previous_colour
 
 __all__ = [
     "AdvLoss",
@@ -34,7 +43,10 @@ __all__ = [
     "chroma",
     "compose_lab",
     "d_in_channels",
+    "has_memory",
     "denormalize_lab",
     "normalize_lab",
+    "memory_of",
+    "no_memory_like",
     "previous_colour",
 ]

@@ -21,6 +21,9 @@ Grey mode (first seed), `GreyUNet`:
 The colour frame is the input L with these a,b (`colour.compose_lab`): luminance is kept
 exactly, G only has to find chroma.
 
+Grey mode with colour memory (`model.memory`, models/memory.py): frame t's input is its L
+and the (a, b, present) of frame t-1, [B, 4, H, W], in the encoder and at the head.
+
 Line-art mode (second seed, TCVC), `LineartUNet`:
     line art of t [B, 1, H, W] ++ Lab of t-1 [B, 3, H, W]  -> [B, 4, H, W]
     Encoder -> Fusion (one frame: 1x1 + 3x3) -> Decoder -> head on that input   Lab of t
@@ -145,37 +148,54 @@ def _expect(x: Tensor, tail: tuple[int, ...], what: str) -> None:
 
 
 class GreyUNet(nn.Module):
-    """G(condition [B, 3, 1, H, W]) -> a,b of the centre frame [B, 2, H, W]."""
+    """G(condition [B, 3, 1, H, W]) -> a,b of the centre frame [B, 2, H, W].
+
+    With `memory`, G(condition, memory [B, 3, H, W]): also the (a, b, present) of frame t-1
+    (models/memory.py), beside frame t's L in the encoder's input and at the head, so the
+    decoder can carry colour over where the picture did not move. Neighbours are encoded with
+    an empty memory (zeros: they only add context)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         norm = choice(Norm, cfg.norm, "norm")
         chans = widths(cfg.ngf, cfg.depth)
-        self.depth, self.temporal = cfg.depth, cfg.temporal
-        self.encoder = Encoder(1, chans, norm)
+        self.depth, self.temporal, self.memory = cfg.depth, cfg.temporal, bool(cfg.memory)
+        c_in = 1 + 3 * self.memory
+        self.encoder = Encoder(c_in, chans, norm)
         self.fusion = Fusion(chans[-1], 3, norm)
-        self.decoder = Decoder(chans, 1, 2, norm)
+        self.decoder = Decoder(chans, c_in, 2, norm)
         if cfg.zero_init_head:
             self.decoder.start_at_grey()
 
-    def forward(self, condition: Tensor) -> Tensor:
+    def forward(self, condition: Tensor, memory: Tensor | None = None) -> Tensor:
         _expect(condition, (3, 1), "grey-mode condition (L of frames t-1, t, t+1)")
         check_frame_size(*condition.shape[-2:], self.depth)
         centre = condition[:, 1]  # [B, 1, H, W]
+        if self.memory:
+            if memory is None or not self.temporal:  # none; per-frame: never a colour hint
+                memory = centre.new_zeros(centre.shape[0], 3, *centre.shape[-2:])
+            _expect(memory, (3,), "colour memory of frame t-1 (a, b, present)")
+            centre = torch.cat([centre, memory.to(centre.dtype)], dim=1)  # [B, 4, H, W]
+        elif memory is not None:
+            raise ValueError("this grey-mode G has no colour memory (model.memory=false): "
+                             "it takes no previous colour")
         feats = self.encoder(centre)  # [B, c_i, h_i, w_i], i = 1..depth
         if self.temporal:
             # t-1 and t+1 through the same encoder, folded into one batch. A pass apart from
             # frame t: the skips are then whole tensors, and no backward has to scatter their
             # gradient into a 3-frame buffer. (BatchNorm statistics are per pass, as in the
             # seed, which encodes each frame on its own.)
-            neighbours = self.encoder(condition[:, 0::2].flatten(0, 1))[-1].unflatten(0, (-1, 2))
+            others = condition[:, 0::2].flatten(0, 1)  # [2B, 1, H, W]
+            if self.memory:
+                others = F.pad(others, (0, 0, 0, 0, 0, 3))  # an empty memory: zeros
+            neighbours = self.encoder(others)[-1].unflatten(0, (-1, 2))
             bottlenecks = torch.stack([neighbours[:, 0], feats[-1], neighbours[:, 1]], dim=1)
         else:
             # Per-frame ablation: frame t stands in for its neighbours. Same modules and
             # parameter count, so the baseline differs only in what it sees.
             bottlenecks = feats[-1].unsqueeze(1).expand(-1, 3, -1, -1, -1)
         x = self.fusion(bottlenecks)  # [B, c_d, h_d, w_d]
-        return self.decoder(x, feats[:-1], centre)  # skips from frame t only
+        return self.decoder(x, feats[:-1], centre)  # skips from frame t (and its memory)
 
 
 class LineartUNet(nn.Module):

@@ -195,8 +195,9 @@ class RecordingLineart(nn.Module):
         return out
 
 
-def stub(G: nn.Module, mode: str) -> Model:
-    return Model(G, mode, 2, Path("stub"), 0, None, "stub", (0.1, 0.2))
+def stub(G: nn.Module, mode: str, memory: bool | None = None) -> Model:
+    memory = mode == "lineart" if memory is None else memory
+    return Model(G, mode, 2, Path("stub"), 0, None, "stub", (0.1, 0.2), memory)
 
 
 @pytest.fixture(scope="module")

@@ -66,6 +66,8 @@ def test_report_per_video_and_overall(tmp_path, grey_export, videos, capsys):
             assert m["warp_excess"] == pytest.approx(m["warp"] - m["warp_truth"])
             assert m["colourfulness_diff"] == pytest.approx(
                 abs(m["colourfulness"] - m["colourfulness_truth"]))
+            curve = m.pop("psnr_by_frame")  # one PSNR per frame: the drift curve
+            assert len(curve) == 10 and all(math.isfinite(x) for x in curve)
             assert all(math.isfinite(x) for x in m.values())
         # The greyscale baseline is exactly the video's own L with zero chroma.
         assert methods["zero_chroma"]["psnr"] == pytest.approx(

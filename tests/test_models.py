@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,8 @@ from models import (
     build_generator,
     build_loss,
     d_in_channels,
+    memory_of,
+    no_memory_like,
     previous_colour,
 )
 from models.generator import GreyUNet, LineartUNet
@@ -176,29 +180,66 @@ def test_lineart_uses_the_previous_colour_unless_per_frame():
         assert torch.equal(a, b) == (not temporal)
 
 
-# --- line-art training input ---------------------------------------------------------------
+# --- colour memory: what G gets as the previous colour -----------------------------------
 
 
-def test_previous_colour_black_truth_and_own_prediction():
+def memory_model(mode: Mode, **kw) -> tuple[ModelConfig, torch.Tensor, torch.Tensor]:
+    """(config, condition, target) of a tiny model with colour memory in `mode`."""
+    cfg = tiny(mode=mode, norm=Norm.group, memory=True, **kw)
+    return (cfg, *(grey_batch(64) if mode == Mode.grey else lineart_batch(64)))
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_previous_colour_none_truth_and_own_prediction(mode):
     torch.manual_seed(0)
-    cond, target = lineart_batch(64)
-    G = build_generator(tiny(mode=Mode.lineart, norm=Norm.group)).eval()
-    black = black_lab_like(target[:, 0])
-    assert torch.equal(previous_colour(G, cond, target, tiny(p_drop=1.0)), black)
-    assert torch.equal(previous_colour(G, cond, target, tiny(p_drop=0.0)), target[:, 0])
+    cfg, cond, target = memory_model(mode)
+    G = build_generator(cfg).eval()
+    none = no_memory_like(target[:, 0], mode)
+    truth = memory_of(target[:, 0], mode)
+    if mode == Mode.grey:  # (a, b, present): no memory is all zeros, the truth has ones
+        assert torch.equal(none, torch.zeros(64, 3, 32, 32))
+        assert torch.equal(truth[:, 2], torch.ones(64, 32, 32))
+    else:
+        assert torch.equal(none, black_lab_like(target[:, 0]))
+
+    def pick(**kw):
+        return previous_colour(G, cond, target, replace(cfg, **kw))
+
+    assert torch.equal(pick(p_drop=1.0), none)
+    assert torch.equal(pick(p_drop=0.0), truth)
+    frame = cond[:, [0, 0, 1]] if mode == Mode.grey else cond[:, 0]
     with torch.no_grad():
-        own = G(cond[:, 0], black)
-    out = previous_colour(G, cond, target, tiny(p_drop=0.0, scheduled_sampling=1.0))
-    torch.testing.assert_close(out, own)
+        own = memory_of(G(frame, none), mode)
+        twice = memory_of(G(frame, own), mode)
+    torch.testing.assert_close(pick(p_drop=0.0, scheduled_sampling=1.0), own)
+    # memory_unroll: G's prediction of t-1 from its own prediction of t-1
+    torch.testing.assert_close(pick(p_drop=0.0, scheduled_sampling=1.0, memory_unroll=2), twice)
     # a mixture: every sample is exactly one of the three, in about the right proportions
     gen = torch.Generator().manual_seed(1)
-    out = previous_colour(G, cond, target, tiny(p_drop=0.5, scheduled_sampling=0.25), gen)
-    kinds = [
-        next(i for i, ref in enumerate((black, target[:, 0], own)) if torch.equal(o, ref[j]))
-        for j, o in enumerate(out)
-    ]
+    out = previous_colour(G, cond, target, replace(cfg, p_drop=0.5, scheduled_sampling=0.25),
+                          gen)
+    kinds = [next(i for i, ref in enumerate((none, truth, own)) if torch.equal(o, ref[j]))
+             for j, o in enumerate(out)]
     counts = [kinds.count(i) for i in range(3)]
     assert 20 <= counts[0] <= 44 and 8 <= counts[1] <= 26 and 6 <= counts[2] <= 26, counts
+
+
+def test_grey_memory_changes_the_output_and_the_per_frame_control_ignores_it():
+    torch.manual_seed(0)
+    cfg, cond, target = memory_model(Mode.grey)
+    cond, target = cond[:2], target[:2]
+    G = build_generator(cfg).eval()
+    per_frame = build_generator(replace(cfg, temporal=False)).eval()
+    per_frame.load_state_dict(G.state_dict())
+    red, blue = memory_of(target[:, 0], Mode.grey), memory_of(-target[:, 0], Mode.grey)
+    with torch.no_grad():
+        assert not torch.equal(G(cond, red), G(cond, blue))
+        assert not torch.equal(G(cond, red), G(cond))  # a memory is not the same as none
+        assert torch.equal(per_frame(cond, red), per_frame(cond, blue))
+        assert torch.equal(per_frame(cond, red), per_frame(cond))
+    plain = build_generator(tiny(norm=Norm.group)).eval()
+    with pytest.raises(ValueError, match="no colour memory"):
+        plain(cond, red)
 
 
 # --- discriminators -------------------------------------------------------------------------
@@ -318,6 +359,7 @@ def test_bad_frame_size_is_a_clear_error(mode):
         (dict(depth=0), "depth: must be >= 1"),
         (dict(p_drop=1.5), r"p_drop: a probability, must lie in \[0, 1\]"),
         (dict(p_drop=0.8, scheduled_sampling=0.4), "p_drop \\+ scheduled_sampling"),
+        (dict(memory_unroll=0), "memory_unroll: must be >= 1"),
     ],
 )
 def test_unknown_or_invalid_option_is_a_clear_error(change, message):

@@ -62,7 +62,7 @@ def check_shapes(cfg, weights: Path) -> None:
     (shapes only), after a bound on its depth (the number of its layers), and safetensors
     reads only the file's header."""
     settings = ", ".join(f"{k}={getattr(cfg[k], 'value', cfg[k])}"
-                         for k in ("mode", "ngf", "depth", "norm"))
+                         for k in ("mode", "ngf", "depth", "norm", "memory"))
     if not 1 <= cfg.depth <= MAX_DEPTH:
         raise ValueError(f"the settings ({settings}) say depth={cfg.depth}: expected 1.."
                          f"{MAX_DEPTH} (frame sides must be multiples of 2**depth)")
@@ -77,6 +77,13 @@ def check_shapes(cfg, weights: Path) -> None:
         stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     if stored == expected:
         return
+    other = OmegaConf.merge(cfg, {"memory": not cfg.memory})
+    with torch.device("meta"):
+        if {k: tuple(v.shape) for k, v in build_generator(other).state_dict().items()} == stored:
+            raise ValueError(f"the settings say memory={cfg.memory}, but the weights are those "
+                             f"of a G {'without' if cfg.memory else 'with'} colour memory "
+                             f"(model.memory={not cfg.memory}): settings and weights of "
+                             "different models")
     missing, extra = [k for k in expected if k not in stored], sorted(stored.keys() - expected)
     if missing or extra:
         raise ValueError(f"the settings ({settings}) do not describe these weights: "

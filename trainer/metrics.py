@@ -357,6 +357,7 @@ class _VideoAccumulator:
         self.warp = 0.0
         self.cdc = _StreamingCDC()
         self.prev: Tensor | None = None
+        self.psnr_by_frame: list[float] = []  # NaN where a frame is not scored (a keyframe)
 
 
 class VideoScores:
@@ -376,18 +377,26 @@ class VideoScores:
       (flows, masks and E_pair as `ColorizationMetrics`); NaN when no pair is valid;
     - colourfulness, colourfulness_truth: the mean over frames of M; colourfulness_diff:
       |M(output) - M(truth)| of these means;
-    - ciede2000: the mean over pixels and frames.
+    - ciede2000: the mean over pixels and frames;
+    - psnr_by_frame: each frame's own PSNR, in order (the drift curve).
+
+    `update(..., scored=False)` (a keyframe: its colour was given) leaves the frame out of the
+    per-frame scores (PSNR, SSIM, CIEDE2000, colourfulness; NaN in psnr_by_frame) but keeps it
+    in the temporal ones (CDC, warp error): a jump from a keyframe to the next frame is a flaw
+    to see. `frames` counts every frame, `scored` the scored ones.
     """
 
     def __init__(self, methods: list[str]) -> None:
         self.methods = list(methods)
         self.acc = {name: _VideoAccumulator() for name in [*self.methods, "truth"]}
         self.frames = 0
+        self.scored = 0
         self.warp_pairs = 0
         self.prev_grey: Tensor | None = None
 
     @torch.no_grad()
-    def update(self, truth: Tensor, grey: Tensor, preds: dict[str, Tensor]) -> None:
+    def update(self, truth: Tensor, grey: Tensor, preds: dict[str, Tensor],
+               scored: bool = True) -> None:
         if truth.ndim != 3 or truth.shape[0] != 3:
             raise ValueError(f"truth must be one RGB frame [3, H, W]; got {tuple(truth.shape)}")
         if grey.shape != (1, *truth.shape[1:]):
@@ -408,12 +417,17 @@ class VideoScores:
             truth_b = truth.float()[None, None]
             for name, frame in frames.items():
                 acc, x = self.acc[name], frame[None, None]  # [1, 1, 3, H, W]
-                if name != "truth":
-                    acc.sq_err += (frame - truth.float()).double().square().sum().item()
+                if name != "truth" and scored:
+                    sq_err = (frame - truth.float()).double().square().sum().item()
+                    acc.sq_err += sq_err
                     acc.values += frame.numel()
+                    acc.psnr_by_frame.append(_psnr(sq_err / frame.numel()))
                     acc.ssim += clip_ssim(x, truth_b).item()
                     acc.ciede += mean_ciede2000(frame, truth.float()).item()
-                acc.colourfulness += colourfulness(frame).item()
+                elif name != "truth":
+                    acc.psnr_by_frame.append(float("nan"))
+                if scored:
+                    acc.colourfulness += colourfulness(frame).item()
                 acc.cdc.push(frame)
                 if pair is not None:
                     err, valid = clip_warp_error(torch.cat([acc.prev[None, None], x], dim=1),
@@ -424,25 +438,24 @@ class VideoScores:
         self.warp_pairs += int(pair_valid)
         self.prev_grey = grey.float()
         self.frames += 1
+        self.scored += int(scored)
 
     def compute(self) -> dict[str, dict[str, float]]:
-        if not self.frames:
+        if not self.scored:
             raise ValueError("no frames were scored")
         nan = float("nan")
         truth = self.acc["truth"]
         cdc_truth = truth.cdc.value()
         warp_truth = truth.warp / self.warp_pairs if self.warp_pairs else nan
-        m_truth = truth.colourfulness / self.frames
+        m_truth = truth.colourfulness / self.scored
         out = {}
         for name in self.methods:
             acc = self.acc[name]
-            mse = acc.sq_err / acc.values
-            psnr = PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, -10 * np.log10(mse))
             warp = acc.warp / self.warp_pairs if self.warp_pairs else nan
-            m = acc.colourfulness / self.frames
+            m = acc.colourfulness / self.scored
             out[name] = {
-                "psnr": float(psnr),
-                "ssim": acc.ssim / self.frames,
+                "psnr": _psnr(acc.sq_err / acc.values),
+                "ssim": acc.ssim / self.scored,
                 "cdc": acc.cdc.value(),
                 "cdc_truth": cdc_truth,
                 "warp": warp,
@@ -451,6 +464,12 @@ class VideoScores:
                 "colourfulness": m,
                 "colourfulness_truth": m_truth,
                 "colourfulness_diff": abs(m - m_truth),
-                "ciede2000": acc.ciede / self.frames,
+                "ciede2000": acc.ciede / self.scored,
+                "psnr_by_frame": list(acc.psnr_by_frame),
             }
         return out
+
+
+def _psnr(mse: float) -> float:
+    """PSNR of RGB in [0, 1] from its mean squared error, capped at PSNR_CAP_DB."""
+    return PSNR_CAP_DB if mse == 0 else float(min(PSNR_CAP_DB, -10 * np.log10(mse)))

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from models import assemble_d_input, previous_colour
+from models import assemble_d_input, has_memory, previous_colour
 from models.losses import GANLoss
 from trainer.data import Batch
 from trainer.ema import EMA
@@ -71,12 +71,16 @@ def optimize(backend, loss: Tensor, model, optimizer, grad_clip: float, name: st
 
 
 def generate(gan: GAN, G: nn.Module, batch: Batch) -> Tensor:
-    """G's colour for frame t: a,b [B, 2, H, W] (grey mode) or Lab [B, 3, H, W] (line art)."""
-    if str(getattr(gan.model_cfg.mode, "value", gan.model_cfg.mode)) == "grey":
+    """G's colour for frame t: a,b [B, 2, H, W] (grey mode) or Lab [B, 3, H, W] (line art),
+    given the previous colour (none, G's own or the truth: models/memory.py) when G has a
+    colour memory."""
+    cfg = gan.model_cfg
+    grey = str(getattr(cfg.mode, "value", cfg.mode)) == "grey"
+    if not has_memory(cfg):
         return G(batch.cond)
     G_raw = getattr(G, "module", G)  # the extra no-grad call must not go through the wrapper
-    prev = previous_colour(G_raw, batch.cond, batch.target, gan.model_cfg)
-    return G(batch.cond[:, 1], prev)
+    memory = previous_colour(G_raw, batch.cond, batch.target, cfg)
+    return G(batch.cond if grey else batch.cond[:, 1], memory)
 
 
 def train_step(accelerator: Accelerator, gan: GAN, batch: Batch,

@@ -2,8 +2,9 @@
 
 G predicts the centre frame of a window; to score temporal consistency we need all three
 frames of a triplet colorized, so each is predicted the way inference does it at a clip's
-edges: grey mode from the windows (t-1, t-1, t), (t-1, t, t+1), (t, t+1, t+1); line-art
-mode recurrently, from black for frame t-1 and then from its own previous output.
+edges: grey mode from the windows (t-1, t-1, t), (t-1, t, t+1), (t, t+1, t+1); a G with
+colour memory (line-art mode; grey mode with `model.memory`) recurrently, from no memory at
+frame t-1, then from its own previous output.
 
 The pixels are the same at every validation: the val loader reads its split in order, each
 rank its own slice, and takes the centre crop of `data.crop_size` with no flip or jitter
@@ -26,7 +27,8 @@ import kornia
 import torch
 from torch import Tensor, nn
 
-from models.colour import black_lab_like, denormalize_lab
+from models.colour import denormalize_lab
+from models.memory import memory_of, no_memory_like
 from trainer.data import Batch
 
 
@@ -39,18 +41,19 @@ def lab_to_rgb(lab: Tensor) -> Tensor:
 
 @torch.no_grad()
 def colorize_triplet(G: nn.Module, cond: Tensor, mode: str) -> Tensor:
-    """Normalized Lab of all three frames [B, 3, 3, H, W] from the condition [B, 3, 1, H, W]."""
-    if mode == "grey":
-        windows = (cond[:, [0, 0, 1]], cond, cond[:, [1, 2, 2]])
+    """Normalized Lab of all three frames [B, 3, 3, H, W] from the condition [B, 3, 1, H, W].
+    A G with colour memory runs recurrently, from no memory at frame t-1."""
+    windows = (cond[:, [0, 0, 1]], cond, cond[:, [1, 2, 2]]) if mode == "grey" else cond.unbind(1)
+    if mode == "grey" and not getattr(G, "memory", False):
         ab = torch.stack([G(w).float() for w in windows], dim=1)
         return torch.cat([cond.float(), ab], dim=2)
-    frames, prev = [], None
-    for t in range(3):
-        prev = black_lab_like(torch.empty(cond.shape[0], 3, *cond.shape[-2:],
-                                          device=cond.device)) if prev is None else prev
-        prev = G(cond[:, t], prev).float()
-        frames.append(prev)
-    return torch.stack(frames, dim=1)
+    frames, memory = [], no_memory_like(cond[:, 0], mode)
+    for window in windows:
+        colour = G(window, memory).float()
+        memory = memory_of(colour, mode)
+        frames.append(colour)
+    out = torch.stack(frames, dim=1)
+    return torch.cat([cond.float(), out], dim=2) if mode == "grey" else out
 
 
 def truth_lab(batch: Batch, mode: str) -> Tensor:
