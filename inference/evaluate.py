@@ -27,8 +27,8 @@ ground truth's first frame of every scene is given (the exemplar protocol of Dee
 ColorMNet); `every:N`, its frame at every N-th frame. Every table and the JSON name the
 protocol; a given frame is left out of the per-frame scores (PSNR, SSIM, CIEDE2000,
 colourfulness), so it does not flatter them, and kept in the temporal ones (CDC, warp), where
-a jump out of it shows. Each video's JSON has `psnr_by_frame` per method (null at given
-frames): the drift curve.
+a jump out of it shows. Each video's JSON has `psnr_by_frame`, per method each frame's
+PSNR (null at given frames): the drift curve.
 
 A greyscale video (every scored frame grey) has no colour to score against: it is reported
 with a warning and `"greyscale": true`, its zero-chroma baseline (the truth itself) left
@@ -70,7 +70,6 @@ from shards.video import VideoError, find_videos
 from trainer.metrics import VideoScores, rgb_to_cielab
 
 METHODS = ("model", "per_frame", "zero_chroma")
-PER_FRAME_KEYS = {"psnr_by_frame"}
 AUTOMATIC = "automatic: no colour given"
 CONVENTIONS = (
     "RGB in [0, 1] at each video's own resolution, 8-bit frames as decoded / written; "
@@ -140,12 +139,12 @@ def score_video(path: Path, model: Model, per_frame: Model, device: torch.device
         print(f"tricolor-eval: warning: {path}: greyscale video (every scored frame): it has "
               "no colour to score against; reported but left out of the overall means",
               file=sys.stderr)
-        methods["zero_chroma"] = {k: None if k in PER_FRAME_KEYS else float("nan")
-                                  for k in methods["zero_chroma"]}
+        methods["zero_chroma"] = {k: float("nan") for k in methods["zero_chroma"]}
     return {"path": str(path), "frames": scores.frames, "scored_frames": scores.scored,
             "keyframes": given, "size": [source.width, source.height],
             "fps": float(source.fps), "working_size": list(size), "working_size_from": why,
-            "scenes": scenes, "greyscale": greyscale, "methods": methods}
+            "scenes": scenes, "greyscale": greyscale, "methods": methods,
+            "psnr_by_frame": scores.psnr_by_frame()}
 
 
 def overall(videos: list[dict]) -> dict[str, dict[str, float]] | None:
@@ -159,8 +158,6 @@ def overall(videos: list[dict]) -> dict[str, dict[str, float]] | None:
         keys = videos[0]["methods"][method].keys()
         out[method] = {}
         for key in keys:
-            if key in PER_FRAME_KEYS:  # a curve per video, not averaged
-                continue
             vals = [v["methods"][method][key] for v in videos]
             vals = [x for x in vals if not math.isnan(x)]
             out[method][key] = float(np.mean(vals)) if vals else float("nan")

@@ -377,8 +377,8 @@ class VideoScores:
       (flows, masks and E_pair as `ColorizationMetrics`); NaN when no pair is valid;
     - colourfulness, colourfulness_truth: the mean over frames of M; colourfulness_diff:
       |M(output) - M(truth)| of these means;
-    - ciede2000: the mean over pixels and frames;
-    - psnr_by_frame: each frame's own PSNR, in order (the drift curve).
+    - ciede2000: the mean over pixels and frames.
+`psnr_by_frame()`: per method, each frame's own PSNR in order (the drift curve).
 
     `update(..., scored=False)` (a keyframe: its colour was given) leaves the frame out of the
     per-frame scores (PSNR, SSIM, CIEDE2000, colourfulness; NaN in psnr_by_frame) but keeps it
@@ -465,9 +465,12 @@ class VideoScores:
                 "colourfulness_truth": m_truth,
                 "colourfulness_diff": abs(m - m_truth),
                 "ciede2000": acc.ciede / self.scored,
-                "psnr_by_frame": list(acc.psnr_by_frame),
             }
         return out
+
+    def psnr_by_frame(self) -> dict[str, list[float]]:
+        """Each method's per-frame PSNR, in frame order; NaN at frames not scored."""
+        return {name: list(self.acc[name].psnr_by_frame) for name in self.methods}
 
 
 def _psnr(mse: float) -> float:
