@@ -72,10 +72,11 @@ def write_clip(path: Path, frames: list[np.ndarray], fps: int = 25, audio: bool 
     return path
 
 
-def tiny_export(out: Path, mode: str = "grey", seed: int = 0) -> Path:
+def tiny_export(out: Path, mode: str = "grey", seed: int = 0, memory: bool = False) -> Path:
     """A randomly initialised generator, exported as training exports it."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(mode=mode, ngf=4, depth=2, norm="group", zero_init_head=False)
+    cfg = ModelConfig(mode=mode, ngf=4, depth=2, norm="group", zero_init_head=False,
+                      memory=memory)
     export_generator(build_generator(cfg), cfg, out, step=1)
     return out
 
