@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -72,7 +73,22 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "combo": (V0, ["model.zero_init_head=true", "loss.adv_start_step={quarter}",
                    "loss.lambda_chroma=10", "optim.lr_d=5e-5"],
               "demo_v0 + zero_init_head + adv_warmup + chroma_loss + lr_d_low"),
+    "memory": (DEMO, ["model.memory=true", "model.p_drop=0.25", "model.scheduled_sampling=0.5"],
+               "default + colour memory: G also sees a,b of t-1 (none 25 %, its own 50 %, "
+               "truth 25 % in training)"),
+    "memory_tf": (DEMO, ["model.memory=true", "model.p_drop=0.5"],
+                  "default + colour memory fed only truth or none (50/50): no scheduled "
+                  "sampling"),
+    "memory_unroll": (DEMO, ["model.memory=true", "model.p_drop=0.25",
+                             "model.scheduled_sampling=0.5", "model.memory_unroll=3"],
+                      "memory + its own prediction made by 3 recurrent G passes"),
     "lineart": (DEMO, ["model.mode=lineart"], "line-art mode (second seed), default recipe"),
+    "lineart_ss": (DEMO, ["model.mode=lineart", "model.p_drop=0.25",
+                          "model.scheduled_sampling=0.5"],
+                   "line-art mode, previous colour: none 25 %, its own 50 %, truth 25 %"),
+    "lineart_unroll": (DEMO, ["model.mode=lineart", "model.p_drop=0.25",
+                              "model.scheduled_sampling=0.5", "model.memory_unroll=3"],
+                       "lineart_ss + its own prediction made by 3 recurrent G passes"),
     "lineart_no_prev": (DEMO, ["model.mode=lineart", "model.temporal=false"],
                         "line-art control: G never gets a previous colour"),
 }
@@ -84,6 +100,12 @@ MULTI_SEED = {"demo_v0", "default"}  # trained --seeds times; the others once (s
 DEFAULT_VARIANTS = ["demo_v0", "default", "per_frame", "seed_recipe", "adv_warmup",
                     "chroma_loss", "crop_x2", "lineart", "lineart_no_prev"]
 LINEART = {name for name, (_, over, _) in VARIANTS.items() if "model.mode=lineart" in over}
+# Variants whose G has a colour memory: scored under the keyframe protocol too.
+MEMORY = LINEART | {name for name, (_, over, _) in VARIANTS.items() if "model.memory=true" in over}
+KEYFRAMES = "first"  # tricolor-eval --keyframes: the truth's first frame of every scene
+KF = " · keyframes"  # suffix of a variant's rows under the keyframe protocol
+DRIFT_CLIP = "carphone_pristine"  # the held-out clip of >= 90 frames: drift is read on it
+DRIFT_WINDOW = 30  # frames: PSNR of the last 30 against the first 30
 
 SHORT_SIDE = 128  # of the shards and the test clips, as `make demo` builds them
 TRAIN_SHARE = 0.7  # the first 70 % of each clip's frames train
@@ -240,6 +262,13 @@ def train_and_score(name: str, seed: int, args, data: dict, out: Path) -> dict:
                       str(out / "runs" / run),
                       "--videos", *videos, "--json", str(eval_json)],
                      logs / f"{run}.eval.log", eval_env)
+    keyframe_json = None
+    if name in MEMORY:  # the same clips with the truth's first frame of each scene given
+        keyframe_json = out / "eval" / f"{run}.keyframes.json"
+        eval_s += run_cmd([sys.executable, "-m", "inference.evaluate", "--model",
+                           str(out / "runs" / run), "--videos", *videos, "--json",
+                           str(keyframe_json), "--keyframes", KEYFRAMES],
+                          logs / f"{run}.eval_keyframes.log", eval_env)
     strip_s = 0.0
     if seed == 0:  # the strip shows the first seed of each variant
         strip_s = run_cmd([sys.executable, "-m", "inference.colorize", "--model",
@@ -248,7 +277,8 @@ def train_and_score(name: str, seed: int, args, data: dict, out: Path) -> dict:
                           logs / f"{run}.strip.log", eval_env)
     return {"variant": name, "seed": seed, "run": run, "preset": preset, "overrides": over,
             "processes": procs, "train_s": train_s, "eval_s": eval_s, "strip_s": strip_s,
-            "eval": str(eval_json), "metrics": str(out / "runs" / run / "metrics.jsonl")}
+            "eval": str(eval_json), "metrics": str(out / "runs" / run / "metrics.jsonl"),
+            **({"eval_keyframes": str(keyframe_json)} if keyframe_json else {})}
 
 
 # --- figures from the eval reports ------------------------------------------------------------
@@ -284,20 +314,33 @@ def mean_over(values: list[dict[str, float]]) -> dict[str, float]:
         not math.isnan(v[k]) for v in values) else float("nan") for k in keys}
 
 
+def eval_reports(results: list[dict]) -> Iterator[tuple[dict, str, dict]]:
+    """(result, row name, tricolor-eval report) of every scored run: the automatic protocol
+    under the variant's name, the keyframe protocol under name + KF."""
+    for r in results:
+        if "error" in r:
+            continue
+        yield r, r["variant"], json.loads(Path(r["eval"]).read_text())
+        if r.get("eval_keyframes"):
+            yield r, r["variant"] + KF, json.loads(Path(r["eval_keyframes"]).read_text())
+
+
+def row_names(names: list[str]) -> list[str]:
+    """Table rows: each variant, then its keyframe-protocol row when it has a memory."""
+    return [row for n in names for row in ([n, n + KF] if n in MEMORY else [n])]
+
+
 def summarize(results: list[dict], data: dict) -> dict:
     """variant -> {"seeds": [...], "protocols": {proto: {key: [per-seed value]}},
     "clips": {clip: {key: [per-seed value]}}}, plus "grey" (zero chroma, the same for all)."""
     protos = protocol_of(data)
     out: dict = {}
-    for r in results:
-        if "error" in r:
-            continue
-        report = json.loads(Path(r["eval"]).read_text())
+    for r, variant, report in eval_reports(results):
         clips = per_video(report)
         if "grey" not in out:
             out["grey"] = {"clips": {c: {k: [v] for k, v in vals.items()}
                                      for c, vals in per_video(report, grey_values).items()}}
-        row = out.setdefault(r["variant"], {"seeds": [], "protocols": {}, "clips": {}})
+        row = out.setdefault(variant, {"seeds": [], "protocols": {}, "clips": {}})
         row["seeds"].append(r["seed"])
         for clip, vals in clips.items():
             for k, v in vals.items():
@@ -463,6 +506,112 @@ def learning_curve_png(results: list[dict], path: Path) -> str:
     return key
 
 
+# --- drift and the issue's targets -------------------------------------------------------------
+
+
+def window_psnr(curve: list) -> float:
+    """PSNR of the pooled MSE of frames with a value (frames are the same size)."""
+    vals = [v for v in curve if v is not None and not math.isnan(v)]
+    if not vals:
+        return float("nan")
+    return float(-10 * np.log10(np.mean([10 ** (-v / 10) for v in vals])))
+
+
+def drift(results: list[dict]) -> dict[str, dict[str, list]]:
+    """row -> {"first": [...], "last": [...], "change": [...], "curve": [seed 0's]}: PSNR of the
+    first and last DRIFT_WINDOW frames of DRIFT_CLIP, per seed; "grey" for zero chroma."""
+    out: dict = {}
+    for _, row, report in eval_reports(results):
+        for v in report["videos"]:
+            if Path(v["path"]).stem != DRIFT_CLIP or len(v["psnr_by_frame"]["model"]) < \
+                    3 * DRIFT_WINDOW:
+                continue
+            for name, method in ((row, "model"), ("grey", "zero_chroma")):
+                if name == "grey" and "grey" in out:
+                    continue
+                curve = v["psnr_by_frame"][method]
+                first, last = (window_psnr(curve[:DRIFT_WINDOW]),
+                               window_psnr(curve[-DRIFT_WINDOW:]))
+                d = out.setdefault(name, {"first": [], "last": [], "change": [], "curve": curve})
+                d["first"].append(first), d["last"].append(last), d["change"].append(last - first)
+    return out
+
+
+def drift_png(drifts: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    for name, d in drifts.items():
+        curve = [np.nan if v is None else v for v in d["curve"]]
+        style = dict(color="grey", ls=":", lw=1.2) if name == "grey" else dict(
+            lw=1.0, ls="--" if name.endswith(KF) else "-")
+        ax.plot(range(len(curve)), curve, label="grey (zero chroma)" if name == "grey" else name,
+                **style)
+    for x in (DRIFT_WINDOW, len(curve) - DRIFT_WINDOW):
+        ax.axvline(x, color="k", lw=0.5, alpha=0.4)
+    ax.set_xlabel(f"frame of {DRIFT_CLIP} (held out)")
+    ax.set_ylabel("PSNR dB")
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_png(fig, path)
+    plt.close(fig)
+
+
+def mean_of(values: list[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def targets(summary: dict, drifts: dict, names: list[str]) -> list[str]:
+    """The issue's targets, each checked on this run's figures: a line per check."""
+    lines = []
+
+    def psnr(row: str, proto: str, key: str = "psnr") -> float:
+        return mean_of(summary[row]["protocols"][proto][key]) if row in summary else math.nan
+
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+
+    protos = list(summary["grey"]["protocols"])
+    for n in [n for n in names if n in MEMORY and n + KF in summary]:
+        gains = {p: psnr(n + KF, p) - psnr(n, p) for p in protos}
+        lines.append(f"- keyframes vs automatic, {n}: " + ", ".join(
+            f"{p} {g:+.2f} dB" for p, g in gains.items()) + f" (target ≥ +2 dB): "
+            f"{verdict(all(g >= 2 for g in gains.values()))}")
+    memory_rows = [r for r in row_names(names) if r in drifts and r.removesuffix(KF) in MEMORY]
+    for n in memory_rows:
+        change = mean_of(drifts[n]["change"])
+        lines.append(f"- no drift, {n}: last {DRIFT_WINDOW} − first {DRIFT_WINDOW} frames of "
+                     f"{DRIFT_CLIP} {change:+.2f} dB (target within ±1 dB): "
+                     f"{verdict(abs(change) <= 1)}")
+    if "grey" in drifts:
+        lines.append(f"  (for scale: the grey input itself changes by "
+                     f"{mean_of(drifts['grey']['change']):+.2f} dB between the same windows)")
+    for n in [n for n in names if n in LINEART and n != "lineart_no_prev"]:
+        if "lineart_no_prev" in summary:
+            d = {p: psnr(n, p) - psnr("lineart_no_prev", p) for p in protos}
+            lines.append(f"- line art with memory beats its control, {n} − lineart_no_prev: "
+                         + ", ".join(f"{p} {x:+.2f} dB" for p, x in d.items()) + ": "
+                         f"{verdict(all(x > 0 for x in d.values()))}")
+    for n in [n for n in names if n in MEMORY and n not in LINEART]:
+        for row in (n, n + KF):
+            if row not in summary or "per_frame" not in summary:
+                continue
+            checks = []
+            for key, label in (("warp_excess", "warp excess"), ("cdc_excess", "CDC − floor")):
+                for p in protos:
+                    a, b = psnr(row, p, key), psnr("per_frame", p, key)
+                    checks.append((f"{label} {p} {a * 1e3:.3f} vs {b * 1e3:.3f}", a <= b))
+            lines.append(f"- {row} no worse than per_frame (×1e3): "
+                         + "; ".join(c for c, _ in checks) + ": "
+                         + verdict(all(ok for _, ok in checks)))
+    return lines
+
+
 # --- the report -------------------------------------------------------------------------------
 
 
@@ -590,14 +739,41 @@ def write_report(results: list[dict], data: dict, args, info: dict, docs: Path) 
         preset, over, what = VARIANTS[n]
         lines.append(f"| {n} | `{preset}` | {' '.join(f'`{o}`' for o in overrides(n, args))} "
                      f"| {what} |")
+    rows = row_names(names)
+    if any(n in MEMORY for n in names):
+        lines += ["", f"Rows marked `{KF.strip(' ·')}`: the same model under the keyframe "
+                  f"protocol (`tricolor-eval --keyframes {KEYFRAMES}`: the truth's first frame "
+                  "of every scene is given and carried on by the colour memory; the given "
+                  "frames are left out of the per-frame scores). Unmarked rows: automatic, no "
+                  "colour given."]
     for proto, paths in data["protocols"].items():
         title = PROTOCOL_TITLES.get(proto, proto).format(
             clips=", ".join(Path(p).stem for p in paths))
-        lines += ["", f"## {title}", "", *table(summary, proto, names)]
+        lines += ["", f"## {title}", "", *table(summary, proto, rows)]
     lines += ["", "## Gain over grey per clip", "",
               "PSNR gain over zero chroma in dB (with several seeds: the mean, max − min in "
               "brackets); after the semicolon \\|ΔM\\|, the colourfulness difference to the "
-              "truth (mean over seeds).", "", *clip_table(summary, names)]
+              "truth (mean over seeds).", "", *clip_table(summary, rows)]
+    drifts = drift(results)
+    if drifts:
+        drift_png(drifts, pics / "drift.png")
+        lines += ["", "## Drift: PSNR against frame index", "",
+                  f"![drift]({rel / 'drift.png'})", "",
+                  f"*{DRIFT_CLIP} (held out, {len(drifts['grey']['curve'])} frames), each "
+                  "frame's PSNR, seed 0; dashed: keyframe protocol (frame 0 given, not "
+                  f"scored); vertical lines: the first and last {DRIFT_WINDOW} frames.*", "",
+                  f"| row | first {DRIFT_WINDOW} PSNR dB | last {DRIFT_WINDOW} PSNR dB | "
+                  "change dB |", "|---|---|---|---|"]
+        for name in ["grey", *[r for r in rows if r in drifts]]:
+            d = drifts[name]
+            lines.append(f"| {'grey (zero chroma)' if name == 'grey' else name} | "
+                         f"{cell(d['first'], 1, '{:.2f}')} | {cell(d['last'], 1, '{:.2f}')} | "
+                         f"{cell(d['change'], 1, '{:+.2f}')} |")
+    else:
+        (pics / "drift.png").unlink(missing_ok=True)
+    checks = targets(summary, drifts, names)
+    if checks:
+        lines += ["", "## Targets of issue 16, on this run's figures", "", *checks]
     key_note = ("validation `psnr_gain` (PSNR − grey's PSNR on the val split)"
                 if curve_key == "psnr_gain" else
                 "validation PSNR (the runs did not log `psnr_gain`)")

@@ -111,6 +111,28 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(shards, reference, 
     assert all(cut_losses[s] == ref_losses[s] for s in range(step + 1, STEPS + 1))
 
 
+def test_a_killed_run_with_colour_memory_and_scheduled_sampling_resumes_bitwise(shards,
+                                                                               tmp_path):
+    """Scheduled sampling draws per-sample choices from the global RNG and runs an extra G
+    pass: both must continue exactly where the killed run stopped."""
+    memory = ["model.memory=true", "model.p_drop=0.25", "model.scheduled_sampling=0.5",
+              "model.memory_unroll=2"]
+    ref = launch(*train_args(shards, tmp_path, "memory_ref", *memory))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    args = train_args(shards, tmp_path, "memory_cut", *memory)
+    proc = popen(*args)
+    wait_for(tmp_path / "memory_cut" / "checkpoints" / "step_000020", proc)
+    os.kill(workers(proc)[0], signal.SIGKILL)
+    proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    resumed = launch(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert_same(final_state(tmp_path / "memory_cut"), final_state(tmp_path / "memory_ref"))
+    ref_losses, cut_losses = losses(tmp_path / "memory_ref"), losses(tmp_path / "memory_cut")
+    assert cut_losses == ref_losses
+
+
 def test_a_kill_during_a_save_resumes_from_the_previous_complete_checkpoint(shards, reference,
                                                                            tmp_path):
     args = train_args(shards, tmp_path, "saves", "train.checkpoint_every=1")

@@ -671,3 +671,21 @@ def test_shards_build_stores_phone_video_upright_and_skips_a_size_change(tmp_pat
         for member in jpegs:
             rgb = np.asarray(Image.open(tar.extractfile(member)).convert("RGB"))
             assert rgb.shape == (40, 24, 3) and np.abs(rgb - expected).mean() < 10, member.name
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_an_export_whose_memory_setting_contradicts_its_weights_is_refused(tmp_path, memory):
+    """generator.json records model.memory; settings that say the opposite of the weights are
+    refused, saying which way round."""
+    from inference.colorize import ModelError
+
+    export = tiny_export(tmp_path / "export", memory=memory)
+    assert load_model(export, torch.device("cpu")).memory is memory
+    meta = json.loads((export / "generator.json").read_text())
+    assert meta["model"]["memory"] is memory
+    meta["model"]["memory"] = not memory
+    (export / "generator.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError) as err:
+        load_model(export, torch.device("cpu"))
+    assert f"the settings say memory={not memory}" in str(err.value)
+    assert f"a G {'with' if memory else 'without'} colour memory" in str(err.value)
