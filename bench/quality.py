@@ -76,19 +76,17 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "memory": (DEMO, ["model.memory=true", "model.p_drop=0.25", "model.scheduled_sampling=0.5"],
                "default + colour memory: G also sees a,b of t-1 (none 25 %, its own 50 %, "
                "truth 25 % in training)"),
+    "memory_truth60": (DEMO, ["model.memory=true", "model.p_drop=0.2",
+                              "model.scheduled_sampling=0.2"],
+                       "default + colour memory, in training none 20 %, its own 20 %, "
+                       "truth 60 %"),
     "memory_tf": (DEMO, ["model.memory=true", "model.p_drop=0.5"],
                   "default + colour memory fed only truth or none (50/50): no scheduled "
                   "sampling"),
-    "memory_unroll": (DEMO, ["model.memory=true", "model.p_drop=0.25",
-                             "model.scheduled_sampling=0.5", "model.memory_unroll=3"],
-                      "memory + its own prediction made by 3 recurrent G passes"),
     "lineart": (DEMO, ["model.mode=lineart"], "line-art mode (second seed), default recipe"),
     "lineart_ss": (DEMO, ["model.mode=lineart", "model.p_drop=0.25",
                           "model.scheduled_sampling=0.5"],
                    "line-art mode, previous colour: none 25 %, its own 50 %, truth 25 %"),
-    "lineart_unroll": (DEMO, ["model.mode=lineart", "model.p_drop=0.25",
-                              "model.scheduled_sampling=0.5", "model.memory_unroll=3"],
-                       "lineart_ss + its own prediction made by 3 recurrent G passes"),
     "lineart_no_prev": (DEMO, ["model.mode=lineart", "model.temporal=false"],
                         "line-art control: G never gets a previous colour"),
 }

@@ -58,16 +58,15 @@ class ModelConfig:
     d_head: DHead = DHead.patch
     d_conditional: bool = True  # D also sees G's input (pix2pix); False: colour only
     d_temporal: bool = False  # D sees the colour triplet t-1, t, t+1 (vid2vid-style)
-    # Colour memory (models/memory.py): G also sees the colour of frame t-1 -- its own
-    # previous output, or a keyframe's. Line-art mode always has it (the second seed);
-    # grey mode when `memory` is true (then the export needs it at inference too).
+    # Colour memory (models/memory.py): G also gets the colour of frame t-1 -- its own
+    # previous output, or a keyframe's -- and blends it in through a learned gate. Line-art
+    # mode always has it (the second seed); grey mode when `memory` is true.
     memory: bool = False
     # What G gets as the previous colour in training. Per sample, with these probabilities,
     # none (TCVC's scheme, which used 0.5) or G's own prediction of it (scheduled sampling,
     # against drift at inference); else the ground truth (what a keyframe gives).
     p_drop: float = 0.5  # probability in [0, 1]
     scheduled_sampling: float = 0.0  # probability in [0, 1]; p_drop + this <= 1
-    memory_unroll: int = 1  # G passes that make its own prediction (1: from no memory)
 
 
 @dataclass
@@ -99,7 +98,7 @@ def check_model_config(cfg: ModelConfig) -> None:
     for key, enum_cls in (("mode", Mode), ("norm", Norm), ("d_head", DHead)):
         choice(enum_cls, getattr(cfg, key), key)
     # ngf >= 4: the temporal fusion gives each neighbour frame a quarter of the channels
-    for key, low in (("ngf", 4), ("ndf", 1), ("depth", 1), ("memory_unroll", 1)):
+    for key, low in (("ngf", 4), ("ndf", 1), ("depth", 1)):
         if getattr(cfg, key) < low:
             raise ValueError(f"{key}: must be >= {low}, got {getattr(cfg, key)}")
     for key in ("p_drop", "scheduled_sampling"):

@@ -21,12 +21,16 @@ Grey mode (first seed), `GreyUNet`:
 The colour frame is the input L with these a,b (`colour.compose_lab`): luminance is kept
 exactly, G only has to find chroma.
 
-Grey mode with colour memory (`model.memory`, models/memory.py): frame t's input is its L
-and the (a, b, present) of frame t-1, [B, 4, H, W], in the encoder and at the head.
-
 Line-art mode (second seed, TCVC), `LineartUNet`:
-    line art of t [B, 1, H, W] ++ Lab of t-1 [B, 3, H, W]  -> [B, 4, H, W]
+    line art of t [B, 1, H, W]
     Encoder -> Fusion (one frame: 1x1 + 3x3) -> Decoder -> head on that input   Lab of t
+
+Colour memory (line-art mode; grey mode with `model.memory`; models/memory.py): the colour
+of frame t-1 and a `present` channel, [B, C + 1, H, W], blended into the head's output by a
+learned per-pixel gate (`MemoryGate`: two 3x3 convs at full resolution on the head's input,
+the memory and G's own colour): out = auto + g (memory - auto), g in [0, 1]. Only a convex
+blend, so a recurrence cannot amplify colour (the drift measured when the memory went into
+the encoder instead: docs/quality-explored.md).
 
 Where the FLOPs go (bench/step.py measures it): every conv but the last runs at half
 resolution or lower; at full resolution there are only the head's inputs (at most 32 + 4
@@ -40,8 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.blocks import check_frame_size, conv_block, lrelu
-from models.colour import black_lab_like
-from models.config import Mode, ModelConfig, Norm, check_model_config, choice
+from models.config import Mode, ModelConfig, Norm, check_model_config, choice, has_memory
 
 
 def widths(ngf: int, depth: int) -> list[int]:
@@ -104,8 +107,8 @@ class Fusion(nn.Module):
 
 class Decoder(nn.Module):
     """Bottleneck [B, c_d, H/2**d, W/2**d], skips [B, c_i, H/2**i, W/2**i] (i < d) and the
-    full-resolution input [B, c_in, H, W] -> [B, c_out, H, W], tanh, in [-1, 1] like the
-    normalized Lab targets.
+    full-resolution input [B, c_in, H, W] -> the head's features; `colour` makes them
+    [B, c_out, H, W], tanh, in [-1, 1] like the normalized Lab targets.
 
     Each stage convolves before it upsamples (the cost of the seed's stride-2 transposed conv,
     a quarter of upsample-then-convolve) and adds its skip, as the seed does. A last block at
@@ -135,10 +138,39 @@ class Decoder(nn.Module):
             self.head.bias[-2:].zero_()
 
     def forward(self, x: Tensor, skips: list[Tensor], full_res: Tensor) -> Tensor:
+        """The head's input [B, c_head + c_in, H, W]: decoded features next to the input
+        (`colour` turns it into the output; the memory gate reads it too)."""
         for block, skip in zip(self.up, reversed(skips)):
             x = upsample(block(x)) + skip
-        x = upsample(self.last(x))
-        return torch.tanh(self.head(torch.cat([x, full_res], dim=1)))
+        return torch.cat([upsample(self.last(x)), full_res], dim=1)
+
+    def colour(self, features: Tensor) -> Tensor:
+        return torch.tanh(self.head(features))
+
+
+class MemoryGate(nn.Module):
+    """Colour memory, carried over by a learned gate: out = auto + g * (memory - auto).
+
+    auto [B, C, H, W] is G's colour without memory; memory [B, C + 1, H, W] the previous
+    frame's colour and its `present` channel (1, or 0 for none); g in [0, 1] per pixel, from
+    the head's features, the memory and auto, times `present`. The output is a convex blend of
+    two colours, never beyond them: a recurrence of such blends can fade towards G's own
+    colour but cannot amplify it -- the drift into saturated blobs that a memory fed into the
+    network's input showed (docs/quality-explored.md). The gate starts at 1/2.
+    """
+
+    def __init__(self, c_features: int, c_colour: int, hidden: int = 16):
+        super().__init__()
+        c_in = c_features + 2 * c_colour + 1
+        self.net = nn.Sequential(nn.Conv2d(c_in, hidden, 3, 1, 1), nn.ReLU(),
+                                 nn.Conv2d(hidden, 1, 3, 1, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, features: Tensor, auto: Tensor, memory: Tensor) -> Tensor:
+        colour, present = memory[:, :-1].to(auto.dtype), memory[:, -1:].to(auto.dtype)
+        g = torch.sigmoid(self.net(torch.cat([features, auto, memory.to(auto.dtype)], dim=1)))
+        return auto + g * present * (colour - auto)
 
 
 def _expect(x: Tensor, tail: tuple[int, ...], what: str) -> None:
@@ -147,81 +179,100 @@ def _expect(x: Tensor, tail: tuple[int, ...], what: str) -> None:
         raise ValueError(f"{what}: expected shape [{dims}], got {list(x.shape)}")
 
 
+def memory_gate(cfg: ModelConfig, chans: list[int], c_in: int, c_colour: int,
+                c_extra: int = 0) -> MemoryGate | None:
+    """The gate of a G with colour memory (not of the per-frame control, which never gets
+    a colour: it would hold parameters that never train)."""
+    if not (has_memory(cfg) and cfg.temporal):
+        return None
+    return MemoryGate(min(chans[0], HEAD_CHANNELS) + c_in + c_extra, c_colour)
+
+
+def gated(gate: MemoryGate | None, features: Tensor, auto: Tensor, memory: Tensor | None,
+          c_colour: int, temporal: bool, what: str) -> Tensor:
+    """G's output: `auto`, or with a memory given to a G that has one, the gated blend."""
+    if memory is not None:
+        _expect(memory, (c_colour + 1,), what)
+    if gate is None or memory is None or not temporal:  # per-frame: never a colour hint
+        return auto
+    return gate(features, auto, memory)
+
+
 class GreyUNet(nn.Module):
     """G(condition [B, 3, 1, H, W]) -> a,b of the centre frame [B, 2, H, W].
 
-    With `memory`, G(condition, memory [B, 3, H, W]): also the (a, b, present) of frame t-1
-    (models/memory.py), beside frame t's L in the encoder's input and at the head, so the
-    decoder can carry colour over where the picture did not move. Neighbours are encoded with
-    an empty memory (zeros: they only add context)."""
+    With `memory` (`model.memory`), G(condition, memory [B, 3, H, W]): the (a, b, present) of
+    frame t-1 (models/memory.py), carried over by the `MemoryGate` where it sees fit (its
+    input: the head's features, L of t-1, the memory and G's own a,b)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         norm = choice(Norm, cfg.norm, "norm")
         chans = widths(cfg.ngf, cfg.depth)
         self.depth, self.temporal, self.memory = cfg.depth, cfg.temporal, bool(cfg.memory)
-        c_in = 1 + 3 * self.memory
-        self.encoder = Encoder(c_in, chans, norm)
+        self.encoder = Encoder(1, chans, norm)
         self.fusion = Fusion(chans[-1], 3, norm)
-        self.decoder = Decoder(chans, c_in, 2, norm)
+        self.decoder = Decoder(chans, 1, 2, norm)
+        self.gate = memory_gate(cfg, chans, 1, 2, c_extra=1)
         if cfg.zero_init_head:
             self.decoder.start_at_grey()
 
     def forward(self, condition: Tensor, memory: Tensor | None = None) -> Tensor:
         _expect(condition, (3, 1), "grey-mode condition (L of frames t-1, t, t+1)")
         check_frame_size(*condition.shape[-2:], self.depth)
-        centre = condition[:, 1]  # [B, 1, H, W]
-        if self.memory:
-            if memory is None or not self.temporal:  # none; per-frame: never a colour hint
-                memory = centre.new_zeros(centre.shape[0], 3, *centre.shape[-2:])
-            _expect(memory, (3,), "colour memory of frame t-1 (a, b, present)")
-            centre = torch.cat([centre, memory.to(centre.dtype)], dim=1)  # [B, 4, H, W]
-        elif memory is not None:
+        if memory is not None and not self.memory:
             raise ValueError("this grey-mode G has no colour memory (model.memory=false): "
                              "it takes no previous colour")
+        centre = condition[:, 1]  # [B, 1, H, W]
         feats = self.encoder(centre)  # [B, c_i, h_i, w_i], i = 1..depth
         if self.temporal:
             # t-1 and t+1 through the same encoder, folded into one batch. A pass apart from
             # frame t: the skips are then whole tensors, and no backward has to scatter their
             # gradient into a 3-frame buffer. (BatchNorm statistics are per pass, as in the
             # seed, which encodes each frame on its own.)
-            others = condition[:, 0::2].flatten(0, 1)  # [2B, 1, H, W]
-            if self.memory:
-                others = F.pad(others, (0, 0, 0, 0, 0, 3))  # an empty memory: zeros
-            neighbours = self.encoder(others)[-1].unflatten(0, (-1, 2))
+            neighbours = self.encoder(condition[:, 0::2].flatten(0, 1))[-1].unflatten(0, (-1, 2))
             bottlenecks = torch.stack([neighbours[:, 0], feats[-1], neighbours[:, 1]], dim=1)
         else:
             # Per-frame ablation: frame t stands in for its neighbours. Same modules and
             # parameter count, so the baseline differs only in what it sees.
             bottlenecks = feats[-1].unsqueeze(1).expand(-1, 3, -1, -1, -1)
         x = self.fusion(bottlenecks)  # [B, c_d, h_d, w_d]
-        return self.decoder(x, feats[:-1], centre)  # skips from frame t (and its memory)
+        h = self.decoder(x, feats[:-1], centre)  # skips from frame t only
+        auto = self.decoder.colour(h)
+        if self.gate is not None:  # the gate also sees L of t-1: where the picture changed
+            h = torch.cat([h, condition[:, 0]], dim=1)
+        return gated(self.gate, h, auto, memory, 2, self.temporal,
+                     "colour memory of frame t-1 (a, b, present)")
 
 
 class LineartUNet(nn.Module):
-    """G(line art of t [B, 1, H, W], Lab of t-1 [B, 3, H, W]) -> Lab of t [B, 3, H, W]."""
+    """G(line art of t [B, 1, H, W], memory [B, 4, H, W]) -> Lab of t [B, 3, H, W].
+
+    The memory is the (L, a, b, present) of frame t-1 (models/memory.py), carried over by the
+    `MemoryGate`; the second seed fed it into the network's input instead, which drifted
+    (docs/quality-explored.md)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         norm = choice(Norm, cfg.norm, "norm")
         chans = widths(cfg.ngf, cfg.depth)
-        self.depth, self.temporal = cfg.depth, cfg.temporal
-        self.encoder = Encoder(1 + 3, chans, norm)
+        self.depth, self.temporal, self.memory = cfg.depth, cfg.temporal, True
+        self.encoder = Encoder(1, chans, norm)
         self.fusion = Fusion(chans[-1], 1, norm)
-        self.decoder = Decoder(chans, 1 + 3, 3, norm)
+        self.decoder = Decoder(chans, 1, 3, norm)
+        self.gate = memory_gate(cfg, chans, 1, 3)
         if cfg.zero_init_head:  # a,b only: L has no grey answer to start from
             self.decoder.start_at_grey()
 
-    def forward(self, lineart: Tensor, prev_colour: Tensor) -> Tensor:
+    def forward(self, lineart: Tensor, memory: Tensor | None = None) -> Tensor:
         _expect(lineart, (1,), "line art of frame t")
-        _expect(prev_colour, (3,), "previous colour frame (normalized Lab)")
         check_frame_size(*lineart.shape[-2:], self.depth)
-        if not self.temporal:  # per-frame ablation: never a colour hint
-            prev_colour = black_lab_like(prev_colour)
-        both = torch.cat([lineart, prev_colour], dim=1)
-        feats = self.encoder(both)
+        feats = self.encoder(lineart)
         x = self.fusion(feats[-1].unsqueeze(1))
-        return self.decoder(x, feats[:-1], both)
+        h = self.decoder(x, feats[:-1], lineart)
+        auto = self.decoder.colour(h)
+        return gated(self.gate, h, auto, memory, 3, self.temporal,
+                     "colour memory of frame t-1 (L, a, b, present)")
 
 
 def build_generator(cfg: ModelConfig) -> GreyUNet | LineartUNet:

@@ -115,8 +115,7 @@ def test_a_killed_run_with_colour_memory_and_scheduled_sampling_resumes_bitwise(
                                                                                tmp_path):
     """Scheduled sampling draws per-sample choices from the global RNG and runs an extra G
     pass: both must continue exactly where the killed run stopped."""
-    memory = ["model.memory=true", "model.p_drop=0.25", "model.scheduled_sampling=0.5",
-              "model.memory_unroll=2"]
+    memory = ["model.memory=true", "model.p_drop=0.25", "model.scheduled_sampling=0.5"]
     ref = launch(*train_args(shards, tmp_path, "memory_ref", *memory))
     assert ref.returncode == 0, ref.stderr[-3000:]
     args = train_args(shards, tmp_path, "memory_cut", *memory)

@@ -27,8 +27,8 @@ from inference import colorize
 from inference.colorize import Colorizer, Model, compose_grey, load_model, main, prepare
 from inference.video_io import Source
 from models import build_generator
-from models.colour import black_lab_like
 from models.config import ModelConfig
+from models.memory import memory_of
 from shards.cli import main as shards_main
 from shards.video import VideoError, decode_frames
 from trainer.export import export_generator
@@ -191,7 +191,7 @@ class RecordingLineart(nn.Module):
 
     def forward(self, lineart, prev):
         self.prevs.append(prev.clone())
-        out = torch.full_like(prev, 0.1 * len(self.outs) - 0.5)
+        out = torch.full_like(prev[:, :3], 0.1 * len(self.outs) - 0.5)  # Lab
         self.outs.append(out)
         return out
 
@@ -235,17 +235,17 @@ def test_cuts_are_found_in_greyscale_input(tmp_path):
     assert [it.scene for it in items] == [0] * 4 + [1] * 5
 
 
-def test_lineart_recurrence_restarts_from_black_at_scene_cuts(two_scenes):
+def test_lineart_recurrence_restarts_without_memory_at_scene_cuts(two_scenes):
     source, G = Source(two_scenes), RecordingLineart()
     model = stub(G, "lineart")
     items = list(Colorizer(model)(
         prepare(source.read(), (64, 48), model, torch.device("cpu"), 25.0), "out"))
     assert len(items) == 9
     for t, prev in enumerate(G.prevs):
-        if t in (0, 4):  # a scene's first frame
-            assert torch.equal(prev, black_lab_like(prev)), t
+        if t in (0, 4):  # a scene's first frame: no memory
+            assert torch.equal(prev, torch.zeros_like(prev)), t
         else:
-            assert torch.equal(prev, G.outs[t - 1]), t
+            assert torch.equal(prev, memory_of(G.outs[t - 1])), t
     # The line art is the training transform's: black lines (-1) on white (+1).
     assert set(torch.unique(items[0].cond).tolist()) <= {-1.0, 1.0}
 

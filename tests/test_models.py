@@ -18,7 +18,6 @@ from models import (
     ModelConfig,
     Norm,
     assemble_d_input,
-    black_lab_like,
     build_discriminator,
     build_generator,
     build_loss,
@@ -76,7 +75,7 @@ def test_lineart_generator_shapes_and_range():
     torch.manual_seed(0)
     G = build_generator(tiny(mode=Mode.lineart))
     cond, target = lineart_batch(2, 48, 32)
-    lab = G(100 * cond[:, 1], 100 * target[:, 0])
+    lab = G(100 * cond[:, 1], memory_of(target[:, 0]))
     assert isinstance(G, LineartUNet)
     assert lab.shape == (2, 3, 48, 32)
     assert lab.abs().max() <= 1.0 and lab.abs().max() > 0.5
@@ -169,17 +168,6 @@ def test_per_frame_ablation_ignores_neighbours_with_the_same_parameters():
         assert not torch.equal(ablation(moved), ablation(cond))
 
 
-def test_lineart_uses_the_previous_colour_unless_per_frame():
-    torch.manual_seed(0)
-    cond, target = lineart_batch(2)
-    for temporal in (True, False):
-        G = build_generator(tiny(mode=Mode.lineart, norm=Norm.group, temporal=temporal)).eval()
-        with torch.no_grad():
-            a = G(cond[:, 1], target[:, 0])
-            b = G(cond[:, 1], black_lab_like(target[:, 0]))
-        assert torch.equal(a, b) == (not temporal)
-
-
 # --- colour memory: what G gets as the previous colour -----------------------------------
 
 
@@ -189,31 +177,37 @@ def memory_model(mode: Mode, **kw) -> tuple[ModelConfig, torch.Tensor, torch.Ten
     return (cfg, *(grey_batch(64) if mode == Mode.grey else lineart_batch(64)))
 
 
+def frame_input(cond: torch.Tensor, mode: Mode) -> torch.Tensor:
+    """G's frame input for frame t: the L triplet, or the line art of t."""
+    return cond if mode == Mode.grey else cond[:, 1]
+
+
+def a_gate_that_opens(G: nn.Module) -> None:
+    """The gate starts at 1/2 everywhere; a bias that varies the gate shows more."""
+    with torch.no_grad():
+        G.gate.net[-1].weight.normal_(0, 0.5)
+
+
 @pytest.mark.parametrize("mode", list(Mode))
 def test_previous_colour_none_truth_and_own_prediction(mode):
     torch.manual_seed(0)
     cfg, cond, target = memory_model(mode)
     G = build_generator(cfg).eval()
-    none = no_memory_like(target[:, 0], mode)
-    truth = memory_of(target[:, 0], mode)
-    if mode == Mode.grey:  # (a, b, present): no memory is all zeros, the truth has ones
-        assert torch.equal(none, torch.zeros(64, 3, 32, 32))
-        assert torch.equal(truth[:, 2], torch.ones(64, 32, 32))
-    else:
-        assert torch.equal(none, black_lab_like(target[:, 0]))
+    c = target.shape[2]
+    truth = memory_of(target[:, 0])
+    none = no_memory_like(cond[:, 0], mode)
+    assert torch.equal(none, torch.zeros(64, c + 1, 32, 32))  # no memory: all zeros
+    assert torch.equal(truth, torch.cat([target[:, 0], torch.ones(64, 1, 32, 32)], dim=1))
 
     def pick(**kw):
         return previous_colour(G, cond, target, replace(cfg, **kw))
 
     assert torch.equal(pick(p_drop=1.0), none)
     assert torch.equal(pick(p_drop=0.0), truth)
-    frame = cond[:, [0, 0, 1]] if mode == Mode.grey else cond[:, 0]
+    frame = cond[:, [0, 0, 1]] if mode == Mode.grey else cond[:, 0]  # frame t-1, no t-2
     with torch.no_grad():
-        own = memory_of(G(frame, none), mode)
-        twice = memory_of(G(frame, own), mode)
+        own = memory_of(G(frame, none))
     torch.testing.assert_close(pick(p_drop=0.0, scheduled_sampling=1.0), own)
-    # memory_unroll: G's prediction of t-1 from its own prediction of t-1
-    torch.testing.assert_close(pick(p_drop=0.0, scheduled_sampling=1.0, memory_unroll=2), twice)
     # a mixture: every sample is exactly one of the three, in about the right proportions
     gen = torch.Generator().manual_seed(1)
     out = previous_colour(G, cond, target, replace(cfg, p_drop=0.5, scheduled_sampling=0.25),
@@ -224,22 +218,53 @@ def test_previous_colour_none_truth_and_own_prediction(mode):
     assert 20 <= counts[0] <= 44 and 8 <= counts[1] <= 26 and 6 <= counts[2] <= 26, counts
 
 
-def test_grey_memory_changes_the_output_and_the_per_frame_control_ignores_it():
+@pytest.mark.parametrize("mode", list(Mode))
+def test_memory_changes_the_output_and_the_per_frame_control_ignores_it(mode):
     torch.manual_seed(0)
-    cfg, cond, target = memory_model(Mode.grey)
-    cond, target = cond[:2], target[:2]
+    cfg, cond, target = memory_model(mode)
+    cond, target, x = cond[:2], target[:2], frame_input(cond[:2], mode)
     G = build_generator(cfg).eval()
     per_frame = build_generator(replace(cfg, temporal=False)).eval()
-    per_frame.load_state_dict(G.state_dict())
-    red, blue = memory_of(target[:, 0], Mode.grey), memory_of(-target[:, 0], Mode.grey)
+    per_frame.load_state_dict(G.state_dict(), strict=False)  # the control has no gate
+    red, blue = memory_of(target[:, 0]), memory_of(-target[:, 0])
+    none = no_memory_like(x, mode)
     with torch.no_grad():
-        assert not torch.equal(G(cond, red), G(cond, blue))
-        assert not torch.equal(G(cond, red), G(cond))  # a memory is not the same as none
-        assert torch.equal(per_frame(cond, red), per_frame(cond, blue))
-        assert torch.equal(per_frame(cond, red), per_frame(cond))
-    plain = build_generator(tiny(norm=Norm.group)).eval()
-    with pytest.raises(ValueError, match="no colour memory"):
-        plain(cond, red)
+        assert not torch.equal(G(x, red), G(x, blue))
+        assert not torch.equal(G(x, red), G(x, none))  # a memory is not the same as none
+        assert torch.equal(G(x, none), G(x))
+        assert torch.equal(per_frame(x, red), per_frame(x, blue))
+        assert torch.equal(per_frame(x, red), per_frame(x))
+    if mode == Mode.grey:
+        plain = build_generator(tiny(norm=Norm.group)).eval()
+        with pytest.raises(ValueError, match="no colour memory"):
+            plain(cond, red)
+        assert not hasattr(plain, "gate") or plain.gate is None
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_the_memory_is_blended_never_amplified(mode):
+    """The output lies between G's own colour and the memory, per pixel and channel, so a
+    recurrence fed its own output on a static shot stays within the colours it started from:
+    it cannot drift into saturated blobs."""
+    torch.manual_seed(0)
+    cfg, cond, target = memory_model(mode)
+    cond, target, x = cond[:2], target[:2], frame_input(cond[:2], mode)
+    G = build_generator(cfg).eval()
+    a_gate_that_opens(G)
+    with torch.no_grad():
+        auto = G(x)
+        for memory in (target[:, 0], -target[:, 0], torch.ones_like(auto)):
+            out = G(x, memory_of(memory))
+            low, high = torch.minimum(auto, memory), torch.maximum(auto, memory)
+            assert (out >= low - 1e-6).all() and (out <= high + 1e-6).all()
+            assert not torch.equal(out, auto) and not torch.equal(out, memory)
+        keyframe = target[:, 0]
+        memory = memory_of(keyframe)
+        for _ in range(100):  # a static shot from a keyframe
+            out = G(x, memory)
+            memory = memory_of(out)
+        low, high = torch.minimum(auto, keyframe), torch.maximum(auto, keyframe)
+        assert (out >= low - 1e-5).all() and (out <= high + 1e-5).all()
 
 
 # --- discriminators -------------------------------------------------------------------------
@@ -337,7 +362,7 @@ def test_bad_frame_size_is_a_clear_error(mode):
         if mode == Mode.grey:
             G(torch.zeros(1, 3, 1, 36, 32))
         else:
-            G(torch.zeros(1, 1, 36, 32), torch.zeros(1, 3, 36, 32))
+            G(torch.zeros(1, 1, 36, 32), torch.zeros(1, 4, 36, 32))
     for head in DHead:
         D = build_discriminator(tiny(mode=mode, d_head=head))
         with pytest.raises(ValueError, match=msg):
@@ -359,7 +384,6 @@ def test_bad_frame_size_is_a_clear_error(mode):
         (dict(depth=0), "depth: must be >= 1"),
         (dict(p_drop=1.5), r"p_drop: a probability, must lie in \[0, 1\]"),
         (dict(p_drop=0.8, scheduled_sampling=0.4), "p_drop \\+ scheduled_sampling"),
-        (dict(memory_unroll=0), "memory_unroll: must be >= 1"),
     ],
 )
 def test_unknown_or_invalid_option_is_a_clear_error(change, message):
@@ -426,26 +450,29 @@ def test_zero_init_head_starts_at_grey_then_trains_off_it(mode):
     grey = mode == Mode.grey
     G = build_generator(tiny(mode=mode, norm=Norm.group, zero_init_head=True))
     cond, target = grey_batch(2) if grey else lineart_batch(2)
-    run = (lambda: G(cond)) if grey else (lambda: G(cond[:, 1], target[:, 0]))  # noqa: E731
+    run = (lambda: G(cond)) if grey else (lambda: G(cond[:, 1]))  # noqa: E731
     out = run()
     assert torch.equal(out[:, -2:], torch.zeros_like(out[:, -2:]))
     if not grey:  # line art: L is still predicted
         assert out[:, 0].abs().max() > 0
     opt = torch.optim.Adam(G.parameters(), lr=1e-3)
     head = {id(p) for p in G.decoder.head.parameters()}
+    # line art trains with a memory, so its gate trains too (from its second step: the gate's
+    # last layer starts at zero as well)
+    train = run if grey else (lambda: G(cond[:, 1], memory_of(target[:, 0])))  # noqa: E731
     for step in range(2):
         opt.zero_grad(set_to_none=True)
-        (run() - target[:, 1]).abs().mean().backward()
+        (train() - target[:, 1]).abs().mean().backward()
         moved = {id(p) for p in G.parameters() if p.grad is not None and p.grad.abs().max() > 0}
         if step == 0 and grey:
             assert moved == head
-        else:
+        elif step == 1:
             assert moved == {id(p) for p in G.parameters()}
         opt.step()
     assert run()[:, -2:].abs().max() > 1e-4
     # off by default: random chroma at step 0
     default = build_generator(tiny(mode=mode, norm=Norm.group))
-    out = default(cond) if grey else default(cond[:, 1], target[:, 0])
+    out = default(cond) if grey else default(cond[:, 1])
     assert out[:, -2:].abs().max() > 1e-2
 
 

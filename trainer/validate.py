@@ -50,7 +50,7 @@ def colorize_triplet(G: nn.Module, cond: Tensor, mode: str) -> Tensor:
     frames, memory = [], no_memory_like(cond[:, 0], mode)
     for window in windows:
         colour = G(window, memory).float()
-        memory = memory_of(colour, mode)
+        memory = memory_of(colour)
         frames.append(colour)
     out = torch.stack(frames, dim=1)
     return torch.cat([cond.float(), out], dim=2) if mode == "grey" else out
