@@ -26,6 +26,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from inference.video_io import IMAGE_SUFFIXES, Source
 from shards.video import VideoError
@@ -61,10 +62,13 @@ def fit_keyframe(rgb: np.ndarray, width: int, height: int, where: str) -> np.nda
 
 
 def read_image(path: Path) -> np.ndarray:
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise KeyframeError(f"{path}: not a readable image")
-    return np.ascontiguousarray(bgr[..., ::-1])
+    """RGB uint8, read as input frames are read (PIL, no EXIF rotation): a keyframe that is
+    a copy of an input frame lines up with it."""
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise KeyframeError(f"{path}: not a readable image ({e})") from None
 
 
 def parse_frame_list(text: str) -> list[int]:
@@ -152,6 +156,9 @@ class KeyframeVideo:
                                  if wanted else None)
                 scene, last = item.scene, item.index
                 yield item
+            if next(colour, None) is not None:  # a length the containers did not declare
+                raise KeyframeError(f"{self.path}: longer than the input ({last + 1} frames); "
+                                    "expected a keyframe video as long as the input")
         except VideoError as e:
             raise KeyframeError(str(e)) from e
         finally:

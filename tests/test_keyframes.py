@@ -256,6 +256,23 @@ def test_a_keyframe_video_at_cuts_or_at_listed_frames(tmp_path, memory_export, t
             assert diff.mean() > 10, t  # measured: 54 or more
 
 
+def test_a_keyframe_copied_from_an_input_frame_lines_up_whatever_its_exif(tmp_path,
+                                                                         memory_export):
+    """Input frames are read without their EXIF orientation, so keyframes are too: a copy of
+    an input frame that carries a rotation tag is that frame, not a rotated one."""
+    frames_dir, keyframes, out = tmp_path / "in", tmp_path / "kf", tmp_path / "out"
+    frames_dir.mkdir(), keyframes.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 3  # "rotate 180" (a PNG or JPEG from a phone)
+    for i, rgb in enumerate(textured_frames(3, 64, 48, seed=1, tint=(1, 0.8, 0.5))):
+        Image.fromarray(rgb).save(frames_dir / f"{i:06d}.png", exif=exif.tobytes())
+    (keyframes / "000000.png").write_bytes((frames_dir / "000000.png").read_bytes())
+    assert colorize("--model", memory_export, "--input", frames_dir, "--output", out,
+                    "--size", SIZE, "--keyframes", keyframes) == 0
+    first = np.asarray(Image.open(frames_dir / "000000.png").convert("RGB")).astype(int)
+    assert np.abs(read_frames(out)[0].astype(int) - first).max() <= 1
+
+
 # --- bad keyframes --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -279,7 +296,12 @@ def bad_keyframes(tmp_path_factory, clip, clip_frames) -> dict:
     short_ts = write_clip(tmp / "short.ts", clip_frames[:4], audio=False)  # length unknown
     grey_video = write_clip(tmp / "grey.mp4", [greyscale(f) for f in clip_frames], audio=False)
     clip_ts = write_clip(tmp / "clip.ts", clip_frames, audio=False)  # length unknown
+    long_ts = write_clip(tmp / "long.ts", clip_frames + clip_frames[:2], audio=False)
     return {
+        "video longer, length unknown": ("memory", clip, ["--keyframes", long_ts,
+                                                          "--keyframe-at-cuts"],
+                                         [f"{long_ts}: longer than the input (6 frames)",
+                                          "expected a keyframe video as long as the input"]),
         "another aspect": ("memory", clip, aspect,
                            [str(aspect_dir / "000001.png"), "is 48x48, the input 64x48",
                             "another aspect ratio"]),
@@ -330,8 +352,8 @@ def make_earlier_output(out: Path) -> None:
 BAD_CASES = ["another aspect", "index past the end", "index past the end, length unknown",
              "video frame past the end", "model without memory", "greyscale image",
              "greyscale video frame", "unreadable image", "video shorter",
-             "video shorter, length unknown", "not named by an index", "two for one frame",
-             "a folder at cuts"]
+             "video shorter, length unknown", "video longer, length unknown",
+             "not named by an index", "two for one frame", "a folder at cuts"]
 
 
 @pytest.mark.parametrize("output", ["out.mp4", "frames"])
