@@ -87,6 +87,9 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "lineart_ss": (DEMO, ["model.mode=lineart", "model.p_drop=0.25",
                           "model.scheduled_sampling=0.5"],
                    "line-art mode, previous colour: none 25 %, its own 50 %, truth 25 %"),
+    "lineart_truth60": (DEMO, ["model.mode=lineart", "model.p_drop=0.2",
+                               "model.scheduled_sampling=0.2"],
+                        "line-art mode, previous colour: none 20 %, its own 20 %, truth 60 %"),
     "lineart_no_prev": (DEMO, ["model.mode=lineart", "model.temporal=false"],
                         "line-art control: G never gets a previous colour"),
 }

@@ -391,7 +391,7 @@ class Colorizer:
                 if memory is None or item.scene != scene:  # a scene's first frame
                     memory = no_memory_like(item.cond[None], mode)
                 colour = self.model.G(frame, memory).float()  # a,b or Lab [1, C, h, w]
-            memory, scene = memory_of(colour), item.scene
+            memory, scene = memory_of(colour, item.cond[None]), item.scene
             if mode == "grey":
                 item.outputs[key] = compose_grey(item.rgb, colour[0] if given is None else given)
             elif item.keyframe is not None:

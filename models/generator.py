@@ -26,11 +26,12 @@ Line-art mode (second seed, TCVC), `LineartUNet`:
     Encoder -> Fusion (one frame: 1x1 + 3x3) -> Decoder -> head on that input   Lab of t
 
 Colour memory (line-art mode; grey mode with `model.memory`; models/memory.py): the colour
-of frame t-1 and a `present` channel, [B, C + 1, H, W], blended into the head's output by a
-learned per-pixel gate (`MemoryGate`: two 3x3 convs at full resolution on the head's input,
-the memory and G's own colour): out = auto + g (memory - auto), g in [0, 1]. Only a convex
-blend, so a recurrence cannot amplify colour (the drift measured when the memory went into
-the encoder instead: docs/quality-explored.md).
+of frame t-1, a `present` channel and frame t-1's condition, [B, C + 2, H, W]. `MemoryGate`
+finds each pixel's previous colour in a 7 x 7 window (attention between learned keys of the
+two frames' conditions) and blends it into the head's output with a learned per-pixel gate:
+out = auto + g (found - auto), g in [0, 1]. Only averages of existing colours, so a
+recurrence cannot amplify colour (the drift measured when the memory went into the encoder
+instead: docs/quality-explored.md).
 
 Where the FLOPs go (bench/step.py measures it): every conv but the last runs at half
 resolution or lower; at full resolution there are only the head's inputs (at most 32 + 4
@@ -149,27 +150,64 @@ class Decoder(nn.Module):
 
 
 class MemoryGate(nn.Module):
-    """Colour memory, carried over by a learned gate: out = auto + g * (memory - auto).
+    """Colour memory, found where it moved and blended in: out = auto + g (found - auto).
 
-    auto [B, C, H, W] is G's colour without memory; memory [B, C + 1, H, W] the previous
-    frame's colour and its `present` channel (1, or 0 for none); g in [0, 1] per pixel, from
-    the head's features, the memory and auto, times `present`. The output is a convex blend of
-    two colours, never beyond them: a recurrence of such blends can fade towards G's own
-    colour but cannot amplify it -- the drift into saturated blobs that a memory fed into the
-    network's input showed (docs/quality-explored.md). The gate starts at 1/2.
+    memory [B, C + 2, H, W]: the previous frame's colour (C channels), `present` (1, or 0 for
+    none) and the previous frame's condition (its L or line art); frame [B, 1, H, W]: this
+    frame's condition; auto [B, C, H, W]: G's colour without memory.
+
+    1. Found: each pixel looks for its previous colour in a WINDOW x WINDOW neighbourhood of
+       the previous frame (motion up to WINDOW // 2 pixels per frame at the working size), by
+       attention on the distance between learned keys of the two conditions (a small conv
+       net, shared); the
+       found colour is the attention-weighted mean of the present colours there (weights
+       renormalized over present pixels), `present` its weight. A per-offset bias starts the
+       attention at "no motion".
+    2. Blended: g in [0, 1] per pixel, from the head's features, auto and what was found.
+
+    Both steps only average colours that exist, so the output never leaves the range of G's
+    own colour and the memory's: a recurrence of such blends can fade towards G's colour but
+    cannot amplify it -- the drift into saturated blobs that a memory fed into the network's
+    input showed (docs/quality-explored.md).
     """
+
+    WINDOW = 7
+    KEYS = 8
 
     def __init__(self, c_features: int, c_colour: int, hidden: int = 16):
         super().__init__()
-        c_in = c_features + 2 * c_colour + 1
-        self.net = nn.Sequential(nn.Conv2d(c_in, hidden, 3, 1, 1), nn.ReLU(),
-                                 nn.Conv2d(hidden, 1, 3, 1, 1))
-        nn.init.zeros_(self.net[-1].weight)
+        w, k = self.WINDOW, self.KEYS
+        self.key = nn.Sequential(nn.Conv2d(1, k, 3, 1, 1), lrelu(), nn.Conv2d(k, k, 3, 1, 1))
+        offset_bias = torch.zeros(w * w)
+        offset_bias[w * w // 2] = 4.0  # the centre: the same pixel in the previous frame
+        self.offset_bias = nn.Parameter(offset_bias)
+        self.net = nn.Sequential(nn.Conv2d(c_features + 2 * c_colour + 1, hidden, 3, 1, 1),
+                                 nn.ReLU(), nn.Conv2d(hidden, 1, 3, 1, 1))
+        nn.init.zeros_(self.net[-1].weight)  # the blend starts at 1/2
         nn.init.zeros_(self.net[-1].bias)
 
-    def forward(self, features: Tensor, auto: Tensor, memory: Tensor) -> Tensor:
-        colour, present = memory[:, :-1].to(auto.dtype), memory[:, -1:].to(auto.dtype)
-        g = torch.sigmoid(self.net(torch.cat([features, auto, memory.to(auto.dtype)], dim=1)))
+    def _neighbours(self, x: Tensor) -> Tensor:
+        """[B, C, H, W] -> [B, C, WINDOW**2, H, W]: each pixel's window (zeros outside)."""
+        b, c, h, w = x.shape
+        return F.unfold(x, self.WINDOW, padding=self.WINDOW // 2).view(b, c, -1, h, w)
+
+    def find(self, frame: Tensor, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """(found colour [B, C, H, W], its presence [B, 1, H, W])."""
+        colour, present, prev_frame = memory[:, :-2], memory[:, -2:-1], memory[:, -1:]
+        q, k = self.key(frame), self._neighbours(self.key(prev_frame))  # [B,K,H,W], [B,K,w²,H,W]
+        # like pixels match: minus the squared key distance (a dot product favours large keys)
+        logits = -(q.unsqueeze(2) - k).square().sum(1) / self.KEYS**0.5
+        logits = logits + self.offset_bias[:, None, None]
+        weight = torch.softmax(logits, dim=1).unsqueeze(1)  # [B, 1, w², H, W]
+        premultiplied = torch.cat([colour * present, present], dim=1)
+        mass = (self._neighbours(premultiplied) * weight).sum(2)  # [B, C + 1, H, W]
+        presence = mass[:, -1:]
+        return mass[:, :-1] / presence.clamp(min=1e-6), presence.clamp(max=1.0)
+
+    def forward(self, features: Tensor, frame: Tensor, auto: Tensor, memory: Tensor) -> Tensor:
+        memory = memory.to(auto.dtype)
+        colour, present = self.find(frame.to(auto.dtype), memory)
+        g = torch.sigmoid(self.net(torch.cat([features, auto, colour, present], dim=1)))
         return auto + g * present * (colour - auto)
 
 
@@ -179,31 +217,30 @@ def _expect(x: Tensor, tail: tuple[int, ...], what: str) -> None:
         raise ValueError(f"{what}: expected shape [{dims}], got {list(x.shape)}")
 
 
-def memory_gate(cfg: ModelConfig, chans: list[int], c_in: int, c_colour: int,
-                c_extra: int = 0) -> MemoryGate | None:
+def memory_gate(cfg: ModelConfig, chans: list[int], c_in: int,
+                c_colour: int) -> MemoryGate | None:
     """The gate of a G with colour memory (not of the per-frame control, which never gets
     a colour: it would hold parameters that never train)."""
     if not (has_memory(cfg) and cfg.temporal):
         return None
-    return MemoryGate(min(chans[0], HEAD_CHANNELS) + c_in + c_extra, c_colour)
+    return MemoryGate(min(chans[0], HEAD_CHANNELS) + c_in, c_colour)
 
 
-def gated(gate: MemoryGate | None, features: Tensor, auto: Tensor, memory: Tensor | None,
-          c_colour: int, temporal: bool, what: str) -> Tensor:
+def gated(gate: MemoryGate | None, features: Tensor, frame: Tensor, auto: Tensor,
+          memory: Tensor | None, temporal: bool, what: str) -> Tensor:
     """G's output: `auto`, or with a memory given to a G that has one, the gated blend."""
     if memory is not None:
-        _expect(memory, (c_colour + 1,), what)
+        _expect(memory, (auto.shape[1] + 2,), what)
     if gate is None or memory is None or not temporal:  # per-frame: never a colour hint
         return auto
-    return gate(features, auto, memory)
+    return gate(features, frame, auto, memory)
 
 
 class GreyUNet(nn.Module):
     """G(condition [B, 3, 1, H, W]) -> a,b of the centre frame [B, 2, H, W].
 
-    With `memory` (`model.memory`), G(condition, memory [B, 3, H, W]): the (a, b, present) of
-    frame t-1 (models/memory.py), carried over by the `MemoryGate` where it sees fit (its
-    input: the head's features, L of t-1, the memory and G's own a,b)."""
+    With `memory` (`model.memory`), G(condition, memory [B, 4, H, W]): the (a, b, present, L)
+    of frame t-1 (models/memory.py), found and blended in by the `MemoryGate`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -213,7 +250,7 @@ class GreyUNet(nn.Module):
         self.encoder = Encoder(1, chans, norm)
         self.fusion = Fusion(chans[-1], 3, norm)
         self.decoder = Decoder(chans, 1, 2, norm)
-        self.gate = memory_gate(cfg, chans, 1, 2, c_extra=1)
+        self.gate = memory_gate(cfg, chans, 1, 2)
         if cfg.zero_init_head:
             self.decoder.start_at_grey()
 
@@ -238,19 +275,16 @@ class GreyUNet(nn.Module):
             bottlenecks = feats[-1].unsqueeze(1).expand(-1, 3, -1, -1, -1)
         x = self.fusion(bottlenecks)  # [B, c_d, h_d, w_d]
         h = self.decoder(x, feats[:-1], centre)  # skips from frame t only
-        auto = self.decoder.colour(h)
-        if self.gate is not None:  # the gate also sees L of t-1: where the picture changed
-            h = torch.cat([h, condition[:, 0]], dim=1)
-        return gated(self.gate, h, auto, memory, 2, self.temporal,
-                     "colour memory of frame t-1 (a, b, present)")
+        return gated(self.gate, h, centre, self.decoder.colour(h), memory, self.temporal,
+                     "colour memory of frame t-1 (a, b, present, L)")
 
 
 class LineartUNet(nn.Module):
-    """G(line art of t [B, 1, H, W], memory [B, 4, H, W]) -> Lab of t [B, 3, H, W].
+    """G(line art of t [B, 1, H, W], memory [B, 5, H, W]) -> Lab of t [B, 3, H, W].
 
-    The memory is the (L, a, b, present) of frame t-1 (models/memory.py), carried over by the
-    `MemoryGate`; the second seed fed it into the network's input instead, which drifted
-    (docs/quality-explored.md)."""
+    The memory is the (L, a, b, present, line art) of frame t-1 (models/memory.py), found and
+    blended in by the `MemoryGate`; the second seed fed the previous colour into the network's
+    input instead, which drifted (docs/quality-explored.md)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -270,9 +304,8 @@ class LineartUNet(nn.Module):
         feats = self.encoder(lineart)
         x = self.fusion(feats[-1].unsqueeze(1))
         h = self.decoder(x, feats[:-1], lineart)
-        auto = self.decoder.colour(h)
-        return gated(self.gate, h, auto, memory, 3, self.temporal,
-                     "colour memory of frame t-1 (L, a, b, present)")
+        return gated(self.gate, h, lineart, self.decoder.colour(h), memory, self.temporal,
+                     "colour memory of frame t-1 (L, a, b, present, line art)")
 
 
 def build_generator(cfg: ModelConfig) -> GreyUNet | LineartUNet:

@@ -1,10 +1,10 @@
 """Colour memory: the previous frame's colour, G's second input in both modes.
 
-What G gets for frame t-1 (normalized, [B, C + 1, H, W]): its colour -- a,b in grey mode
-(C = 2), Lab in line-art mode (C = 3) -- and a `present` channel of ones; "none" is all zeros
-(the hint-plus-mask input of user-guided colorization, Zhang et al. 2017: a black or grey
-memory stays distinguishable from no memory). G carries it over through a learned gate
-(models/generator.py, `MemoryGate`).
+What G gets for frame t-1 (normalized, [B, C + 2, H, W]): its colour -- a,b in grey mode
+(C = 2), Lab in line-art mode (C = 3) --, a `present` channel of ones (the hint-plus-mask
+input of user-guided colorization, Zhang et al. 2017: a black or grey memory stays
+distinguishable from none, which is all zeros) and frame t-1's condition (L or line art), by
+which G finds where each colour moved (models/generator.py, `MemoryGate`).
 
 At inference the memory is G's own previous output, a keyframe's colour, or none at a scene's
 first frame. In training, per sample:
@@ -25,15 +25,16 @@ from torch import Tensor
 from models.config import Mode, ModelConfig, choice
 
 
-def memory_of(colour: Tensor) -> Tensor:
-    """A frame's colour [B, C, H, W] (G's output or the truth) as the next frame's memory."""
-    return torch.cat([colour, torch.ones_like(colour[:, :1])], dim=1)
+def memory_of(colour: Tensor, frame: Tensor) -> Tensor:
+    """A frame's colour [B, C, H, W] (G's output, the truth or a keyframe's) and its condition
+    [B, 1, H, W] (L, or line art) as the next frame's memory [B, C + 2, H, W]."""
+    return torch.cat([colour, torch.ones_like(colour[:, :1]), frame.to(colour.dtype)], dim=1)
 
 
 def no_memory_like(like: Tensor, mode: Mode | str) -> Tensor:
-    """"No previous colour" [B, C + 1, H, W] for frames shaped like `like` [B, *, H, W]."""
+    """"No previous colour" [B, C + 2, H, W] for frames shaped like `like` [B, *, H, W]."""
     c = 2 if choice(Mode, mode, "mode") == Mode.grey else 3
-    return like.new_zeros(like.shape[0], c + 1, *like.shape[-2:])
+    return like.new_zeros(like.shape[0], c + 2, *like.shape[-2:])
 
 
 def first_frame_input(condition: Tensor, mode: Mode | str) -> Tensor:
@@ -57,13 +58,14 @@ def previous_colour(
     0, never for a random subset: with SyncBatchNorm every rank must run the same forwards.
     """
     mode = choice(Mode, cfg.mode, "mode")
-    truth = memory_of(target[:, 0])
+    truth = memory_of(target[:, 0], condition[:, 0])
     none = torch.zeros_like(truth)
     u = torch.rand(truth.shape[0], 1, 1, 1, generator=generator, device=truth.device)
     memory = torch.where(u < cfg.p_drop, none, truth)
     if cfg.scheduled_sampling > 0:
         with torch.no_grad():
-            own = memory_of(G(first_frame_input(condition, mode), none).to(truth.dtype))
+            own = G(first_frame_input(condition, mode), none).to(truth.dtype)
+        own = memory_of(own, condition[:, 0])
         pick = (u >= cfg.p_drop) & (u < cfg.p_drop + cfg.scheduled_sampling)
         memory = torch.where(pick, own, memory)
     return memory

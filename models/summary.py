@@ -34,10 +34,10 @@ def example_inputs(kind: str, cfg: ModelConfig, size: int, **kw) -> list[Tensor]
     """Inputs of G or D for one frame of size x size, batch 1; `kw` goes to torch.ones."""
     if kind == "D":
         return [torch.ones(1, d_in_channels(cfg), size, size, **kw)]
-    if Mode(cfg.mode) == Mode.grey:  # L of t-1, t, t+1 (and the memory: a, b, present)
-        memory = [torch.ones(1, 3, size, size, **kw)] if cfg.memory else []
+    if Mode(cfg.mode) == Mode.grey:  # L of t-1, t, t+1 (and the memory: a, b, present, L)
+        memory = [torch.ones(1, 4, size, size, **kw)] if cfg.memory else []
         return [torch.ones(1, 3, 1, size, size, **kw), *memory]
-    return [torch.ones(1, 1, size, size, **kw), torch.ones(1, 4, size, size, **kw)]
+    return [torch.ones(1, 1, size, size, **kw), torch.ones(1, 5, size, size, **kw)]
 
 
 def build(kind: str, cfg: ModelConfig) -> nn.Module:

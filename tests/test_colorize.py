@@ -245,7 +245,7 @@ def test_lineart_recurrence_restarts_without_memory_at_scene_cuts(two_scenes):
         if t in (0, 4):  # a scene's first frame: no memory
             assert torch.equal(prev, torch.zeros_like(prev)), t
         else:
-            assert torch.equal(prev, memory_of(G.outs[t - 1])), t
+            assert torch.equal(prev, memory_of(G.outs[t - 1], items[t - 1].cond[None])), t
     # The line art is the training transform's: black lines (-1) on white (+1).
     assert set(torch.unique(items[0].cond).tolist()) <= {-1.0, 1.0}
 

@@ -224,14 +224,16 @@ def test_memory_goes_on_from_a_keyframe_and_restarts_at_a_cut_without_one(
     assert [it.scene for it in items] == [0] * 4 + [1] * 5
     assert [it.index for it in items if it.keyframe is not None] == sorted(keyframes)
     assert len(G.memories) == len(expected)  # G runs at every frame but the keyframes
+    runs_at = [t for t in range(len(items)) if t not in keyframes]
     for n, (memory, want) in enumerate(zip(G.memories, expected)):
-        assert memory.shape == (1, 3, 24, 32)
+        assert memory.shape == (1, 4, 24, 32)
         if want == "none":
             assert not memory.any(), n  # grey mode's "no memory": all zeros
             continue
         kind, k = want  # the keyframe's a,b at the working size, or G's; present = 1
         ab = working(lab(colours[k])[1:] / AB_SCALE)[None] if kind == "key" else G.outs[k]
-        expected = torch.cat([ab, torch.ones_like(ab[:, :1])], dim=1)
+        previous = items[runs_at[n] - 1].cond[None]  # the L of the frame the colour is of
+        expected = torch.cat([ab, torch.ones_like(ab[:, :1]), previous], dim=1)
         assert torch.allclose(memory, expected, atol=1e-5), (n, want)
 
 

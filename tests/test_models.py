@@ -75,7 +75,7 @@ def test_lineart_generator_shapes_and_range():
     torch.manual_seed(0)
     G = build_generator(tiny(mode=Mode.lineart))
     cond, target = lineart_batch(2, 48, 32)
-    lab = G(100 * cond[:, 1], memory_of(target[:, 0]))
+    lab = G(100 * cond[:, 1], memory_of(target[:, 0], cond[:, 0]))
     assert isinstance(G, LineartUNet)
     assert lab.shape == (2, 3, 48, 32)
     assert lab.abs().max() <= 1.0 and lab.abs().max() > 0.5
@@ -194,10 +194,12 @@ def test_previous_colour_none_truth_and_own_prediction(mode):
     cfg, cond, target = memory_model(mode)
     G = build_generator(cfg).eval()
     c = target.shape[2]
-    truth = memory_of(target[:, 0])
+    truth = memory_of(target[:, 0], cond[:, 0])
     none = no_memory_like(cond[:, 0], mode)
-    assert torch.equal(none, torch.zeros(64, c + 1, 32, 32))  # no memory: all zeros
-    assert torch.equal(truth, torch.cat([target[:, 0], torch.ones(64, 1, 32, 32)], dim=1))
+    assert torch.equal(none, torch.zeros(64, c + 2, 32, 32))  # no memory: all zeros
+    # the colour, present = 1, and the frame's own condition (where to find the colour)
+    assert torch.equal(truth, torch.cat([target[:, 0], torch.ones(64, 1, 32, 32), cond[:, 0]],
+                                        dim=1))
 
     def pick(**kw):
         return previous_colour(G, cond, target, replace(cfg, **kw))
@@ -206,7 +208,7 @@ def test_previous_colour_none_truth_and_own_prediction(mode):
     assert torch.equal(pick(p_drop=0.0), truth)
     frame = cond[:, [0, 0, 1]] if mode == Mode.grey else cond[:, 0]  # frame t-1, no t-2
     with torch.no_grad():
-        own = memory_of(G(frame, none))
+        own = memory_of(G(frame, none), cond[:, 0])
     torch.testing.assert_close(pick(p_drop=0.0, scheduled_sampling=1.0), own)
     # a mixture: every sample is exactly one of the three, in about the right proportions
     gen = torch.Generator().manual_seed(1)
@@ -226,7 +228,7 @@ def test_memory_changes_the_output_and_the_per_frame_control_ignores_it(mode):
     G = build_generator(cfg).eval()
     per_frame = build_generator(replace(cfg, temporal=False)).eval()
     per_frame.load_state_dict(G.state_dict(), strict=False)  # the control has no gate
-    red, blue = memory_of(target[:, 0]), memory_of(-target[:, 0])
+    red, blue = (memory_of(c, cond[:, 0]) for c in (target[:, 0], -target[:, 0]))
     none = no_memory_like(x, mode)
     with torch.no_grad():
         assert not torch.equal(G(x, red), G(x, blue))
@@ -238,14 +240,49 @@ def test_memory_changes_the_output_and_the_per_frame_control_ignores_it(mode):
         plain = build_generator(tiny(norm=Norm.group)).eval()
         with pytest.raises(ValueError, match="no colour memory"):
             plain(cond, red)
-        assert not hasattr(plain, "gate") or plain.gate is None
+        assert plain.gate is None
+
+
+def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    return torch.roll(x, (dy, dx), dims=(-2, -1))
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_the_memory_is_found_where_it_moved(mode):
+    """A frame that moved by 2 pixels: with keys that match like pixels (identity keys, a
+    sharp temperature), each pixel finds its previous colour 2 pixels back, not the colour
+    that was at its own place."""
+    torch.manual_seed(0)
+    cfg, _, _ = memory_model(mode)
+    gate = build_generator(cfg).gate
+    with torch.no_grad():  # keys: 8 pixels of each 3x3 patch, x 300: the matching patch wins
+        for conv in (gate.key[0], gate.key[2]):
+            conv.weight.zero_(), conv.bias.zero_()
+        for c, (dy, dx) in enumerate([(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0),
+                                      (2, 1)]):
+            gate.key[0].weight[c, 0, dy, dx] = 1.0
+        gate.key[0].bias.fill_(1.0)  # frame + 1 > 0: the LeakyReLU passes it unchanged
+        gate.key[2].weight[range(8), range(8), 1, 1] = 300.0
+        gate.offset_bias.zero_()
+    prev = torch.rand(1, 1, 24, 24) * 2 - 1  # a random texture: every pixel distinct
+    frame = shifted(prev, 2, -1)
+    colour = torch.rand(1, cfg_colours(mode), 24, 24) * 2 - 1
+    found, presence = gate.find(frame, memory_of(colour, prev))
+    inner = (slice(None), slice(None), slice(4, -4), slice(4, -4))  # away from the borders
+    torch.testing.assert_close(found[inner], shifted(colour, 2, -1)[inner], atol=1e-3, rtol=0)
+    torch.testing.assert_close(presence[inner], torch.ones_like(presence[inner]))
+    assert (found[inner] - colour[inner]).abs().mean() > 0.3  # not the colour in place
+
+
+def cfg_colours(mode: Mode) -> int:
+    return 2 if mode == Mode.grey else 3
 
 
 @pytest.mark.parametrize("mode", list(Mode))
 def test_the_memory_is_blended_never_amplified(mode):
-    """The output lies between G's own colour and the memory, per pixel and channel, so a
-    recurrence fed its own output on a static shot stays within the colours it started from:
-    it cannot drift into saturated blobs."""
+    """The output lies between G's own colour and the colours in the memory, so a recurrence
+    fed its own output on a static shot stays within the colours it started from: it cannot
+    drift into saturated blobs."""
     torch.manual_seed(0)
     cfg, cond, target = memory_model(mode)
     cond, target, x = cond[:2], target[:2], frame_input(cond[:2], mode)
@@ -253,18 +290,22 @@ def test_the_memory_is_blended_never_amplified(mode):
     a_gate_that_opens(G)
     with torch.no_grad():
         auto = G(x)
-        for memory in (target[:, 0], -target[:, 0], torch.ones_like(auto)):
-            out = G(x, memory_of(memory))
+        for value in (-0.7, 0.2, 1.0):  # a flat memory: the bound holds pixel by pixel
+            memory = torch.full_like(auto, value)
+            out = G(x, memory_of(memory, cond[:, 0]))
             low, high = torch.minimum(auto, memory), torch.maximum(auto, memory)
-            assert (out >= low - 1e-6).all() and (out <= high + 1e-6).all()
-            assert not torch.equal(out, auto) and not torch.equal(out, memory)
+            assert (out >= low - 1e-5).all() and (out <= high + 1e-5).all()
+            assert not torch.equal(out, auto)
         keyframe = target[:, 0]
-        memory = memory_of(keyframe)
+        memory = memory_of(keyframe, cond[:, 1])
         for _ in range(100):  # a static shot from a keyframe
             out = G(x, memory)
-            memory = memory_of(out)
-        low, high = torch.minimum(auto, keyframe), torch.maximum(auto, keyframe)
-        assert (out >= low - 1e-5).all() and (out <= high + 1e-5).all()
+            memory = memory_of(out, cond[:, 1])
+        per_channel = (2, 3)  # the range of each colour channel over the frame
+        low = torch.minimum(auto.amin(per_channel), keyframe.amin(per_channel))
+        high = torch.maximum(auto.amax(per_channel), keyframe.amax(per_channel))
+        assert (out >= low[..., None, None] - 1e-5).all()
+        assert (out <= high[..., None, None] + 1e-5).all()
 
 
 # --- discriminators -------------------------------------------------------------------------
@@ -459,7 +500,7 @@ def test_zero_init_head_starts_at_grey_then_trains_off_it(mode):
     head = {id(p) for p in G.decoder.head.parameters()}
     # line art trains with a memory, so its gate trains too (from its second step: the gate's
     # last layer starts at zero as well)
-    train = run if grey else (lambda: G(cond[:, 1], memory_of(target[:, 0])))  # noqa: E731
+    train = run if grey else (lambda: G(cond[:, 1], memory_of(target[:, 0], cond[:, 0])))  # noqa: E731,E501
     for step in range(2):
         opt.zero_grad(set_to_none=True)
         (train() - target[:, 1]).abs().mean().backward()

@@ -48,9 +48,9 @@ def colorize_triplet(G: nn.Module, cond: Tensor, mode: str) -> Tensor:
         ab = torch.stack([G(w).float() for w in windows], dim=1)
         return torch.cat([cond.float(), ab], dim=2)
     frames, memory = [], no_memory_like(cond[:, 0], mode)
-    for window in windows:
+    for t, window in enumerate(windows):
         colour = G(window, memory).float()
-        memory = memory_of(colour)
+        memory = memory_of(colour, cond[:, t])
         frames.append(colour)
     out = torch.stack(frames, dim=1)
     return torch.cat([cond.float(), out], dim=2) if mode == "grey" else out
