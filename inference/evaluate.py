@@ -28,7 +28,10 @@ ColorMNet); `every:N`, its frame at every N-th frame. Every table and the JSON n
 protocol; a given frame is left out of the per-frame scores (PSNR, SSIM, CIEDE2000,
 colourfulness), so it does not flatter them, and kept in the temporal ones (CDC, warp), where
 a jump out of it shows. Each video's JSON has `psnr_by_frame`, per method each frame's
-PSNR (null at given frames): the drift curve.
+PSNR (null at given frames): the drift curve. Under a keyframe protocol one more baseline,
+`keyframe_copy`: the scene's last keyframe pasted on every later frame (its a,b on the
+frame's own L in grey mode, the keyframe itself in line art): propagation that ignores
+motion.
 
 A greyscale video (every scored frame grey) has no colour to score against: it is reported
 with a warning and `"greyscale": true`, its zero-chroma baseline (the truth itself) left
@@ -65,11 +68,13 @@ from inference.colorize import (
 )
 from inference.keyframes import KeyframeError, TruthKeyframes
 from inference.video_io import Frame, OutputError, Source
+from models.colour import AB_SCALE
 from shards.atomic import write_json_atomic
 from shards.video import VideoError, find_videos
 from trainer.metrics import VideoScores, rgb_to_cielab
 
 METHODS = ("model", "per_frame", "zero_chroma")
+KEYFRAME_COPY = "keyframe_copy"  # under a keyframe protocol: the last keyframe, pasted on
 AUTOMATIC = "automatic: no colour given"
 CONVENTIONS = (
     "RGB in [0, 1] at each video's own resolution, 8-bit frames as decoded / written; "
@@ -116,9 +121,11 @@ def score_video(path: Path, model: Model, per_frame: Model, device: torch.device
         items = keyframes(items)
     items = Colorizer(model, args.batch_size)(items, "model")
     items = Colorizer(per_frame, args.batch_size)(items, "per_frame")
-    scores = VideoScores(list(METHODS))
+    methods = [*METHODS, *([KEYFRAME_COPY] if keyframes is not None else [])]
+    scores = VideoScores(methods)
     scenes, greyscale, given = 0, True, []
     zero_ab = torch.zeros(2, 1, 1, device=device)
+    copied, scene = None, None  # the scene's last keyframe, as the copy baseline pastes it
     for item in tqdm(items, total=total or None, unit="frame", desc=path.name,
                      file=sys.stderr, dynamic_ncols=True):
         truth = to_tensor(item.rgb)
@@ -129,6 +136,12 @@ def score_video(path: Path, model: Model, per_frame: Model, device: torch.device
         scored = item.keyframe is None  # a keyframe's colour is the truth's: not scored
         if not scored:
             given.append(item.index)
+        if keyframes is not None:
+            if item.scene != scene:
+                copied, scene = None, item.scene
+            if item.keyframe is not None:
+                copied = keyframe_colour(item, model.mode)
+            preds[KEYFRAME_COPY] = to_tensor(paste(item, copied, model.mode))
         scores.update(truth, grey, preds, scored)
         scenes = item.scene + 1
         greyscale = greyscale and is_greyscale(item.rgb)
@@ -147,6 +160,24 @@ def score_video(path: Path, model: Model, per_frame: Model, device: torch.device
             "psnr_by_frame": scores.psnr_by_frame()}
 
 
+def keyframe_colour(item, mode: str) -> torch.Tensor:
+    """What the copy baseline pastes on later frames: the keyframe's a,b [2, H, W] (grey
+    mode) or its RGB [3, H, W] in [0, 1] (line art, which has no L of its own)."""
+    if mode == "grey":
+        return rgb_to_cielab(to_tensor(item.keyframe))[1:] / AB_SCALE
+    return to_tensor(item.keyframe)
+
+
+def paste(item, copied: torch.Tensor | None, mode: str) -> np.ndarray:
+    """The copy baseline's frame: the keyframe's colour on this frame's L (grey mode) or the
+    keyframe itself (line art); before any keyframe of the scene, zero chroma / grey."""
+    if copied is None:
+        return compose_grey(item.rgb, torch.zeros(2, 1, 1))
+    if mode == "grey":
+        return compose_grey(item.rgb, copied)
+    return (copied * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
 def overall(videos: list[dict]) -> dict[str, dict[str, float]] | None:
     """The mean over the colour videos of each per-video value (NaN values, e.g. the warp
     error of a video without a valid frame pair, are left out); None without any."""
@@ -154,7 +185,7 @@ def overall(videos: list[dict]) -> dict[str, dict[str, float]] | None:
     if not videos:
         return None
     out = {}
-    for method in METHODS:
+    for method in videos[0]["methods"]:
         keys = videos[0]["methods"][method].keys()
         out[method] = {}
         for key in keys:
@@ -170,7 +201,7 @@ def table(report: dict) -> str:
 
     def rows(title: str, methods: dict) -> None:
         lines.append(title)
-        for method in METHODS:
+        for method in methods:
             cells = []
             for key, _, scale, fmt in COLUMNS:
                 x = methods[method][key]

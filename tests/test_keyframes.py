@@ -20,7 +20,7 @@ from test_colorize import decode, stub, tiny_export, write_clip
 from torch import nn
 from videos import scene_video, textured_frames
 
-from inference.colorize import Colorizer, prepare
+from inference.colorize import Colorizer, compose_grey, prepare
 from inference.colorize import main as colorize_main
 from inference.evaluate import METHODS
 from inference.evaluate import main as evaluate_main
@@ -434,6 +434,27 @@ def test_eval_first_gives_the_scene_starts_and_leaves_them_out_of_the_per_frame_
     for key in ("cdc", "cdc_truth", "warp", "warp_truth"):
         assert given["methods"]["zero_chroma"][key] == pytest.approx(
             auto["methods"]["zero_chroma"][key], rel=1e-9), key
+
+
+def test_eval_keyframe_copy_pastes_the_scenes_keyframe_on_its_later_frames(
+        tmp_path, memory_export, eval_video, capsys):
+    """The copy baseline: each scored frame is the scene's keyframe's a,b on the frame's own
+    L, scored like the other methods (checked against that frame made here)."""
+    auto, _ = eval_report(tmp_path, memory_export, eval_video, "none", capsys)
+    first, table = eval_report(tmp_path, memory_export, eval_video, "first", capsys)
+    assert "keyframe_copy" not in auto["videos"][0]["methods"]
+    assert "keyframe_copy" in table
+    curve = first["videos"][0]["psnr_by_frame"]["keyframe_copy"]
+    truth = decode(eval_video)
+    for t in range(12):
+        if t in (0, 6):
+            assert curve[t] is None
+            continue
+        ab = torch.from_numpy(lab(truth[6 if t > 6 else 0])[1:].numpy() / AB_SCALE)
+        pasted = compose_grey(truth[t], ab).astype(np.float64) / 255
+        mse = np.mean((pasted - truth[t] / 255) ** 2)
+        assert curve[t] == pytest.approx(-10 * math.log10(mse), abs=1e-3), t
+    assert first["overall"]["keyframe_copy"]["psnr"] > first["overall"]["zero_chroma"]["psnr"]
 
 
 def test_eval_every_n_gives_every_n_th_frame(tmp_path, memory_export, eval_video, capsys):
