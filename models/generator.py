@@ -27,11 +27,11 @@ Line-art mode (second seed, TCVC), `LineartUNet`:
 
 Colour memory (line-art mode; grey mode with `model.memory`; models/memory.py): the colour
 of frame t-1, a `present` channel and frame t-1's condition, [B, C + 2, H, W]. `MemoryGate`
-finds each pixel's previous colour in a 7 x 7 window (attention between learned keys of the
-two frames' conditions) and blends it into the head's output with a learned per-pixel gate:
-out = auto + g (found - auto), g in [0, 1]. Only averages of existing colours, so a
-recurrence cannot amplify colour (the drift measured when the memory went into the encoder
-instead: docs/quality-explored.md).
+finds each pixel's previous colour within 4 pixels (attention between learned keys of the
+two frames' conditions, at half resolution) and blends it into the head's output with a
+learned per-pixel gate: out = auto + g (found - auto), g in [0, 1]. Only averages of
+existing colours, so a recurrence cannot amplify colour (the drift measured when the memory
+went into the encoder instead: docs/quality-explored.md).
 
 Where the FLOPs go (bench/step.py measures it): every conv but the last runs at half
 resolution or lower; at full resolution there are only the head's inputs (at most 32 + 4
@@ -39,6 +39,8 @@ channels) and its output.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -157,7 +159,7 @@ class MemoryGate(nn.Module):
     frame's condition; auto [B, C, H, W]: G's colour without memory.
 
     1. Found: each pixel looks for its previous colour in a WINDOW x WINDOW neighbourhood of
-       the previous frame (motion up to WINDOW // 2 pixels per frame at the working size), by
+       the previous frame at half resolution (motion up to 4 pixels per frame), by
        attention on the distance between learned keys of the two conditions (a small conv
        net, shared); the
        found colour is the attention-weighted mean of the present colours there (weights
@@ -171,7 +173,7 @@ class MemoryGate(nn.Module):
     input showed (docs/quality-explored.md).
     """
 
-    WINDOW = 7
+    WINDOW = 5  # at half resolution: motion up to 4 pixels per frame at the working size
     KEYS = 8
 
     def __init__(self, c_features: int, c_colour: int, hidden: int = 16):
@@ -192,15 +194,21 @@ class MemoryGate(nn.Module):
         return F.unfold(x, self.WINDOW, padding=self.WINDOW // 2).view(b, c, -1, h, w)
 
     def find(self, frame: Tensor, memory: Tensor) -> tuple[Tensor, Tensor]:
-        """(found colour [B, C, H, W], its presence [B, 1, H, W])."""
+        """(found colour [B, C, H, W], its presence [B, 1, H, W]).
+
+        Searched at half resolution (chroma is smooth; a quarter of the pixels, and the
+        window reaches twice as far), then upsampled: at full resolution the search cost
+        three times G's own forward and backward (ngf 32, 64² crops, one CPU thread)."""
         colour, present, prev_frame = memory[:, :-2], memory[:, -2:-1], memory[:, -1:]
-        q, k = self.key(frame), self._neighbours(self.key(prev_frame))  # [B,K,H,W], [B,K,w²,H,W]
+        half = functools.partial(F.avg_pool2d, kernel_size=2)
+        q, k = self.key(half(frame)), self._neighbours(self.key(half(prev_frame)))
         # like pixels match: minus the squared key distance (a dot product favours large keys)
-        logits = -(q.unsqueeze(2) - k).square().sum(1) / self.KEYS**0.5
+        logits = -(q.unsqueeze(2) - k).square().sum(1) / self.KEYS**0.5  # [B, w², h, w]
         logits = logits + self.offset_bias[:, None, None]
-        weight = torch.softmax(logits, dim=1).unsqueeze(1)  # [B, 1, w², H, W]
-        premultiplied = torch.cat([colour * present, present], dim=1)
-        mass = (self._neighbours(premultiplied) * weight).sum(2)  # [B, C + 1, H, W]
+        weight = torch.softmax(logits, dim=1).unsqueeze(1)  # [B, 1, w², h, w]
+        premultiplied = half(torch.cat([colour * present, present], dim=1))
+        mass = (self._neighbours(premultiplied) * weight).sum(2)  # [B, C + 1, h, w]
+        mass = F.interpolate(mass, size=frame.shape[-2:], mode="bilinear", align_corners=False)
         presence = mass[:, -1:]
         return mass[:, :-1] / presence.clamp(min=1e-6), presence.clamp(max=1.0)
 

@@ -249,9 +249,9 @@ def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", list(Mode))
 def test_the_memory_is_found_where_it_moved(mode):
-    """A frame that moved by 2 pixels: with keys that match like pixels (identity keys, a
-    sharp temperature), each pixel finds its previous colour 2 pixels back, not the colour
-    that was at its own place."""
+    """A frame that moved by (2, -1) pixels of the half-resolution search: with keys that
+    match like patches (patch pixels as keys, a sharp temperature), each pixel finds its
+    previous colour where it moved to, not the colour that was at its own place."""
     torch.manual_seed(0)
     cfg, _, _ = memory_model(mode)
     gate = build_generator(cfg).gate
@@ -264,14 +264,24 @@ def test_the_memory_is_found_where_it_moved(mode):
         gate.key[0].bias.fill_(1.0)  # frame + 1 > 0: the LeakyReLU passes it unchanged
         gate.key[2].weight[range(8), range(8), 1, 1] = 300.0
         gate.offset_bias.zero_()
-    prev = torch.rand(1, 1, 24, 24) * 2 - 1  # a random texture: every pixel distinct
-    frame = shifted(prev, 2, -1)
-    colour = torch.rand(1, cfg_colours(mode), 24, 24) * 2 - 1
+
+    def blocks(*shape):  # random 2x2 blocks: exact at half resolution
+        return F.interpolate(torch.rand(*shape[:-2], shape[-2] // 2, shape[-1] // 2) * 2 - 1,
+                             scale_factor=2.0, mode="nearest")
+
+    prev, colour = blocks(1, 1, 32, 32), blocks(1, cfg_colours(mode), 32, 32)
+    frame = shifted(prev, 4, -2)  # (2, -1) at half resolution
     found, presence = gate.find(frame, memory_of(colour, prev))
-    inner = (slice(None), slice(None), slice(4, -4), slice(4, -4))  # away from the borders
-    torch.testing.assert_close(found[inner], shifted(colour, 2, -1)[inner], atol=1e-3, rtol=0)
+
+    def as_found(x):  # what the search returns for a colour field it finds exactly
+        return F.interpolate(F.avg_pool2d(x, 2), size=(32, 32), mode="bilinear",
+                             align_corners=False)
+
+    inner = (slice(None), slice(None), slice(8, -8), slice(8, -8))  # away from the borders
+    expected = as_found(shifted(colour, 4, -2))
+    torch.testing.assert_close(found[inner], expected[inner], atol=1e-3, rtol=0)
     torch.testing.assert_close(presence[inner], torch.ones_like(presence[inner]))
-    assert (found[inner] - colour[inner]).abs().mean() > 0.3  # not the colour in place
+    assert (found[inner] - as_found(colour)[inner]).abs().mean() > 0.3  # not the colour in place
 
 
 def cfg_colours(mode: Mode) -> int:
