@@ -101,7 +101,6 @@ MEMORY = {name for name, (_, over, _) in VARIANTS.items()
           and "model.temporal=false" not in over}
 KEYFRAMES = "first"  # tricolor-eval --keyframes: the truth's first frame of every scene
 KF = " · keyframes"  # suffix of a variant's rows under the keyframe protocol
-ABLATION = ", without memory"  # ... and of the same weights' per-frame ablation there
 DRIFT_CLIP = "carphone_pristine"  # the held-out clip of >= 90 frames: drift is read on it
 DRIFT_WINDOW = 30  # frames: PSNR of the last 30 against the first 30
 
@@ -260,13 +259,13 @@ def train_and_score(name: str, seed: int, args, data: dict, out: Path) -> dict:
                       str(out / "runs" / run),
                       "--videos", *videos, "--json", str(eval_json)],
                      logs / f"{run}.eval.log", eval_env)
-    keyframe_json = None
-    if name in MEMORY:  # the same clips with the truth's first frame of each scene given
-        keyframe_json = out / "eval" / f"{run}.keyframes.json"
-        eval_s += run_cmd([sys.executable, "-m", "inference.evaluate", "--model",
-                           str(out / "runs" / run), "--videos", *videos, "--json",
-                           str(keyframe_json), "--keyframes", KEYFRAMES],
-                          logs / f"{run}.eval_keyframes.log", eval_env)
+    # the same clips with the truth's first frame of each scene given: carried on by a model
+    # with colour memory, only pasted in by one without
+    keyframe_json = out / "eval" / f"{run}.keyframes.json"
+    eval_s += run_cmd([sys.executable, "-m", "inference.evaluate", "--model",
+                       str(out / "runs" / run), "--videos", *videos, "--json",
+                       str(keyframe_json), "--keyframes", KEYFRAMES],
+                      logs / f"{run}.eval_keyframes.log", eval_env)
     strip_s = 0.0
     if seed == 0:  # the strip shows the first seed of each variant
         strip_s = run_cmd([sys.executable, "-m", "inference.colorize", "--model",
@@ -276,7 +275,7 @@ def train_and_score(name: str, seed: int, args, data: dict, out: Path) -> dict:
     return {"variant": name, "seed": seed, "run": run, "preset": preset, "overrides": over,
             "processes": procs, "train_s": train_s, "eval_s": eval_s, "strip_s": strip_s,
             "eval": str(eval_json), "metrics": str(out / "runs" / run / "metrics.jsonl"),
-            **({"eval_keyframes": str(keyframe_json)} if keyframe_json else {})}
+            "eval_keyframes": str(keyframe_json)}
 
 
 # --- figures from the eval reports ------------------------------------------------------------
@@ -330,10 +329,6 @@ def eval_reports(results: list[dict]) -> Iterator[tuple[dict, str, dict]]:
         if r.get("eval_keyframes"):
             report = json.loads(Path(r["eval_keyframes"]).read_text())
             yield r, r["variant"] + KF, report
-            # the same weights without memory, the keyframes pasted: the like-for-like
-            # per-frame control of the keyframe protocol (its temporal scores see the same
-            # jumps out of the keyframes)
-            yield r, r["variant"] + KF + ABLATION, as_model(report, "per_frame")
             row = copy_row(r["variant"])
             if row not in copies and "keyframe_copy" in report["videos"][0]["methods"]:
                 copies.add(row)
@@ -350,13 +345,12 @@ def as_model(report: dict, method: str) -> dict:
 
 
 def row_names(names: list[str]) -> list[str]:
-    """Table rows: each variant, then its keyframe-protocol row when it has a memory, and
-    after a mode's last memory variant the keyframe-copy baseline of that mode."""
+    """Table rows: each variant under the automatic protocol, then each under the keyframe
+    protocol, and the keyframe-copy baseline of each mode after its last variant."""
     rows = []
     for n in names:
-        rows += [n, n + KF] if n in MEMORY else [n]
-        if n in MEMORY and not any(m in MEMORY and copy_row(m) == copy_row(n)
-                                   for m in names[names.index(n) + 1:]):
+        rows += [n, n + KF]
+        if not any(copy_row(m) == copy_row(n) for m in names[names.index(n) + 1:]):
             rows.append(copy_row(n))
     return rows
 
@@ -614,6 +608,7 @@ def targets(summary: dict, drifts: dict, names: list[str]) -> list[str]:
             f"{p} {g:+.2f} dB" for p, g in gains.items()) + f" (target ≥ +2 dB): "
             f"{verdict(all(g >= 2 for g in gains.values()))}")
     memory_rows = [r for r in row_names(names) if r in drifts and r.removesuffix(KF) in MEMORY]
+    memory_rows = [r for r in memory_rows if r.removesuffix(KF) in MEMORY]
     for n in memory_rows:
         change = mean_of(drifts[n]["change"])
         copy = drifts.get(copy_row(n.removesuffix(KF))) if n.endswith(KF) else None
@@ -632,9 +627,9 @@ def targets(summary: dict, drifts: dict, names: list[str]) -> list[str]:
                          + ", ".join(f"{p} {x:+.2f} dB" for p, x in d.items()) + ": "
                          f"{verdict(all(x > 0 for x in d.values()))}")
     for n in [n for n in names if n in MEMORY and n not in LINEART]:
-        # automatic: against the per-frame control trained apart; keyframes: against the same
-        # weights without memory under the same protocol (both jump out of the keyframes)
-        for row, control in ((n, "per_frame"), (n + KF, n + KF + ABLATION)):
+        # the per-frame control trained apart, under the same protocol (under the keyframe
+        # protocol its keyframes are pasted in: both jump out of them)
+        for row, control in ((n, "per_frame"), (n + KF, "per_frame" + KF)):
             if row not in summary or control not in summary:
                 continue
             checks = []
@@ -726,7 +721,7 @@ def write_report(results: list[dict], data: dict, args, info: dict, docs: Path) 
     if line_names:
         lines += [f"![line art | variants | truth]({rel / 'lineart_strip.png'})", "",
                   f"*Line-art mode on {STRIP_CLIP} from its first held-out frame: frames 0, 10, "
-                  "30 of the recurrence (G gets its own previous output; black at frame 0)"
+                  "30 of the recurrence (G gets its own previous output; no memory at frame 0)"
                   f"{notes[-1]}.*", ""]
     lines += [
         "Variants measured outside this run (issue 15's recipe options and candidates, the "
@@ -775,12 +770,13 @@ def write_report(results: list[dict], data: dict, args, info: dict, docs: Path) 
         lines.append(f"| {n} | `{preset}` | {' '.join(f'`{o}`' for o in overrides(n, args))} "
                      f"| {what} |")
     rows = row_names(names)
-    if any(n in MEMORY for n in names):
+    if names:
         lines += ["", f"Rows marked `{KF.strip(' ·')}`: the same model under the keyframe "
                   f"protocol (`tricolor-eval --keyframes {KEYFRAMES}`: the truth's first frame "
-                  "of every scene is given and carried on by the colour memory; the given "
-                  "frames are left out of the per-frame scores). Unmarked rows: automatic, no "
-                  "colour given."]
+                  "of every scene is given, carried on by a colour memory, only pasted in by a "
+                  "model without one; the given frames are left out of the per-frame scores). "
+                  "`keyframe copy`: the scene's keyframe pasted on every later frame, no "
+                  "model. Unmarked rows: automatic, no colour given."]
     for proto, paths in data["protocols"].items():
         title = PROTOCOL_TITLES.get(proto, proto).format(
             clips=", ".join(Path(p).stem for p in paths))

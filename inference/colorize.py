@@ -31,7 +31,7 @@ trained:
 - Line-art mode: line art is extracted from each frame at the working resolution as in
   training (`trainer.data.transforms.line_art`, with the run's Canny thresholds), or the
   input is line art already (`--lineart`: its L is the condition). G gets its own previous
-  output, black at a scene's first frame; its Lab output is upsampled to full resolution.
+  output, none at a scene's first frame; its Lab output is upsampled to full resolution.
 - Colour memory (line-art mode; grey mode trained with `model.memory`): G also gets the
   colour of the previous frame, its own previous output, so it runs recurrently, one frame
   at a time; none at a scene's first frame unless a keyframe is given.
@@ -101,6 +101,7 @@ from inference.video_io import (
     OutputError,
     Source,
     VideoSink,
+    check_not_input,
     check_output,
     output_kind,
 )
@@ -425,7 +426,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda when available")
     p.add_argument("--batch-size", type=int, default=8,
-                   help="frames per G forward (grey mode; line-art mode is recurrent: 1)")
+                   help="frames per G forward (grey mode without memory; a model with colour "
+                        "memory is recurrent: 1)")
     p.add_argument("--side-by-side", action="store_true",
                    help="output G's input (greyscale or line art) | colored, twice as wide")
     p.add_argument("--lineart", action="store_true",
@@ -491,6 +493,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"input: {source.path}: {source.width}x{source.height}, {float(source.fps):.3f} fps, "
           f"{source.frames or 'unknown'} frames{', audio' if source.audio else ''}",
           file=sys.stderr)
+    if args.keyframes is not None:
+        check_not_input(args.output, args.keyframes)
     keyframes = open_keyframes(args, model, source)  # read and checked before any output
     out_w = source.width * (2 if args.side_by_side else 1)
     if output_kind(args.output) == "video":
@@ -527,9 +531,11 @@ def open_keyframes(args: argparse.Namespace, model: Model, source: Source):
     if args.keyframes is None:
         return None
     if not model.takes_keyframes:
+        why = ("model.memory=false; train one with model.memory=true" if not model.memory
+               else "model.temporal=false, the per-frame control")
         raise KeyframeError(f"--keyframes: {model.export_dir} is a {model.mode}-mode model "
-                            "without colour memory (model.memory=false): it cannot carry a "
-                            "keyframe's colour on; train one with model.memory=true")
+                            f"without colour memory ({why}): it cannot carry a keyframe's "
+                            "colour on")
     if args.keyframes.is_dir():
         if args.keyframe_frames is not None or args.keyframe_at_cuts:
             raise KeyframeError(f"{args.keyframes}: a folder of keyframes is indexed by its "

@@ -22,10 +22,11 @@ method) with the ground truth's as the floor, and the excess over it; colourfuln
 the mean over videos of the per-video values. Frames are streamed: a video of any length is
 scored in constant memory (`--max-frames` scores only the first N frames).
 
-Protocols (`--keyframes`, models with colour memory): `none`, automatic; `first`, the
+Protocols (`--keyframes`): `none`, automatic; `first`, the
 ground truth's first frame of every scene is given (the exemplar protocol of DeepExemplar and
 ColorMNet); `every:N`, its frame at every N-th frame. Every table and the JSON name the
-protocol; a given frame is left out of the per-frame scores (PSNR, SSIM, CIEDE2000,
+protocol; for a model without colour memory the given frames are only pasted in (a control:
+nothing carries them on). A given frame is left out of the per-frame scores (PSNR, SSIM, CIEDE2000,
 colourfulness), so it does not flatter them, and kept in the temporal ones (CDC, warp), where
 a jump out of it shows. Each video's JSON has `psnr_by_frame`, per method each frame's
 PSNR (null at given frames): the drift curve. Under a keyframe protocol one more baseline,
@@ -145,6 +146,9 @@ def score_video(path: Path, model: Model, per_frame: Model, device: torch.device
         scores.update(truth, grey, preds, scored)
         scenes = item.scene + 1
         greyscale = greyscale and is_greyscale(item.rgb)
+    if not scores.scored:
+        raise VideoError(f"{path}: no frame left to score: all {scores.frames} are given "
+                         f"keyframes (--keyframes {args.keyframes})")
     methods = scores.compute()
     if greyscale:
         # The truth has no colour: the zero-chroma baseline is the truth itself (100 dB),
@@ -248,15 +252,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="also write the report here")
     p.add_argument("--max-frames", type=int, help="score only the first N frames of each")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--batch-size", type=int, default=8, help="frames per G forward (grey)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="frames per G forward (grey mode without memory; else recurrent: 1)")
     p.add_argument("--size", type=int, default=None,
                    help="short side of the working resolution (as tricolor-colorize)")
     p.add_argument("--scene-threshold", type=float, default=SCENE_THRESHOLD)
     p.add_argument("--keyframes", default="none", metavar="none|first|every:N",
                    help="the protocol: none (automatic); first: the truth's first frame of "
                         "every scene is given (the exemplar protocol); every:N: its frame at "
-                        "every N-th frame. Given frames are not scored (a model with colour "
-                        "memory)")
+                        "every N-th frame (N >= 2). Given frames are not scored")
     args = p.parse_args(argv)
     for name in ("max_frames", "batch_size", "size"):
         value = getattr(args, name)
@@ -292,13 +296,13 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, device)
     per_frame = model.with_temporal(False)
     keyframes = None
+    protocol = AUTOMATIC
     if args.keyframes != "none":
         keyframes = TruthKeyframes(args.keyframes)
-        if not model.takes_keyframes:
-            raise KeyframeError(f"--keyframes {args.keyframes}: {model.export_dir} is a "
-                                f"{model.mode}-mode model without colour memory "
-                                "(model.memory=false): a keyframe could not carry on")
-    protocol = AUTOMATIC if keyframes is None else keyframes.describe()
+        protocol = keyframes.describe()
+        if not model.takes_keyframes:  # a control: the keyframes are in, nothing carries them
+            protocol += ("; this model has no colour memory: the given frames are pasted, "
+                         "not carried on")
     print(f"model: {model.export_dir} ({model.mode} mode, step {model.step}) on {device}; "
           f"protocol: {protocol}", file=sys.stderr)
     videos, failures = [], []

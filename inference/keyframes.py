@@ -6,6 +6,7 @@ frames that have one, before the colorizers see them:
     KeyframeFolder(PATH, ...)          PATH/000120.png ...: colour images named by frame index
     KeyframeVideo(PATH, frames|cuts)   a colour video as long as the input: its frame at the
                                        listed indices, or at every scene start of the input
+                                       (one without colour, e.g. a fade from black, skipped)
     TruthKeyframes("first"|"every:N")  tricolor-eval: the ground truth's own frame at every
                                        scene start (the exemplar protocol of DeepExemplar and
                                        ColorMNet), or at every N-th frame
@@ -29,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from inference.video_io import IMAGE_SUFFIXES, Source
+from shards.build import is_grey
 from shards.video import VideoError
 
 GREY_LEVELS = 3  # a frame whose channels differ by at most this many levels is greyscale
@@ -47,7 +49,7 @@ def is_greyscale(rgb: np.ndarray) -> bool:
 
 def fit_keyframe(rgb: np.ndarray, width: int, height: int, where: str) -> np.ndarray:
     """`rgb` checked (colour, the input's aspect) and resized to width x height if needed."""
-    if is_greyscale(rgb):
+    if is_grey(rgb):  # as the shards judge frames: a few levels of codec noise are grey
         raise KeyframeError(f"{where}: a greyscale keyframe gives no colour; expected a colour "
                             "image")
     h, w = rgb.shape[:2]
@@ -67,7 +69,7 @@ def read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.array(im.convert("RGB"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise KeyframeError(f"{path}: not a readable image ({e})") from None
 
 
@@ -89,8 +91,12 @@ class KeyframeFolder:
 
     def __init__(self, folder: Path, width: int, height: int, frames: int):
         self.folder = Path(folder)
-        images = sorted(p for p in self.folder.iterdir()
-                        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        try:
+            images = sorted(p for p in self.folder.iterdir()
+                            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        except OSError as e:
+            raise KeyframeError(f"{self.folder}: cannot list the keyframes "
+                                f"({e.strerror})") from None
         if not images:
             raise KeyframeError(f"{self.folder}: no keyframe images (expected colour images "
                                 f"named by frame index, e.g. 000120.png)")
@@ -150,7 +156,12 @@ class KeyframeVideo:
                 if frame is None:
                     raise KeyframeError(f"{self.path}: ends at frame {item.index}, before the "
                                         "input; expected a keyframe video as long as the input")
-                wanted = item.index in self.at or (self.at_cuts and item.scene != scene)
+                at_cut = self.at_cuts and item.scene != scene
+                if at_cut and is_grey(frame.rgb):  # a fade from black, a title card
+                    print(f"keyframes: {self.path} frame {item.index}: a scene start without "
+                          "colour, not used", file=sys.stderr)
+                    at_cut = False
+                wanted = item.index in self.at or at_cut
                 item.keyframe = (fit_keyframe(frame.rgb, self.width, self.height,
                                               f"{self.path} frame {item.index}")
                                  if wanted else None)
@@ -176,9 +187,9 @@ class TruthKeyframes:
         self.every = None
         if protocol != "first":
             match = re.fullmatch(r"every:(\d+)", protocol)
-            if not match or int(match[1]) < 1:
+            if not match or int(match[1]) < 2:  # every:1 would leave no frame to score
                 raise KeyframeError(f"--keyframes {protocol!r}: expected none, first or "
-                                    "every:N with N >= 1")
+                                    "every:N with N >= 2")
             self.every = int(match[1])
         self.protocol = protocol
 

@@ -34,8 +34,8 @@ existing colours, so a recurrence cannot amplify colour (the drift measured when
 went into the encoder instead: docs/quality-explored.md).
 
 Where the FLOPs go (bench/step.py measures it): every conv but the last runs at half
-resolution or lower; at full resolution there are only the head's inputs (at most 32 + 4
-channels) and its output.
+resolution or lower; at full resolution there are only the head's inputs (32 + 1 channels)
+and its output, and with colour memory the gate's two small convs (16 channels).
 """
 
 from __future__ import annotations
@@ -197,14 +197,18 @@ class MemoryGate(nn.Module):
         """(found colour [B, C, H, W], its presence [B, 1, H, W]).
 
         Searched at half resolution (chroma is smooth; a quarter of the pixels, and the
-        window reaches twice as far), then upsampled: at full resolution the search cost
-        three times G's own forward and backward (ngf 32, 64² crops, one CPU thread)."""
+        window reaches twice as far), then upsampled: at full resolution a training run took
+        2.5x as long as without memory (docs/quality-explored.md)."""
         colour, present, prev_frame = memory[:, :-2], memory[:, -2:-1], memory[:, -1:]
         half = functools.partial(F.avg_pool2d, kernel_size=2)
         q, k = self.key(half(frame)), self._neighbours(self.key(half(prev_frame)))
         # like pixels match: minus the squared key distance (a dot product favours large keys)
         logits = -(q.unsqueeze(2) - k).square().sum(1) / self.KEYS**0.5  # [B, w², h, w]
         logits = logits + self.offset_bias[:, None, None]
+        # window positions outside the frame are not candidates (else the border would read
+        # as missing memory, and a keyframe's colour would fade there frame after frame)
+        inside = self._neighbours(torch.ones_like(q[:1, :1]))[:, 0] > 0  # [1, w², h, w]
+        logits = logits.masked_fill(~inside, float("-inf"))
         weight = torch.softmax(logits, dim=1).unsqueeze(1)  # [B, 1, w², h, w]
         premultiplied = half(torch.cat([colour * present, present], dim=1))
         mass = (self._neighbours(premultiplied) * weight).sum(2)  # [B, C + 1, h, w]

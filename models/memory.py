@@ -50,7 +50,7 @@ def previous_colour(
     cfg: ModelConfig,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """The memory G gets for frame t in training [B, 3, H, W], per sample none, G's own
+    """The memory G gets for frame t in training [B, C + 2, H, W], per sample none, G's own
     prediction or the truth (module doc).
 
     condition [B, 3, 1, H, W] (L, or line art) and target [B, 3, C, H, W] (a,b or Lab) of the
@@ -62,7 +62,7 @@ def previous_colour(
     none = torch.zeros_like(truth)
     u = torch.rand(truth.shape[0], 1, 1, 1, generator=generator, device=truth.device)
     memory = torch.where(u < cfg.p_drop, none, truth)
-    if cfg.scheduled_sampling > 0:
+    if cfg.scheduled_sampling > 0 and cfg.temporal:  # the per-frame control ignores it
         with torch.no_grad():
             own = G(first_frame_input(condition, mode), none).to(truth.dtype)
         own = memory_of(own, condition[:, 0])

@@ -16,6 +16,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from launching import TINY, launch, popen
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -551,3 +552,20 @@ def test_a_setting_added_after_the_save_takes_its_default(two_checkpoints):
     changed = OmegaConf.merge(cfg.model, {"d_temporal": True})  # not the default
     with pytest.raises(IncompatibleCheckpoint, match="d_temporal"):
         ckpts.load(ckpts.dir / "step_000002", gan, changed)
+
+
+def test_a_line_art_checkpoint_from_before_the_memory_generator_is_refused(two_checkpoints):
+    """A line-art run saved before issue 16 (its model config has no `memory`) holds weights
+    of another line-art G: refused as incompatible, saying why, not taken for damage."""
+    import json
+
+    cfg, gan, ckpts = two_checkpoints
+    latest = ckpts.complete_checkpoints()[-1]
+    state_file = latest / "trainer.json"
+    state = json.loads(state_file.read_text())
+    state["model"]["mode"] = "lineart"
+    del state["model"]["memory"]
+    state_file.write_text(json.dumps(state))
+    lineart = OmegaConf.merge(cfg.model, {"mode": "lineart"})
+    with pytest.raises(IncompatibleCheckpoint, match="before the colour-memory generator"):
+        ckpts.load(latest, gan, lineart)

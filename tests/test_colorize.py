@@ -689,3 +689,14 @@ def test_an_export_whose_memory_setting_contradicts_its_weights_is_refused(tmp_p
         load_model(export, torch.device("cpu"))
     assert f"the settings say memory={not memory}" in str(err.value)
     assert f"a G {'with' if memory else 'without'} colour memory" in str(err.value)
+
+
+def test_a_line_art_export_from_before_the_memory_generator_is_refused_by_name(tmp_path):
+    from inference.colorize import ModelError
+
+    export = tiny_export(tmp_path / "export", mode="lineart")
+    meta = json.loads((export / "generator.json").read_text())
+    del meta["model"]["memory"]  # what exports made before issue 16 hold
+    (export / "generator.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="line-art export made before the colour-memory"):
+        load_model(export, torch.device("cpu"))

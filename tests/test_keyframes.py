@@ -275,6 +275,32 @@ def test_a_keyframe_copied_from_an_input_frame_lines_up_whatever_its_exif(tmp_pa
     assert np.abs(read_frames(out)[0].astype(int) - first).max() <= 1
 
 
+def test_at_cuts_a_scene_start_without_colour_is_skipped(tmp_path, memory_export, two_scenes,
+                                                        capsys):
+    """A fade from black or a title card at a cut: not a keyframe, said, and the rest goes
+    on (the grey frame is not pasted in)."""
+    frames = decode(two_scenes)
+    frames[4] = greyscale(frames[4])
+    graded = write_clip(tmp_path / "graded.mp4", frames, audio=False)
+    out = tmp_path / "out"
+    assert colorize("--model", memory_export, "--input", two_scenes, "--output", out,
+                    "--size", SIZE, "--keyframes", graded, "--keyframe-at-cuts") == 0
+    assert "frame 4: a scene start without colour, not used" in capsys.readouterr().err
+    made = read_frames(out)
+    # frame 0 is used: its colour on the input's L (the graded clip is a lossy re-encode)
+    assert np.abs(made[0].astype(int) - decode(graded)[0]).mean() < 3
+    assert np.abs(made[4].astype(int) - decode(graded)[4]).mean() > 10
+
+
+def test_the_output_may_not_be_the_keyframe_video(tmp_path, memory_export, clip, capsys):
+    graded = tmp_path / "graded.mp4"
+    graded.write_bytes(clip.read_bytes())
+    assert colorize("--model", memory_export, "--input", clip, "--output", graded,
+                    "--overwrite", "--keyframes", graded, "--keyframe-frames", "0") == 1
+    assert "is the input" in capsys.readouterr().err
+    assert graded.read_bytes() == clip.read_bytes()
+
+
 # --- bad keyframes --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -467,19 +493,47 @@ def test_eval_every_n_gives_every_n_th_frame(tmp_path, memory_export, eval_video
         assert [t for t, x in enumerate(curve) if x is None] == [0, 4, 8]
 
 
-@pytest.mark.parametrize("protocol, memory, says", [
-    ("first", False, ["--keyframes first: ", "without colour memory"]),
-    ("every:0", True, ["--keyframes 'every:0'", "expected none, first or every:N with N >= 1"]),
-    ("bogus", True, ["--keyframes 'bogus'", "expected none, first or every:N with N >= 1"]),
-])
-def test_eval_bad_protocols(tmp_path, memory_export, grey_export, eval_video, protocol, memory,
-                            says, capsys):
-    export = memory_export if memory else grey_export
+@pytest.mark.parametrize("protocol", ["every:0", "every:1", "bogus"])
+def test_eval_bad_protocols(tmp_path, memory_export, eval_video, protocol, capsys):
+    """every:1 would leave no frame to score."""
     out = tmp_path / "r.json"
-    assert evaluate("--model", export, "--videos", eval_video, "--json", out, "--size", SIZE,
-                    "--keyframes", protocol) == 1
+    assert evaluate("--model", memory_export, "--videos", eval_video, "--json", out, "--size",
+                    SIZE, "--keyframes", protocol) == 1
     captured = capsys.readouterr()
     assert "tricolor-eval: error:" in captured.err
-    for words in says if memory else [*says, str(grey_export)]:
-        assert words in captured.err, (words, captured.err)
+    assert f"--keyframes {protocol!r}: expected none, first or every:N with N >= 2" in \
+        captured.err
     assert not out.exists() and captured.out == ""  # nothing scored
+
+
+def test_eval_keyframes_for_a_model_without_memory_are_pasted_in(tmp_path, grey_export,
+                                                                  eval_video, capsys):
+    """A control under the keyframe protocol: the given frames are in its output (so its
+    temporal scores jump out of them as a memory model's do) but nothing carries them on;
+    the protocol says so. Its other frames are its automatic frames."""
+    auto, _ = eval_report(tmp_path, grey_export, eval_video, "none", capsys)
+    first, _ = eval_report(tmp_path, grey_export, eval_video, "first", capsys)
+    assert "no colour memory: the given frames are pasted, not carried on" in first["protocol"]
+    given, plain = first["videos"][0], auto["videos"][0]
+    assert given["keyframes"] == [0, 6]
+    for t in range(12):
+        if t not in (0, 6):
+            assert given["psnr_by_frame"]["model"][t] == pytest.approx(
+                plain["psnr_by_frame"]["model"][t], rel=1e-9), t
+    assert given["methods"]["model"]["warp"] != plain["methods"]["model"]["warp"]
+
+
+def test_eval_a_video_with_no_frame_left_to_score_is_a_named_failure(tmp_path, memory_export,
+                                                                     capsys):
+    """One frame, given: nothing to score. The video is named as failed; the others are
+    scored and the exit status is 1."""
+    single = scene_video(tmp_path / "single.mp4", [1], width=64, height=48)
+    other = scene_video(tmp_path / "other.mp4", [3], width=64, height=48)
+    out = tmp_path / "r.json"
+    assert evaluate("--model", memory_export, "--videos", single, other, "--json", out,
+                    "--size", SIZE, "--keyframes", "first") == 1
+    err = capsys.readouterr().err
+    assert f"{single}: no frame left to score" in err
+    report = json.loads(out.read_text())
+    assert [f["path"] for f in report["failures"]] == [str(single)]
+    assert [v["path"] for v in report["videos"]] == [str(other)]

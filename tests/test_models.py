@@ -284,6 +284,20 @@ def test_the_memory_is_found_where_it_moved(mode):
     assert (found[inner] - as_found(colour)[inner]).abs().mean() > 0.3  # not the colour in place
 
 
+def test_a_full_memory_is_present_up_to_the_frame_border():
+    """Window positions outside the frame are no candidates: a memory present everywhere is
+    found present everywhere, corners included (else a keyframe would fade at the border)."""
+    torch.manual_seed(0)
+    gate = build_generator(memory_model(Mode.grey)[0]).gate
+    frame = torch.rand(2, 1, 32, 48) * 2 - 1
+    _, presence = gate.find(frame, memory_of(torch.rand(2, 2, 32, 48) * 2 - 1, frame))
+    torch.testing.assert_close(presence, torch.ones_like(presence))
+    half = memory_of(torch.rand(2, 2, 32, 48), frame)
+    half[:, 2, :, 24:] = 0  # the right half has no memory: it is found absent there
+    _, presence = gate.find(frame, half)
+    assert presence[..., 30:].max() < 0.01 and presence[..., :18].min() > 0.99
+
+
 def cfg_colours(mode: Mode) -> int:
     return 2 if mode == Mode.grey else 3
 

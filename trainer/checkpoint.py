@@ -264,6 +264,11 @@ class Checkpointer:
             raise CheckpointError(f"{state_file}: no world_size (a positive integer)")
         saved = state.get("model")
         current = OmegaConf.to_container(OmegaConf.structured(model_cfg), enum_to_str=True)
+        if isinstance(saved, dict) and saved.get("mode") == "lineart" and "memory" not in saved:
+            raise IncompatibleCheckpoint(
+                f"{state_file}: a line-art run saved before the colour-memory generator (issue "
+                "16): its weights do not fit this version's line-art G; start over with "
+                "--no-resume or a new name, or resume with that version")
         if isinstance(saved, dict):
             # A setting added after this checkpoint was written takes its default, which is
             # what the code did before the setting existed; settings that only choose the

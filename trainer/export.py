@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models import build_generator
+from models import build_generator, has_memory
 from models.config import ModelConfig
 
 # /2: the generator with the first seed's widths (2026-11-30); a /1 export holds the earlier
@@ -48,6 +48,10 @@ def load_generator(export_dir: Path) -> tuple[nn.Module, dict]:
     meta = json.loads((export_dir / "generator.json").read_text())
     if meta.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{export_dir / 'generator.json'}: not a {EXPORT_FORMAT} export")
+    if meta["model"].get("mode") == "lineart" and "memory" not in meta["model"]:
+        raise ValueError(f"{export_dir / 'generator.json'}: a line-art export made before the "
+                         "colour-memory generator (issue 16): its weights do not fit this "
+                         "version's line-art G; export it with that version, or retrain")
     cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), meta["model"])
     weights = export_dir / "generator.safetensors"
     check_shapes(cfg, weights)
@@ -62,7 +66,8 @@ def check_shapes(cfg, weights: Path) -> None:
     (shapes only), after a bound on its depth (the number of its layers), and safetensors
     reads only the file's header."""
     settings = ", ".join(f"{k}={getattr(cfg[k], 'value', cfg[k])}"
-                         for k in ("mode", "ngf", "depth", "norm", "memory"))
+                         for k in ("mode", "ngf", "depth", "norm"))
+    settings += f", memory={has_memory(cfg)}"
     if not 1 <= cfg.depth <= MAX_DEPTH:
         raise ValueError(f"the settings ({settings}) say depth={cfg.depth}: expected 1.."
                          f"{MAX_DEPTH} (frame sides must be multiples of 2**depth)")
