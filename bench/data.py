@@ -212,7 +212,7 @@ def source_stream(loader: TripletLoader) -> Iterator[Tensor]:
         source = WebDatasetSource(loader)
     while True:
         for _ in range(loader.steps_per_epoch):
-            frames, _keys = source.next()
+            frames, _keys, _flow = source.next()
             yield frames
         source.end_epoch()
 

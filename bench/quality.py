@@ -81,6 +81,11 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "memory_ss50": (DEMO, ["model.memory=true", "model.p_drop=0.25",
                            "model.scheduled_sampling=0.5"],
                     "colour memory, in training none 25 %, its own 50 %, the truth 25 %"),
+    "temporal": (DEMO, ["model.memory=false", "loss.lambda_temporal=10"],
+                 "no_memory + the flow-warped, occlusion-masked temporal L1, weight 10"),
+    "temporal_memory": (DEMO, ["model.memory=true", "model.p_drop=0.2",
+                               "model.scheduled_sampling=0.2", "loss.lambda_temporal=10"],
+                        "memory + the temporal L1, weight 10"),
     "lineart": (DEMO, ["model.mode=lineart", "model.p_drop=0.2", "model.scheduled_sampling=0.2"],
                 "line-art mode (second seed), its memory fed as in `memory`"),
     "lineart_tcvc": (DEMO, ["model.mode=lineart"],
@@ -93,7 +98,8 @@ MULTI_SEED = {"no_memory", "memory"}  # trained --seeds times; the others once (
 # memory and its control; each memory row also under the keyframe protocol). Issue 15's rows
 # (demo_v0, seed_recipe, adv_warmup, chroma_loss, crop_x2) and the other candidates are run
 # with `--variants`; their figures: docs/quality-explored.md.
-DEFAULT_VARIANTS = ["no_memory", "memory", "per_frame", "lineart", "lineart_no_prev"]
+DEFAULT_VARIANTS = ["no_memory", "memory", "per_frame", "temporal", "temporal_memory",
+                    "lineart", "lineart_no_prev"]
 LINEART = {name for name, (_, over, _) in VARIANTS.items() if "model.mode=lineart" in over}
 # Variants whose G has a colour memory: scored under the keyframe protocol too.
 MEMORY = {name for name, (_, over, _) in VARIANTS.items()
@@ -167,7 +173,8 @@ def prepare_data(data: Path) -> dict:
     from shards.video import decode_frames, sample_video
 
     params = {"short_side": SHORT_SIDE, "train_share": TRAIN_SHARE, "clips": SPLIT_CLIPS,
-              "other_domain": OTHER_DOMAIN, "strip": [STRIP_CLIP, STRIP_FRAMES], "version": 1}
+              "other_domain": OTHER_DOMAIN, "strip": [STRIP_CLIP, STRIP_FRAMES], "flow": True,
+              "version": 2}
     stamp = data / "data.json"
     if stamp.is_file():
         info = json.loads(stamp.read_text())
@@ -197,7 +204,8 @@ def prepare_data(data: Path) -> dict:
     (data / "logs").mkdir(exist_ok=True)
     run_cmd([sys.executable, "-m", "shards", "build", str(data / "train"), "--out",
              str(data / "shards"), "--overwrite", "--short-side", str(SHORT_SIDE),
-             "--val-fraction", "0.1", "--split-by", "scene", "--samples-per-shard", "64"],
+             "--val-fraction", "0.1", "--split-by", "scene", "--samples-per-shard", "64",
+             "--flow"],  # for the temporal loss; the loader reads it only for that
             data / "logs" / "shards.log")
     manifest = json.loads((data / "shards" / "manifest.json").read_text())
     info = {

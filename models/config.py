@@ -82,6 +82,9 @@ class LossConfig:
     # Against the desaturated average: weight of mean |sqrt(a^2+b^2)(pred) - (target)|, the
     # L1 distance between predicted and true chroma magnitudes, whatever the hue.
     lambda_chroma: float = 0.0  # 0 = off
+    # Temporal consistency (shards built with --flow): weight of the occlusion-masked L1
+    # between G's colour for frame t and its colour for t-1 warped by the stored flow.
+    lambda_temporal: float = 0.0  # 0 = off
 
 
 def choice(enum_cls: type[Enum], value: object, key: str) -> Enum:
@@ -114,7 +117,7 @@ def check_model_config(cfg: ModelConfig) -> None:
 def check_loss_config(cfg: LossConfig) -> None:
     choice(AdvLoss, cfg.adversarial, "adversarial")
     choice(PixelLoss, cfg.pixel, "pixel")
-    for key in ("lambda_pixel", "lambda_adv", "lambda_chroma"):
+    for key in ("lambda_pixel", "lambda_adv", "lambda_chroma", "lambda_temporal"):
         if not getattr(cfg, key) >= 0:  # written so that nan fails too
             raise ValueError(f"{key}: a loss weight, must be >= 0, got {getattr(cfg, key)}")
     if cfg.adv_start_step < 0:

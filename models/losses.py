@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -67,6 +68,7 @@ class GANLoss:
         self.lambda_adv = float(cfg.lambda_adv)
         self.adv_start_step = int(cfg.adv_start_step)
         self.lambda_chroma = float(cfg.lambda_chroma)
+        self.lambda_temporal = float(cfg.lambda_temporal)
 
     def adv_weight(self, step: int | None) -> float:
         """The weight of the adversarial term at trainer step `step` (0-based: the number of
@@ -123,6 +125,30 @@ class GANLoss:
         if self.lambda_chroma:
             total = total + self.lambda_chroma * chroma
         return GLoss(total, adv, pixel, chroma)
+
+
+def warp(x: Tensor, flow: Tensor) -> Tensor:
+    """Frame x [B, C, H, W] seen from the frame a flow [B, 2, H, W] starts in: the value at
+    p + flow(p) (pixels, x then y), bilinear, the border pixel beyond the edge."""
+    h, w = flow.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(h, device=flow.device, dtype=flow.dtype),
+                            torch.arange(w, device=flow.device, dtype=flow.dtype), indexing="ij")
+    gx = 2 * (xs + flow[:, 0]) / max(w - 1, 1) - 1  # align_corners=True: pixel centres
+    gy = 2 * (ys + flow[:, 1]) / max(h - 1, 1) - 1
+    return F.grid_sample(x, torch.stack([gx, gy], dim=-1), mode="bilinear",
+                         padding_mode="border", align_corners=True)
+
+
+def temporal_loss(pred: Tensor, pred_prev: Tensor, flow: Tensor, mask: Tensor) -> Tensor:
+    """The occlusion-masked L1 between G's colour for frame t and its colour for frame t-1
+    brought to t by the flow t -> t-1 (Lai et al. 2018): mean over visible pixels and
+    channels of |pred - warp(pred_prev, flow)|. pred, pred_prev [B, C, H, W]; flow
+    [B, 2, H, W] px; mask [B, 1, H, W] (1 where t's pixel is visible in t-1). fp32 scalar."""
+    with autocast_off(pred.device.type):
+        warped = warp(pred_prev.float(), flow.float())
+        mask = mask.float()
+        visible = (mask.sum() * pred.shape[1]).clamp(min=1.0)
+        return (mask * (pred.float() - warped).abs()).sum() / visible
 
 
 def build_loss(cfg: LossConfig) -> GANLoss:

@@ -44,18 +44,20 @@ def first_frame_input(condition: Tensor, mode: Mode | str) -> Tensor:
 
 
 def previous_colour(
-    G: Callable[[Tensor, Tensor], Tensor],
+    G: Callable[[Tensor, Tensor], Tensor] | None,
     condition: Tensor,
     target: Tensor,
     cfg: ModelConfig,
     generator: torch.Generator | None = None,
+    own: Tensor | None = None,
 ) -> Tensor:
     """The memory G gets for frame t in training [B, C + 2, H, W], per sample none, G's own
     prediction or the truth (module doc).
 
     condition [B, 3, 1, H, W] (L, or line art) and target [B, 3, C, H, W] (a,b or Lab) of the
-    triplet. The own prediction is computed for the whole batch whenever scheduled_sampling >
-    0, never for a random subset: with SyncBatchNorm every rank must run the same forwards.
+    triplet. The own prediction (`own`, or made here by G) is computed for the whole batch
+    whenever scheduled_sampling > 0, never for a random subset: with SyncBatchNorm every rank
+    must run the same forwards.
     """
     mode = choice(Mode, cfg.mode, "mode")
     truth = memory_of(target[:, 0], condition[:, 0])
@@ -63,9 +65,10 @@ def previous_colour(
     u = torch.rand(truth.shape[0], 1, 1, 1, generator=generator, device=truth.device)
     memory = torch.where(u < cfg.p_drop, none, truth)
     if cfg.scheduled_sampling > 0 and cfg.temporal:  # the per-frame control ignores it
-        with torch.no_grad():
-            own = G(first_frame_input(condition, mode), none).to(truth.dtype)
-        own = memory_of(own, condition[:, 0])
+        if own is None:  # G's colour of t-1 from no memory (the step may have made it)
+            with torch.no_grad():
+                own = G(first_frame_input(condition, mode), none)
+        own = memory_of(own.to(truth.dtype), condition[:, 0])
         pick = (u >= cfg.p_drop) & (u < cfg.p_drop + cfg.scheduled_sampling)
         memory = torch.where(pick, own, memory)
     return memory

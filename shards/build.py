@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from shards import flow
 from shards.atomic import PARTIAL_SUFFIX, fsync_dir, write_json_partial
 from shards.manifest import (
     FORMAT,
@@ -77,6 +78,7 @@ class BuildParams:
     split_by: str = "scene"  # "scene" or "video": the unit that goes wholly to train or val
     seed: int = 0
     slice: tuple[int, int] | None = None  # (K, N): this build handles inputs K, K+N, K+2N, ...
+    flow: bool = False  # also store optical flow and occlusion masks (shards/flow.py)
 
     def check(self) -> None:
         if not 16 <= self.short_side <= MAX_SHORT_SIDE or self.short_side % 2:
@@ -110,6 +112,9 @@ class SpooledVideo:
     offsets: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) per frame
     scenes: list[int] = field(default_factory=list)  # scene id per frame
     colour: bool = False  # whether some frame is not grey (see `is_grey`)
+    # with --flow: (offset, length) of each frame's flow to its previous / next frame
+    flow_prev: list[tuple[int, int] | None] = field(default_factory=list)
+    flow_next: list[tuple[int, int] | None] = field(default_factory=list)
 
 
 @dataclass
@@ -144,13 +149,26 @@ def spool_video(path: Path, spool_file: Path, params: BuildParams, progress=None
     split_id = f"{path.name}:{path.stat().st_size}"
     spooled = SpooledVideo(str(path), video_name(path), split_id, info, str(spool_file))
     cuts = SceneCuts(info.fps, params.scene_threshold)
+
+    def spool(data: bytes) -> tuple[int, int]:
+        where = (out.tell(), len(data))
+        out.write(data)
+        return where
+
+    previous = None
     with open(spool_file, "wb") as out:
         for rgb in frames:
-            jpeg = encode_jpeg(rgb, params.quality)
-            spooled.offsets.append((out.tell(), len(jpeg)))
-            out.write(jpeg)
+            spooled.offsets.append(spool(encode_jpeg(rgb, params.quality)))
             spooled.scenes.append(cuts.push(rgb))
             spooled.colour = spooled.colour or not is_grey(rgb)
+            if params.flow:  # the pair (previous, this frame), in both directions
+                spooled.flow_prev.append(None)
+                spooled.flow_next.append(None)
+                if previous is not None:
+                    forward, backward = flow.pair(previous, rgb)
+                    spooled.flow_next[-2] = spool(forward)
+                    spooled.flow_prev[-1] = spool(backward)
+                previous = rgb
             if progress is not None:
                 progress(1)
     return spooled
@@ -218,11 +236,15 @@ def write_split(
                 writer = ShardWriter(out_dir / f"{split}-{tag}{number:06d}.tar")
             scene = video.scenes[t]
             with open(video.spool, "rb") as spool:
-                jpegs = [read_frame(spool, video, t + d) for d in (-1, 0, 1)]
+                members = {m: read_frame(spool, video, t + d) for m, d in zip(MEMBERS, (-1, 0, 1))}
+                if params.flow:
+                    for m, where in zip(flow.MEMBERS, (video.flow_prev[t], video.flow_next[t])):
+                        spool.seek(where[0])
+                        members[m] = spool.read(where[1])
             meta = {
                 # Per-member CRC-32: damaged JPEG data with intact markers decodes to wrong
                 # pixels; the loader's start-up scan and `verify` compare these.
-                "crc32": {m: zlib.crc32(j) for m, j in zip(MEMBERS, jpegs)},
+                "crc32": {m: zlib.crc32(data) for m, data in members.items()},
                 "source": video.path,
                 "frame": t,
                 "fps": video.info.fps,
@@ -230,7 +252,6 @@ def write_split(
                 "width": video.info.width,
                 "height": video.info.height,
             }
-            members = dict(zip(MEMBERS, jpegs))
             members["json"] = json.dumps(meta).encode()
             writer.write(f"{video.name}_s{scene:04d}_f{t:06d}", members)
         if writer is not None:
@@ -476,7 +497,8 @@ def _write_all(spooled, skipped, out_dir, tag, params, log):
         "format": FORMAT,
         "tricolor_version": tricolor_version(),
         "params": {**asdict(params), "slice": list(params.slice) if params.slice else None},
-        "members": list(MEMBERS) + ["json"],
+        "members": list(MEMBERS) + (list(flow.MEMBERS) if params.flow else []) + ["json"],
+        **({"flow": flow.METHOD} if params.flow else {}),
         "splits": splits,
         "sources": [
             {

@@ -44,6 +44,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", type=int, default=95, help="JPEG quality (4:4:4 chroma)")
     p.add_argument("--scene-threshold", type=float, default=27.0,
                    help="PySceneDetect content-detector threshold")
+    p.add_argument("--flow", action="store_true",
+                   help="also store the optical flow t -> t-1 and t -> t+1 with occlusion masks "
+                        "(OpenCV DIS; shards/flow.py), for the temporal loss")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the shuffle")
     p.add_argument("--workers", type=int, default=1, help="videos decoded in parallel")
     p.add_argument("--slice", type=parse_slice, metavar="K/N",
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 split_by=args.split_by,
                 seed=args.seed,
                 slice=args.slice,
+                flow=args.flow,
             )
             skipped: list[dict] = []
             videos = find_videos(args.inputs, skipped)

@@ -201,6 +201,7 @@ def merge(out_dir: Path) -> dict:
         "tricolor_version": tricolor_version(),
         "params": {**first, "slice": None, "merged_slices": n},
         "members": parts[0]["members"],
+        **({"flow": parts[0]["flow"]} if "flow" in parts[0] else {}),
         "splits": {},
         "sources": [s for k in sorted(parts) for s in parts[k]["sources"]],
         # Every slice names the inputs `find_videos` left out (each saw the same folders).

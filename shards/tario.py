@@ -104,6 +104,7 @@ class ShardWriter:
             "tar": self.tar_path.name,
             "index": self.index_path.name,
             "samples": self.samples,
+            "bytes": self.tar_path.stat().st_size,  # what the data set costs on disk
             "sha256": sha256_file(self.tar_path),
         }
 

@@ -103,14 +103,15 @@ def _verify_sample(where: str, members: dict[str, bytes], sizes: set) -> list[st
         return [f"{where}.json: missing fields {missing}"]
     problems = _crc_problems(where, members, meta.get("crc32"))
     for ext, data in members.items():
-        if not ext.endswith(".jpg"):
+        kind = {".jpg": "JPEG", ".png": "PNG"}.get(Path(ext).suffix)  # frames; stored flow
+        if kind is None:
             continue
         try:
             with Image.open(io.BytesIO(data)) as image:
-                image.load()  # decodes every pixel: a truncated JPEG fails here
+                image.load()  # decodes every pixel: a truncated image fails here
                 got = image.size
         except OSError as e:
-            problems.append(f"{where}.{ext}: not a decodable JPEG ({e})")
+            problems.append(f"{where}.{ext}: not a decodable {kind} ({e})")
             continue
         if got != size or size not in sizes:
             problems.append(f"{where}.{ext}: size {got}, metadata says {size}, manifest {sizes}")

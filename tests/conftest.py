@@ -24,7 +24,8 @@ def bunny() -> Path:
 
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> Path:
-    """Training shards: three videos of two scenes each (96x64), train and val by scene."""
+    """Training shards: three videos of two scenes each (96x64), train and val by scene,
+    with optical flow (read only by runs with the temporal loss)."""
     from videos import scene_video
 
     from shards.cli import main as shards_main
@@ -33,7 +34,8 @@ def shards(tmp_path_factory) -> Path:
     videos = [scene_video(tmp / f"v{i}.mp4", [14, 14], width=96, height=64) for i in range(3)]
     out = tmp / "shards"
     assert shards_main(["build", *map(str, videos), "--out", str(out), "--short-side", "64",
-                        "--val-fraction", "0.34", "--samples-per-shard", "16"]) == 0
+                        "--val-fraction", "0.34", "--samples-per-shard", "16",
+                        "--flow"]) == 0
     return out
 
 

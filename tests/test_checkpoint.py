@@ -72,10 +72,10 @@ def assert_same(a, b, where="") -> None:
         assert a == b, where
 
 
-def losses(run: Path) -> dict[int, float]:
+def losses(run: Path, tag: str = "Loss/G/total") -> dict[int, float]:
     events = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
     events.Reload()  # a restart's events replace those logged after the resumed step
-    return {e.step: e.value for e in events.Scalars("Loss/G/total")}
+    return {e.step: e.value for e in events.Scalars(tag)}
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +112,13 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(shards, reference, 
     assert all(cut_losses[s] == ref_losses[s] for s in range(step + 1, STEPS + 1))
 
 
-def test_a_killed_run_with_colour_memory_and_scheduled_sampling_resumes_bitwise(shards,
-                                                                               tmp_path):
+def test_a_killed_run_with_memory_sampling_and_the_temporal_loss_resumes_bitwise(shards,
+                                                                                tmp_path):
     """Scheduled sampling draws per-sample choices from the global RNG and runs an extra G
-    pass: both must continue exactly where the killed run stopped."""
-    memory = ["model.memory=true", "model.p_drop=0.25", "model.scheduled_sampling=0.5"]
+    pass, the temporal loss reads the stored flow: all must continue exactly where the killed
+    run stopped (issues 16 and 17)."""
+    memory = ["model.memory=true", "model.p_drop=0.25", "model.scheduled_sampling=0.5",
+              "loss.lambda_temporal=10"]
     ref = launch(*train_args(shards, tmp_path, "memory_ref", *memory))
     assert ref.returncode == 0, ref.stderr[-3000:]
     args = train_args(shards, tmp_path, "memory_cut", *memory)
@@ -131,6 +133,8 @@ def test_a_killed_run_with_colour_memory_and_scheduled_sampling_resumes_bitwise(
     assert_same(final_state(tmp_path / "memory_cut"), final_state(tmp_path / "memory_ref"))
     ref_losses, cut_losses = losses(tmp_path / "memory_ref"), losses(tmp_path / "memory_cut")
     assert cut_losses == ref_losses
+    temporal = losses(tmp_path / "memory_ref", "Loss/G/temporal")
+    assert len(temporal) == STEPS and all(v > 0 for v in temporal.values())
 
 
 def test_a_kill_during_a_save_resumes_from_the_previous_complete_checkpoint(shards, reference,

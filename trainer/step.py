@@ -2,8 +2,10 @@
 
     D phase:  D learns real (condition, colour_t) -> real, (condition, G(condition)) -> fake
     G phase:  G learns to make D call its output real, plus lambda_pixel * |G - colour_t|
-              (and lambda_chroma * the chroma term); during the pixel-only warm-up (trainer
-              steps before loss.adv_start_step) without the adversarial term, D still training
+              (and lambda_chroma * the chroma term, lambda_temporal * the flow-warped,
+              occlusion-masked L1 to its own colour of t-1 when the shards carry flow);
+              during the pixel-only warm-up (trainer steps before loss.adv_start_step)
+              without the adversarial term, D still training
 
 Gradient synchronization goes only through `accelerator.accumulate(G, D)` (one context for
 both, per batch). Wrapping, autocast, backward, clipping, loss scaling and the optimizer step
@@ -22,8 +24,9 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from models import assemble_d_input, has_memory, previous_colour
-from models.losses import GANLoss
+from models import assemble_d_input, has_memory, no_memory_like, previous_colour
+from models.losses import GANLoss, temporal_loss
+from models.memory import first_frame_input
 from trainer.data import Batch
 from trainer.ema import EMA
 from trainer.sn_sync import broadcast_spectral_norm
@@ -70,17 +73,32 @@ def optimize(backend, loss: Tensor, model, optimizer, grad_clip: float, name: st
         backend.discard_gradients(loss, model, optimizer)
 
 
-def generate(gan: GAN, G: nn.Module, batch: Batch) -> Tensor:
+def wants_previous(gan: GAN, batch: Batch) -> bool:
+    """Whether this step needs G's own colour for frame t-1: for scheduled sampling, or for
+    the temporal loss (when the batch carries flow)."""
+    cfg = gan.model_cfg
+    sampling = has_memory(cfg) and cfg.scheduled_sampling > 0 and cfg.temporal
+    return sampling or (gan.loss.lambda_temporal > 0 and batch.flow is not None)
+
+
+def generate(gan: GAN, G: nn.Module, batch: Batch) -> tuple[Tensor, Tensor | None]:
     """G's colour for frame t: a,b [B, 2, H, W] (grey mode) or Lab [B, 3, H, W] (line art),
     given the previous colour (none, G's own or the truth: models/memory.py) when G has a
-    colour memory."""
+    colour memory; and G's own colour for frame t-1 (no gradient; from no memory, as at a
+    shot's first frame) when the step needs it, else None."""
     cfg = gan.model_cfg
-    grey = str(getattr(cfg.mode, "value", cfg.mode)) == "grey"
+    mode = str(getattr(cfg.mode, "value", cfg.mode))
+    own = None
+    if wants_previous(gan, batch):
+        G_raw = getattr(G, "module", G)  # the extra no-grad call must not go through DDP
+        frame = first_frame_input(batch.cond, mode)
+        with torch.no_grad():
+            memory = no_memory_like(batch.cond[:, 0], mode) if has_memory(cfg) else None
+            own = (G_raw(frame, memory) if memory is not None else G_raw(frame)).detach()
     if not has_memory(cfg):
-        return G(batch.cond)
-    G_raw = getattr(G, "module", G)  # the extra no-grad call must not go through the wrapper
-    memory = previous_colour(G_raw, batch.cond, batch.target, cfg)
-    return G(batch.cond if grey else batch.cond[:, 1], memory)
+        return G(batch.cond), own
+    memory = previous_colour(None, batch.cond, batch.target, cfg, own=own)
+    return G(batch.cond if mode == "grey" else batch.cond[:, 1], memory), own
 
 
 def train_step(accelerator: Accelerator, gan: GAN, batch: Batch,
@@ -96,7 +114,7 @@ def train_step(accelerator: Accelerator, gan: GAN, batch: Batch,
     out: dict[str, Tensor] = {}
     with accelerator.accumulate(gan.G, gan.D):
         with backend.autocast():
-            fake = generate(gan, gan.G, batch)
+            fake, fake_prev = generate(gan, gan.G, batch)
 
         # D phase: real and fake through one forward (one power iteration per step).
         for _ in range(gan.d_steps_per_g):
@@ -117,7 +135,12 @@ def train_step(accelerator: Accelerator, gan: GAN, batch: Batch,
         with backend.autocast(), torch.set_grad_enabled(adv_weight > 0):
             fake_logits = D_raw(assemble_d_input(cfg, batch.cond, fake, batch.target))
         g = gan.loss.g_loss(fake_logits, fake, real, adv_weight)
-        optimize(backend, g.total, gan.G, gan.opt_G, gan.grad_clip, "G", out)
+        g_total = g.total
+        if gan.loss.lambda_temporal > 0 and batch.flow is not None:
+            temporal = temporal_loss(fake, fake_prev, batch.flow[:, 0], batch.flow_mask[:, 0])
+            g_total = g_total + gan.loss.lambda_temporal * temporal
+            out["Loss/G/temporal"] = temporal.detach()
+        optimize(backend, g_total, gan.G, gan.opt_G, gan.grad_clip, "G", out)
         D_raw.requires_grad_(True)
 
     if accelerator.sync_gradients and "Skipped/G" not in out:
@@ -127,7 +150,7 @@ def train_step(accelerator: Accelerator, gan: GAN, batch: Batch,
         "Loss/D/total": d.total.detach(),
         "Loss/D/real": d.real.detach(),
         "Loss/D/fake": d.fake.detach(),
-        "Loss/G/total": g.total.detach(),
+        "Loss/G/total": g_total.detach(),
         "Loss/G/adv": g.adv.detach(),
         "Loss/G/pixel": g.pixel.detach(),
         "Loss/G/chroma": g.chroma.detach(),

@@ -104,9 +104,17 @@ def agreed(accelerator: Accelerator, build):
 
 
 def make_loader(cfg, accelerator: Accelerator, mode: str, split: str) -> TripletLoader:
-    return TripletLoader(cfg.data, mode, split, accelerator.process_index,
-                         accelerator.num_processes, accelerator.device, cfg.train.seed,
-                         shuffle=split == "train", augment=split == "train")
+    # the stored flow is read only for what uses it: the temporal loss, in training
+    flow = split == "train" and cfg.loss.lambda_temporal > 0
+    try:
+        return TripletLoader(cfg.data, mode, split, accelerator.process_index,
+                             accelerator.num_processes, accelerator.device, cfg.train.seed,
+                             shuffle=split == "train", augment=split == "train", flow=flow)
+    except ManifestError as e:
+        if flow and "no optical flow" in str(e):
+            raise ManifestError(f"loss.lambda_temporal = {cfg.loss.lambda_temporal}: {e}, or "
+                                "set loss.lambda_temporal=0") from None
+        raise
 
 
 def make_val_loader(cfg, accelerator: Accelerator, mode: str) -> TripletLoader | None:

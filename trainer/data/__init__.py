@@ -7,6 +7,9 @@
         batch.keys                  # sample keys, for logging and debugging
     state = loader.state_dict()     # exact mid-epoch position (per rank), for checkpoints
 
+`flow=True`: batches also carry the flow stored in the shards (`tricolor-shards build
+--flow`), cropped and flipped with the frames: `batch.flow`, `batch.flow_mask`.
+
 `shuffle=True, augment=True` (training): shuffled samples, a random crop, flip and brightness
 per triplet. `shuffle=False, augment=False` (validation): every epoch gives the same samples
 in the same order on the same rank, each the centre crop of `data.crop_size` (window start
@@ -26,8 +29,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from shards.manifest import ManifestError
 from trainer.data.samples import NoSamplesError, SampleSet, scan_split
-from trainer.data.transforms import condition_and_target
+from trainer.data.transforms import condition_and_target, flow_and_mask
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,10 @@ class Batch:
     cond: Tensor  # [B, 3, 1, H, W]: L (grey mode) or line art (line-art mode) of t-1, t, t+1
     target: Tensor  # [B, 3, C, H, W]: a,b (C=2, grey mode) or Lab (C=3, line-art mode)
     keys: list[str]
+    # Shards built with --flow only: the flow from frame t to t-1 and to t+1, in pixels (x, y)
+    # of the crop [B, 2, 2, H, W], and where it holds (visible in both frames) [B, 2, 1, H, W]
+    flow: Tensor | None = None
+    flow_mask: Tensor | None = None
 
 
 def dali_available() -> bool:
@@ -55,6 +63,7 @@ class TripletLoader:
         seed: int,
         shuffle: bool = True,
         augment: bool = True,
+        flow: bool = False,
     ):
         self.cfg, self.mode, self.split = cfg, str(getattr(mode, "value", mode)), split
         self.rank, self.world_size, self.device = rank, world_size, device
@@ -64,6 +73,10 @@ class TripletLoader:
             log.warning("DALI is not installed here; using the webdataset backend instead")
             self.backend = "webdataset"
         self.samples: SampleSet = scan_split(Path(cfg.shards), split, world_size)
+        if flow and not self.samples.flow:
+            raise ManifestError(f"{cfg.shards}/manifest.json records no optical flow: rebuild "
+                                "the shards with `tricolor-shards build --flow`")
+        self.flow = flow  # read the stored flow (only when something uses it: it costs)
         small = [s for s in self.samples.frame_sizes if min(s) < cfg.crop_size]
         if small:
             raise NoSamplesError(
@@ -111,7 +124,7 @@ class TripletLoader:
         if self._source is None:
             self._source = self._make_source()
         while self._step < self.steps_per_epoch:
-            frames, keys = self._source.next()
+            frames, keys, extras = self._source.next()
             self._step += 1
             cond, target = condition_and_target(
                 frames.to(self.device, non_blocking=True),
@@ -119,7 +132,11 @@ class TripletLoader:
                 self.cfg.canny_low,
                 self.cfg.canny_high,
             )
-            yield Batch(cond, target, keys)
+            flow = mask = None
+            if extras is not None:
+                raw, mirrored = (x.to(self.device, non_blocking=True) for x in extras)
+                flow, mask = flow_and_mask(raw, mirrored)
+            yield Batch(cond, target, keys, flow, mask)
         self._source.end_epoch()
         self.epoch += 1
         self._step = 0

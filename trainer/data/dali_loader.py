@@ -20,7 +20,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from trainer.data.samples import FRAME_MEMBERS
+from trainer.data.samples import FLOW_MEMBERS, FRAME_MEMBERS
 
 READER = "Reader"
 
@@ -41,8 +41,10 @@ def build_pipeline(
     shuffle: bool = True,
     augment: bool = True,
     checkpoint: bytes | None = None,
+    flow: bool = False,
 ):
     decoder_device = "mixed" if device_id is not None else "cpu"
+    members = FRAME_MEMBERS + (FLOW_MEMBERS if flow else ())
 
     @pipeline_def(
         batch_size=batch_size,
@@ -53,10 +55,10 @@ def build_pipeline(
         prefetch_queue_depth=2,
     )
     def triplets():
-        prev, cur, nxt = fn.readers.webdataset(
+        prev, cur, nxt, *flows = fn.readers.webdataset(
             paths=tars,
             index_paths=indexes,
-            ext=list(FRAME_MEMBERS),
+            ext=list(members),
             missing_component_behavior="error",  # bad samples were already left out of the index
             shard_id=rank,
             num_shards=world_size,
@@ -77,9 +79,9 @@ def build_pipeline(
             gain = fn.random.uniform(range=(1.0 - brightness_jitter, 1.0 + brightness_jitter))
         else:  # the same pixels at every validation: the centre crop, nothing random
             crop_x = crop_y = 0.5
-        frames = []
-        for encoded in (prev, cur, nxt):
-            # ROI decoding: only the crop window is decoded.
+        def decode(encoded):
+            # ROI decoding: only the crop window is decoded; the flow PNGs (shards/flow.py)
+            # take the frames' decoder, window and flip, so they cannot come apart.
             image = fn.decoders.image_crop(
                 encoded,
                 device=decoder_device,
@@ -88,22 +90,29 @@ def build_pipeline(
                 crop_pos_x=crop_x,
                 crop_pos_y=crop_y,
             )
-            if augment:
-                image = fn.flip(image, horizontal=mirror)
-                if brightness_jitter > 0:
-                    image = fn.brightness(image, brightness=gain)
+            return fn.flip(image, horizontal=mirror) if augment else image
+
+        frames = []
+        for encoded in (prev, cur, nxt):
+            image = decode(encoded)
+            if augment and brightness_jitter > 0:  # the frames only: never the flow
+                image = fn.brightness(image, brightness=gain)
             frames.append(image)
-        return fn.stack(*frames), info  # [3, H, W, 3] uint8 per sample
+        outputs = [fn.stack(*frames), info]  # [3, H, W, 3] uint8 per sample
+        if flow:  # [2, H, W, 3] uint8, and whether the sample was mirrored (its x negates)
+            outputs += [fn.stack(*(decode(f) for f in flows)),
+                        mirror if augment else fn.constant(idata=0, dtype=types.INT32)]
+        return tuple(outputs)
 
     pipe = triplets(checkpoint=checkpoint) if checkpoint else triplets()
     pipe.build()
     return pipe
 
 
-def build_iterator(pipe) -> DALIGenericIterator:
+def build_iterator(pipe, flow: bool = False) -> DALIGenericIterator:
     return DALIGenericIterator(
         [pipe],
-        ["frames", "info"],
+        ["frames", "info", *(["flow", "mirror"] if flow else [])],
         reader_name=READER,
         last_batch_policy=LastBatchPolicy.DROP,
         auto_reset=False,

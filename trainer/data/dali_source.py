@@ -40,12 +40,17 @@ class DaliSource:
             shuffle=loader.shuffle,
             augment=loader.augment,
             checkpoint=checkpoint,
+            flow=loader.flow,
         )
-        self.iterator = build_iterator(self.pipe)
+        self.flow = loader.flow
+        self.iterator = build_iterator(self.pipe, self.flow)
 
     def next(self):
+        """(frames [B, 3, H, W, 3] uint8, keys, and with flow (flow PNG pixels [B, 2, H, W, 3]
+        uint8, mirrored [B] bool), else None)."""
         (out,) = next(self.iterator)
-        return out["frames"], decode_keys(out["info"])
+        extras = (out["flow"], out["mirror"].reshape(-1).bool()) if self.flow else None
+        return out["frames"], decode_keys(out["info"]), extras
 
     def end_epoch(self) -> None:
         self.iterator.reset()

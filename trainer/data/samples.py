@@ -52,6 +52,7 @@ from shards.tario import INDEX_VERSION, read_index, split_member_name
 log = logging.getLogger(__name__)
 
 FRAME_MEMBERS = ("prev.jpg", "cur.jpg", "next.jpg")  # frames t-1, t, t+1
+FLOW_MEMBERS = ("flow_prev.png", "flow_next.png")  # with --flow: t -> t-1, t -> t+1
 TAR_BLOCK = 512  # a tar header is one block, right before its member's data
 
 Member = tuple[int, int, str]  # (offset of the data, size, member name in the tar)
@@ -89,7 +90,7 @@ def check_same_samples(fingerprints: list[str | None], what: str) -> None:
 @dataclass
 class ShardSamples:
     tar: Path
-    lines: list[str]  # one index line per readable sample (frame members only)
+    lines: list[str]  # one index line per readable sample (frame and flow members only)
     unchecked: int = 0  # readable samples whose json carries no CRC-32 (older builds)
 
 
@@ -99,6 +100,11 @@ class SampleSet:
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     trimmed: int = 0  # readable samples left out so every rank reads as many
     frame_sizes: list[tuple[int, int]] = field(default_factory=list)
+    flow: bool = False  # the shards store optical flow (FLOW_MEMBERS), listed in the index
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return FRAME_MEMBERS + (FLOW_MEMBERS if self.flow else ())
 
     def __len__(self) -> int:
         return sum(len(s.lines) for s in self.shards)
@@ -265,7 +271,8 @@ class VerifiedCache:
 
 
 
-def _checksum_problem(sample: Sample, data: mmap.mmap) -> str | None:
+def _checksum_problem(sample: Sample, data: mmap.mmap,
+                      members: tuple[str, ...] = FRAME_MEMBERS) -> str | None:
     """A frame whose CRC-32 is not the recorded one, or an unreadable json member; "" when
     the sample records no checksums (built before they were)."""
     if "json" not in sample:
@@ -280,7 +287,7 @@ def _checksum_problem(sample: Sample, data: mmap.mmap) -> str | None:
     if "crc32" not in meta:
         return ""
     recorded = meta["crc32"]
-    for m in FRAME_MEMBERS:
+    for m in members:
         if not isinstance(recorded, dict) or not isinstance(recorded.get(m), int):
             return f"checksum mismatch (json member records no CRC-32 of {m})"
         offset, size, _ = sample[m]
@@ -297,10 +304,15 @@ def _jpeg_ok(data: mmap.mmap, offset: int, size: int) -> bool:
     return size > 4 and data[offset : offset + 2] == b"\xff\xd8" and b"\xff\xd9" in tail
 
 
-def _sample_problem(sample: Sample, data: mmap.mmap, verified: bool) -> str | None:
+def _png_ok(data: mmap.mmap, offset: int, size: int) -> bool:
+    return size > 8 and data[offset : offset + 8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _sample_problem(sample: Sample, data: mmap.mmap, verified: bool,
+                    members: tuple[str, ...] = FRAME_MEMBERS) -> str | None:
     """Why this sample cannot be trained on ("" when it can but records no checksums).
     `verified`: its shard's checksums all matched at an earlier start (see `VerifiedCache`)."""
-    missing = [m for m in FRAME_MEMBERS if m not in sample]
+    missing = [m for m in members if m not in sample]
     if missing:
         return f"missing component {', '.join(missing)}"
     if any(o + s > len(data) for o, s, _ in sample.values()):
@@ -308,7 +320,10 @@ def _sample_problem(sample: Sample, data: mmap.mmap, verified: bool) -> str | No
     bad = [m for m in FRAME_MEMBERS if not _jpeg_ok(data, *sample[m][:2])]
     if bad:
         return f"undecodable JPEG ({', '.join(bad)}: no JPEG markers)"
-    return None if verified else _checksum_problem(sample, data)
+    bad = [m for m in members if m in FLOW_MEMBERS and not _png_ok(data, *sample[m][:2])]
+    if bad:
+        return f"undecodable PNG ({', '.join(bad)}: no PNG signature)"
+    return None if verified else _checksum_problem(sample, data, members)
 
 
 def _skip_shard(tar: Path, why: str, reason: str, expected: int | None, skipped: Counter):
@@ -319,7 +334,8 @@ def _skip_shard(tar: Path, why: str, reason: str, expected: int | None, skipped:
 
 
 def scan_shard(tar: Path, skipped: Counter, index: Path | None = None,
-               expected: int | None = None) -> ShardSamples:
+               expected: int | None = None,
+               members: tuple[str, ...] = FRAME_MEMBERS) -> ShardSamples:
     """The readable samples of one shard; each unreadable one is logged and counted.
     `expected`: the manifest's sample count of the shard (None: unknown, then a lost
     shard counts as one)."""
@@ -335,10 +351,10 @@ def scan_shard(tar: Path, skipped: Counter, index: Path | None = None,
         if f.seek(0, 2) == 0:
             return _skip_shard(tar, "empty shard", "empty shard", expected, skipped)
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return _scan_samples(tar, index, data, expected, skipped)
+            return _scan_samples(tar, index, data, expected, skipped, members)
 
 
-def _scan_samples(tar, index, data, expected, skipped) -> ShardSamples:
+def _scan_samples(tar, index, data, expected, skipped, members) -> ShardSamples:
     samples, cut = _listed_samples(tar, index, data)
     if not samples:
         return _skip_shard(tar, f"cannot index this shard ({cut or 'no samples'})",
@@ -355,7 +371,7 @@ def _scan_samples(tar, index, data, expected, skipped) -> ShardSamples:
     mismatches = 0
     for i, sample in enumerate(samples):
         key = split_member_name(next(iter(sample.values()))[2])[0]
-        reason = _sample_problem(sample, data, verified)
+        reason = _sample_problem(sample, data, verified, members)
         mismatches += bool(reason) and reason.startswith("checksum mismatch")
         if reason and cut and i == len(samples) - 1 and reason.startswith("missing component"):
             reason = f"truncated tar (the tar ends inside this sample: {cut})"
@@ -365,7 +381,7 @@ def _scan_samples(tar, index, data, expected, skipped) -> ShardSamples:
             continue
         shard.unchecked += reason == ""
         shard.lines.append(" ".join(f"{m} {sample[m][0]} {sample[m][1]} {sample[m][2]}"
-                                    for m in FRAME_MEMBERS))
+                                    for m in members))
     if marker is not None and not verified and not mismatches and not shard.unchecked:
         VerifiedCache.remember(marker)
     return shard
@@ -378,9 +394,11 @@ def scan_split(shard_dir: Path, split: str, world_size: int = 1) -> SampleSet:
         raise NoSamplesError(f"{shard_dir}/manifest.json: no split {split!r}")
     info = manifest["splits"][split]
     skipped: Counter = Counter()
+    flow = "flow" in manifest  # built with --flow: the flow members are read too
+    members = FRAME_MEMBERS + (FLOW_MEMBERS if flow else ())
     shards = [
         scan_shard(shard_file(shard_dir, s["tar"]), skipped, shard_file(shard_dir, s["index"]),
-                   s.get("samples"))
+                   s.get("samples"), members)
         for s in info["shards"]
     ]
     unchecked = [s for s in shards if s.unchecked]
@@ -389,7 +407,8 @@ def scan_split(shard_dir: Path, split: str, world_size: int = 1) -> SampleSet:
                     "before checksums): corrupted JPEG data in them cannot be detected; "
                     "rebuild the shards to get checksums", shard_dir, split,
                     sum(s.unchecked for s in unchecked), len(unchecked))
-    samples = SampleSet(shards, skipped, frame_sizes=[tuple(s) for s in info["frame_sizes"]])
+    samples = SampleSet(shards, skipped, frame_sizes=[tuple(s) for s in info["frame_sizes"]],
+                        flow=flow)
     total = len(samples)
     if total < world_size:
         raise NoSamplesError(

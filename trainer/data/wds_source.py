@@ -18,7 +18,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from trainer.data.samples import FRAME_MEMBERS
+from trainer.data.samples import FLOW_MEMBERS, FRAME_MEMBERS
 
 
 def centre_start(side: int, crop: int) -> int:
@@ -27,29 +27,40 @@ def centre_start(side: int, crop: int) -> int:
 
 
 def centre_crop(frames: list[np.ndarray], crop: int) -> np.ndarray:
-    """The centre crop of the three frames, nothing random (validation) -> [3, crop, crop, 3]."""
+    """The centre crop of the images (three frames, and the flows), nothing random
+    (validation) -> [N, crop, crop, 3]."""
     h, w = frames[0].shape[:2]
     y, x = centre_start(h, crop), centre_start(w, crop)
     return np.ascontiguousarray(np.stack([f[y : y + crop, x : x + crop] for f in frames]))
 
 
-def crop_and_flip(frames: list[np.ndarray], crop: int, flip: bool, jitter: float, rng):
-    """The same random crop, flip and brightness for the three frames -> [3, crop, crop, 3]."""
+def crop_and_flip(frames: list[np.ndarray], crop: int, flip: bool, jitter: float, rng,
+                  flows: list[np.ndarray] = ()) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    """The same random crop and flip for the three frames and the flow images, brightness
+    for the frames only -> ([3, crop, crop, 3], [2, crop, crop, 3] or None, mirrored)."""
     h, w = frames[0].shape[:2]
     y, x = rng.randint(0, h - crop), rng.randint(0, w - crop)
     mirror = flip and rng.random() < 0.5
     gain = rng.uniform(1 - jitter, 1 + jitter) if jitter > 0 else 1.0
-    out = np.stack([f[y : y + crop, x : x + crop] for f in frames])
+    out, fl = (np.stack([f[y : y + crop, x : x + crop] for f in images]) if images else None
+               for images in (frames, flows))
     if mirror:
         out = out[:, :, ::-1]
+        fl = fl[:, :, ::-1] if fl is not None else None
     if gain != 1.0:
         out = np.clip(out.astype(np.float32) * gain, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(out)
+    return (np.ascontiguousarray(out), None if fl is None else np.ascontiguousarray(fl),
+            mirror)
+
+
+def read_images(sample: dict, members) -> list[np.ndarray]:
+    return [np.asarray(Image.open(io.BytesIO(sample[m])).convert("RGB")) for m in members]
 
 
 class _RankSamples(IterableDataset):
-    def __init__(self, tars, keys, cfg, seed, epoch, rank, shuffle, augment):
+    def __init__(self, tars, keys, cfg, seed, epoch, rank, shuffle, augment, flow=False):
         self.tars, self.cfg, self.shuffle, self.augment = tars, cfg, shuffle, augment
+        self.flow = flow
         self.position = {k: i for i, k in enumerate(keys)}
         self.seed = (seed, epoch, rank)
 
@@ -69,14 +80,16 @@ class _RankSamples(IterableDataset):
         cfg = self.cfg
         for sample in pipeline:
             rng = random.Random(str((*self.seed, sample["__key__"])))
-            frames = [np.asarray(Image.open(io.BytesIO(sample[m])).convert("RGB"))
-                      for m in FRAME_MEMBERS]
+            frames = read_images(sample, FRAME_MEMBERS)
+            flows = read_images(sample, FLOW_MEMBERS) if self.flow else []
             if self.augment:
-                triplet = crop_and_flip(frames, cfg.crop_size, cfg.flip, cfg.brightness_jitter,
-                                        rng)
+                triplet, flow, mirror = crop_and_flip(frames, cfg.crop_size, cfg.flip,
+                                                      cfg.brightness_jitter, rng, flows)
             else:
-                triplet = centre_crop(frames, cfg.crop_size)
-            yield torch.from_numpy(triplet), sample["__key__"]
+                triplet, mirror = centre_crop(frames, cfg.crop_size), False
+                flow = centre_crop(flows, cfg.crop_size) if flows else None
+            extras = None if flow is None else (torch.from_numpy(flow), mirror)
+            yield torch.from_numpy(triplet), sample["__key__"], extras
 
 
 class WebDatasetSource:
@@ -95,7 +108,7 @@ class WebDatasetSource:
     def _start_epoch(self, skip_batches: int = 0) -> None:
         loader = self.loader
         dataset = _RankSamples(self.tars, self.keys, loader.cfg, loader.seed, loader.epoch,
-                               loader.rank, loader.shuffle, loader.augment)
+                               loader.rank, loader.shuffle, loader.augment, loader.flow)
         workers = loader.cfg.num_threads
         self._samples = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
                                         persistent_workers=False))
@@ -107,8 +120,12 @@ class WebDatasetSource:
         # in every worker and change the number of batches per epoch.
         if self._samples is None:
             self._start_epoch()
-        frames, keys = zip(*(next(self._samples) for _ in range(self.loader.cfg.batch_size)))
-        return torch.stack(frames), list(keys)
+        frames, keys, extras = zip(*(next(self._samples)
+                                     for _ in range(self.loader.cfg.batch_size)))
+        if extras[0] is None:
+            return torch.stack(frames), list(keys), None
+        flows, mirrors = zip(*extras)
+        return torch.stack(frames), list(keys), (torch.stack(flows), torch.tensor(mirrors))
 
     def end_epoch(self) -> None:
         self._samples = None  # the next call starts the loader's next epoch
