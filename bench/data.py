@@ -239,7 +239,7 @@ def make_stream(variant: str, stage: str, shards: Path, crop: int, args,
         samples = scan_split(shards, "train", 1)
         return naive_stream(samples, crop, args.batch_size, args.threads, device, stage == "lab")
     cfg = data_config(shards, variant, crop, args.batch_size, args.threads)
-    loader = TripletLoader(cfg, MODE, "train", 0, 1, device, seed=0)
+    loader = TripletLoader(cfg, MODE, "train", 0, 1, device, seed=0, flow=args.flow)
     assert loader.backend == variant, f"{variant} is unavailable here (got {loader.backend})"
     return loader_stream(loader) if stage == "lab" else source_stream(loader)
 
@@ -483,10 +483,10 @@ def ablation_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def build_shards(out: Path, short_side: int) -> Path:
+def build_shards(out: Path, short_side: int, flow: bool = False) -> Path:
     videos = [sample_video(name) for name in VIDEOS]
     argv = ["build", *map(str, videos), "--out", str(out), "--short-side", str(short_side),
-            "--val-fraction", "0", "--samples-per-shard", "100"]
+            "--val-fraction", "0", "--samples-per-shard", "100", *(["--flow"] if flow else [])]
     if shards_main(argv) != 0:
         raise SystemExit("building the benchmark shards failed")
     return out
@@ -517,6 +517,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto: cuda if available (DALI then decodes with device='mixed')")
     p.add_argument("--ablation", action="store_true",
                    help="also time DALI decode-only variants (see the module docstring)")
+    p.add_argument("--flow", action="store_true",
+                   help="the loaders also read the stored optical flow (shards built with "
+                        "--flow; built so when --shards is not given); naive ignores it")
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
 
@@ -537,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="tricolor-bench-") as tmp:
-        shards = args.shards or build_shards(Path(tmp) / "shards", args.short_side)
+        shards = args.shards or build_shards(Path(tmp) / "shards", args.short_side, args.flow)
         steps = len(scan_split(shards, "train", 1)) // args.batch_size
         if args.warmup + args.batches > steps:
             print(f"note: {args.warmup} + {args.batches} batches > {steps} per epoch: the "

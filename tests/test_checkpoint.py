@@ -134,7 +134,8 @@ def test_a_killed_run_with_memory_sampling_and_the_temporal_loss_resumes_bitwise
     ref_losses, cut_losses = losses(tmp_path / "memory_ref"), losses(tmp_path / "memory_cut")
     assert cut_losses == ref_losses
     temporal = losses(tmp_path / "memory_ref", "Loss/G/temporal")
-    assert len(temporal) == STEPS and all(v > 0 for v in temporal.values())
+    # step 1: G starts at grey, its colours of t and t-1 are equal (0); then it learns
+    assert len(temporal) == STEPS and all(v > 0 for s, v in temporal.items() if s > 1)
 
 
 def test_a_kill_during_a_save_resumes_from_the_previous_complete_checkpoint(shards, reference,
