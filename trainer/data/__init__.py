@@ -151,6 +151,7 @@ class TripletLoader:
             "backend": self.backend,
             "fingerprint": self.samples.fingerprint(),
             "batch_size": self.cfg.batch_size,
+            "flow": self.flow,  # another pipeline (more outputs): its DALI state would not fit
         }
         if self.backend == "webdataset":
             keys.update(seed=self.seed, num_threads=self.cfg.num_threads)
@@ -170,7 +171,9 @@ class TripletLoader:
         workers); otherwise the saved epoch restarts cleanly, with a log line."""
         self.epoch, self._step, self._source = state["epoch"], 0, None
         self._resume_from = None
-        # A key the state lacks (saved by an older version) counts as changed.
+        # A key the state lacks (saved by an older version) counts as changed; but positions
+        # saved before flow could be read were all without it.
+        state = {"flow": False, **state}
         changed = {k: (state.get(k), v) for k, v in self._position_keys().items()
                    if state.get(k) != v}
         if changed:
