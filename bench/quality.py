@@ -83,6 +83,8 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
                     "colour memory, in training none 25 %, its own 50 %, the truth 25 %"),
     "temporal": (DEMO, ["model.memory=false", "loss.lambda_temporal=10"],
                  "no_memory + the flow-warped, occlusion-masked temporal L1, weight 10"),
+    "temporal_50": (DEMO, ["model.memory=false", "loss.lambda_temporal=50"],
+                    "no_memory + the temporal L1, weight 50"),
     "temporal_memory": (DEMO, ["model.memory=true", "model.p_drop=0.2",
                                "model.scheduled_sampling=0.2", "loss.lambda_temporal=10"],
                         "memory + the temporal L1, weight 10"),
@@ -648,6 +650,23 @@ def targets(summary: dict, drifts: dict, names: list[str]) -> list[str]:
             lines.append(f"- {row} no worse than {control} (×1e3): "
                          + "; ".join(c for c, _ in checks) + ": "
                          + verdict(all(ok for _, ok in checks)))
+    temporal = [n for n in names if "loss.lambda_temporal" in " ".join(VARIANTS[n][1])]
+    if temporal and "per_frame" in summary:
+        lines.append("")
+        lines.append("Issue 17: a temporal variant's warp excess and CDC − floor at most half the "
+                     "per-frame control's, at equal or better PSNR (automatic protocol):")
+        for n in temporal:
+            checks = []
+            for p in protos:
+                a_psnr, b_psnr = psnr(n, p), psnr("per_frame", p)
+                checks.append((f"PSNR {p} {a_psnr:.2f} vs {b_psnr:.2f}", a_psnr >= b_psnr))
+                for key, label in (("warp_excess", "warp excess"),
+                                   ("cdc_excess", "CDC − floor")):
+                    a, b = psnr(n, p, key), psnr("per_frame", p, key)
+                    checks.append((f"{label} {p} {a * 1e3:.3f} vs {b * 1e3:.3f} ×1e-3",
+                                   a <= 0.5 * b))
+            lines.append(f"- {n} against per_frame: " + "; ".join(c for c, _ in checks) + ": "
+                         + verdict(all(ok for _, ok in checks)))
     return lines
 
 
@@ -812,7 +831,7 @@ def write_report(results: list[dict], data: dict, args, info: dict, docs: Path) 
         (pics / "drift.png").unlink(missing_ok=True)
     checks = targets(summary, drifts, names)
     if checks:
-        lines += ["", "## Targets of issue 16, on this run's figures", "", *checks]
+        lines += ["", "## Targets of issues 16 and 17, on this run's figures", "", *checks]
     key_note = ("validation `psnr_gain` (PSNR − grey's PSNR on the val split)"
                 if curve_key == "psnr_gain" else
                 "validation PSNR (the runs did not log `psnr_gain`)")
