@@ -29,14 +29,6 @@ from shards.video import decode_frames
 from trainer.data import TripletLoader
 
 
-@pytest.fixture(scope="module", autouse=True)
-def private_cache(tmp_path_factory):
-    """The start-up scan remembers verified shards under $XDG_CACHE_HOME: not the user's."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-        yield
-
-
 @pytest.fixture(scope="module")
 def flow_shards(tmp_path_factory) -> tuple[Path, list[Path]]:
     """Two clips of a texture drifting 2 px per frame (96x64), shards with flow."""
@@ -228,3 +220,31 @@ def test_the_train_step_adds_the_temporal_loss_when_it_is_on(shards):
         assert temporal > 0
         rest = out["Loss/G/adv"].item() + 20 * out["Loss/G/pixel"].item()
         assert total == pytest.approx(rest + weight * temporal, rel=1e-5)
+
+
+def test_validation_reads_the_stored_flow_instead_of_running_farneback(flow_shards, monkeypatch):
+    """Val shards with flow: the warp error of the truth and of a model comes from the stored
+    flow (Farnebäck is never called) and is of the size Farnebäck's gives on the same clips."""
+    import trainer.metrics as metrics
+    from models import ModelConfig, build_generator
+    from trainer.validate import validate
+
+    out, _ = flow_shards
+    cfg = data_cfg(out, "data.backend=webdataset")
+    G = build_generator(ModelConfig(ngf=8, depth=3, norm="group", zero_init_head=False)).eval()
+
+    def loader(flow):
+        return TripletLoader(cfg, "grey", "train", 0, 1, torch.device("cpu"), seed=0,
+                             shuffle=False, augment=False, flow=flow)
+
+    farneback, _ = validate(G, loader(False), metrics.ColorizationMetrics(), "grey")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Farnebäck was run although the shards carry flow")
+
+    monkeypatch.setattr(metrics, "farneback_flows", refuse)
+    stored, _ = validate(G, loader(None), metrics.ColorizationMetrics(), "grey")  # as trainer
+    assert 0 <= stored["warp_truth"] < 0.01 and stored["warp"] > stored["warp_truth"]
+    for key in ("warp", "warp_truth"):  # another flow, the same order of magnitude
+        assert 0.3 < (stored[key] + 1e-4) / (farneback[key] + 1e-4) < 3, (key, stored, farneback)
+    assert stored["psnr"] == farneback["psnr"]  # only the flow differs

@@ -173,6 +173,19 @@ def clip_warp_error(video: Tensor, fwd: Tensor, mask: Tensor) -> tuple[Tensor, T
     return (e_pair * pair_ok).sum(dim=1) / pairs.clamp(min=1), pairs > 0
 
 
+def stored_warp_error(video: Tensor, flow: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """E_warp of triplets [B, 3, 3, H, W] (t-1, t, t+1) with the flow stored in the shards:
+    flow [B, 2, 2, H, W] from t to t-1 and to t+1, mask [B, 2, 1, H, W]. Each pair is seen
+    from frame t (frame t against the other frame warped to t), as `clip_warp_error` sees a
+    pair from its first frame -> (error [B], valid [B])."""
+    B = video.shape[0]
+    pairs = torch.stack([video[:, [1, 0]], video[:, [1, 2]]], dim=1).flatten(0, 1)
+    err, valid = clip_warp_error(pairs, flow.flatten(0, 1)[:, None].float(),
+                                 mask.flatten(0, 1).float())
+    err, valid = err.view(B, 2), valid.view(B, 2)
+    return (err * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1), valid.any(dim=1)
+
+
 class ColorizationMetrics(Metric):
     """PSNR, SSIM, CDC and warp error of colorized clips, with the ground-truth floors.
 
@@ -201,7 +214,11 @@ class ColorizationMetrics(Metric):
         self.add_state("clips", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("warp_clips", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
 
-    def update(self, pred: Tensor, truth: Tensor, grey: Tensor, baseline: Tensor) -> None:
+    def update(self, pred: Tensor, truth: Tensor, grey: Tensor, baseline: Tensor,
+               flow: tuple[Tensor, Tensor] | None = None) -> None:
+        """`flow`: (flow, mask) stored in the shards for these triplets (`Batch.flow`,
+        `Batch.flow_mask`): the warp error uses them (`stored_warp_error`) instead of
+        computing Farnebäck flow on the CPU."""
         if pred.ndim != 5 or pred.shape[2] != 3 or not pred.shape == truth.shape == baseline.shape:
             raise ValueError(f"pred, truth and baseline must all be RGB [B, T, 3, H, W]; got "
                              f"{tuple(pred.shape)}, {tuple(truth.shape)} and "
@@ -214,11 +231,15 @@ class ColorizationMetrics(Metric):
                              f"{pred.shape[1]}")
         with torch.autocast(device_type=pred.device.type, enabled=False):
             pred, truth, grey, baseline = (x.float() for x in (pred, truth, grey, baseline))
-            fwd, bwd = farneback_flows(grey)
-            mask = non_occlusion_mask(fwd.flatten(0, 1), bwd.flatten(0, 1))
-            mask = mask.view(*fwd.shape[:2], *mask.shape[-2:])
-            warp_pred, valid = clip_warp_error(pred, fwd, mask)
-            warp_truth, _ = clip_warp_error(truth, fwd, mask)  # same masks: same validity
+            if flow is not None and pred.shape[1] == 3:
+                warp_pred, valid = stored_warp_error(pred, *flow)
+                warp_truth, _ = stored_warp_error(truth, *flow)
+            else:
+                fwd, bwd = farneback_flows(grey)
+                mask = non_occlusion_mask(fwd.flatten(0, 1), bwd.flatten(0, 1))
+                mask = mask.view(*fwd.shape[:2], *mask.shape[-2:])
+                warp_pred, valid = clip_warp_error(pred, fwd, mask)
+                warp_truth, _ = clip_warp_error(truth, fwd, mask)  # same masks and validity
             per_clip = {"psnr": clip_psnr(pred, truth), "ssim": clip_ssim(pred, truth),
                         "psnr_grey": clip_psnr(baseline, truth),
                         "ssim_grey": clip_ssim(baseline, truth),

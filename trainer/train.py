@@ -104,8 +104,9 @@ def agreed(accelerator: Accelerator, build):
 
 
 def make_loader(cfg, accelerator: Accelerator, mode: str, split: str) -> TripletLoader:
-    # the stored flow is read only for what uses it: the temporal loss, in training
-    flow = split == "train" and cfg.loss.lambda_temporal > 0
+    # the stored flow is read only for what uses it: the temporal loss in training, the warp
+    # error in validation (when the shards have it; else Farnebäck on the CPU)
+    flow = cfg.loss.lambda_temporal > 0 if split == "train" else None
     try:
         return TripletLoader(cfg.data, mode, split, accelerator.process_index,
                              accelerator.num_processes, accelerator.device, cfg.train.seed,

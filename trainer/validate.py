@@ -85,7 +85,9 @@ def validate(G: nn.Module, loader, metrics, mode: str):
         pred = colorize_triplet(G, batch.cond, mode)
         truth = truth_lab(batch, mode)
         grey = (truth[:, :, :1].float() + 1) / 2  # the frames' luminance, for the flow
-        metrics.update(lab_to_rgb(pred), lab_to_rgb(truth), grey, lab_to_rgb(zero_chroma(truth)))
+        flow = None if batch.flow is None else (batch.flow, batch.flow_mask)  # stored: no
+        metrics.update(lab_to_rgb(pred), lab_to_rgb(truth), grey,  # Farnebäck on the CPU
+                       lab_to_rgb(zero_chroma(truth)), flow)
         if first is None:
             first = (batch, pred)
     return {k: float(v) for k, v in metrics.compute().items()}, first

@@ -63,7 +63,7 @@ class TripletLoader:
         seed: int,
         shuffle: bool = True,
         augment: bool = True,
-        flow: bool = False,
+        flow: bool | None = False,  # None: when the shards have it
     ):
         self.cfg, self.mode, self.split = cfg, str(getattr(mode, "value", mode)), split
         self.rank, self.world_size, self.device = rank, world_size, device
@@ -76,7 +76,8 @@ class TripletLoader:
         if flow and not self.samples.flow:
             raise ManifestError(f"{cfg.shards}/manifest.json records no optical flow: rebuild "
                                 "the shards with `tricolor-shards build --flow`")
-        self.flow = flow  # read the stored flow (only when something uses it: it costs)
+        # read the stored flow (only when something uses it: it costs)
+        self.flow = self.samples.flow if flow is None else flow
         small = [s for s in self.samples.frame_sizes if min(s) < cfg.crop_size]
         if small:
             raise NoSamplesError(
