@@ -402,13 +402,17 @@ class Colorizer:
             yield item
 
     def _keyframe_colour(self, item: Item) -> Tensor | None:
-        """The item's keyframe as G's colour at the input's size: normalized a,b [2, H, W]
-        (grey mode) or Lab [3, H, W]; None without a keyframe."""
-        if item.keyframe is None:
-            return None
-        rgb = torch.from_numpy(item.keyframe).to(item.cond.device)[None, None]
-        lab = rgb_to_lab_triplets(rgb)[0, 0]
-        return lab[1:] if self.model.mode == "grey" else lab
+        return keyframe_colour(item, self.model.mode)
+
+
+def keyframe_colour(item: Item, mode: str) -> Tensor | None:
+    """The item's keyframe as G's colour at the input's size: normalized a,b [2, H, W]
+    (grey mode) or Lab [3, H, W], on the item's device; None without a keyframe."""
+    if item.keyframe is None:
+        return None
+    rgb = torch.from_numpy(item.keyframe).to(item.cond.device)[None, None]
+    lab = rgb_to_lab_triplets(rgb)[0, 0]
+    return lab[1:] if mode == "grey" else lab
 
 
 # --- the command ---------------------------------------------------------------------------

@@ -62,6 +62,7 @@ from inference.colorize import (
     ModelError,
     compose_grey,
     is_greyscale,
+    keyframe_colour,
     load_model,
     pick_device,
     prepare,
@@ -69,7 +70,6 @@ from inference.colorize import (
 )
 from inference.keyframes import KeyframeError, TruthKeyframes
 from inference.video_io import Frame, OutputError, Source
-from models.colour import AB_SCALE
 from shards.atomic import write_json_atomic
 from shards.video import VideoError, find_videos
 from trainer.metrics import VideoScores, rgb_to_cielab
@@ -140,8 +140,9 @@ def score_video(path: Path, model: Model, per_frame: Model, device: torch.device
         if keyframes is not None:
             if item.scene != scene:
                 copied, scene = None, item.scene
-            if item.keyframe is not None:
-                copied = keyframe_colour(item, model.mode)
+            if item.keyframe is not None:  # its a,b (grey mode), or itself (line art: no L)
+                copied = (keyframe_colour(item, "grey") if model.mode == "grey"
+                          else to_tensor(item.keyframe))
             preds[KEYFRAME_COPY] = to_tensor(paste(item, copied, model.mode))
         scores.update(truth, grey, preds, scored)
         scenes = item.scene + 1
@@ -162,14 +163,6 @@ def score_video(path: Path, model: Model, per_frame: Model, device: torch.device
             "fps": float(source.fps), "working_size": list(size), "working_size_from": why,
             "scenes": scenes, "greyscale": greyscale, "methods": methods,
             "psnr_by_frame": scores.psnr_by_frame()}
-
-
-def keyframe_colour(item, mode: str) -> torch.Tensor:
-    """What the copy baseline pastes on later frames: the keyframe's a,b [2, H, W] (grey
-    mode) or its RGB [3, H, W] in [0, 1] (line art, which has no L of its own)."""
-    if mode == "grey":
-        return rgb_to_cielab(to_tensor(item.keyframe))[1:] / AB_SCALE
-    return to_tensor(item.keyframe)
 
 
 def paste(item, copied: torch.Tensor | None, mode: str) -> np.ndarray:

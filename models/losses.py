@@ -128,15 +128,16 @@ class GANLoss:
 
 
 def warp(x: Tensor, flow: Tensor) -> Tensor:
-    """Frame x [B, C, H, W] seen from the frame a flow [B, 2, H, W] starts in: the value at
-    p + flow(p) (pixels, x then y), bilinear, the border pixel beyond the edge."""
-    h, w = flow.shape[-2:]
-    ys, xs = torch.meshgrid(torch.arange(h, device=flow.device, dtype=flow.dtype),
-                            torch.arange(w, device=flow.device, dtype=flow.dtype), indexing="ij")
-    gx = 2 * (xs + flow[:, 0]) / max(w - 1, 1) - 1  # align_corners=True: pixel centres
-    gy = 2 * (ys + flow[:, 1]) / max(h - 1, 1) - 1
-    return F.grid_sample(x, torch.stack([gx, gy], dim=-1), mode="bilinear",
-                         padding_mode="border", align_corners=True)
+    """Frame x [N, C, H, W] seen from the frame a flow [N, 2, H, W] starts in: x sampled
+    bilinearly at pixel + flow (x then y, in pixels), the border pixel beyond the edge. The
+    temporal loss and the warp error of `trainer.metrics` both use it."""
+    _, _, H, W = x.shape
+    ys, xs = torch.meshgrid(torch.arange(H, device=x.device, dtype=x.dtype),
+                            torch.arange(W, device=x.device, dtype=x.dtype), indexing="ij")
+    gx = (xs + flow[:, 0]) * (2 / max(W - 1, 1)) - 1  # align_corners=True: pixel centres
+    gy = (ys + flow[:, 1]) * (2 / max(H - 1, 1)) - 1
+    grid = torch.stack([gx, gy], dim=-1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 def temporal_loss(pred: Tensor, pred_prev: Tensor, flow: Tensor, mask: Tensor) -> Tensor:

@@ -45,13 +45,14 @@ import cv2
 import kornia
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.functional.image import (
     peak_signal_noise_ratio,
     structural_similarity_index_measure,
 )
+
+from models.losses import warp  # one warp for the warp error and the temporal loss
 
 PSNR_CAP_DB = 100.0
 CDC_DILATIONS = (1, 2, 4)
@@ -129,17 +130,6 @@ def farneback_flows(grey: Tensor) -> tuple[Tensor, Tensor]:
         return flow.reshape(B, T - 1, 2, H, W).to(grey.device, torch.float32)
 
     return stack(fwd), stack(bwd)
-
-
-def warp(x: Tensor, flow: Tensor) -> Tensor:
-    """x [N, C, H, W] sampled bilinearly at (pixel + flow) on x's grid; flow [N, 2, H, W]."""
-    _, _, H, W = x.shape
-    ys, xs = torch.meshgrid(torch.arange(H, device=x.device, dtype=x.dtype),
-                            torch.arange(W, device=x.device, dtype=x.dtype), indexing="ij")
-    gx = (xs + flow[:, 0]) * (2 / max(W - 1, 1)) - 1  # align_corners=True: pixel centres
-    gy = (ys + flow[:, 1]) * (2 / max(H - 1, 1)) - 1
-    grid = torch.stack([gx, gy], dim=-1)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 def non_occlusion_mask(fwd: Tensor, bwd: Tensor) -> Tensor:

@@ -46,13 +46,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shards.flow import MEMBERS as FLOW_MEMBERS  # with --flow: t -> t-1, t -> t+1
 from shards.manifest import ManifestError, load_manifest, shard_file
 from shards.tario import INDEX_VERSION, read_index, split_member_name
 
 log = logging.getLogger(__name__)
 
 FRAME_MEMBERS = ("prev.jpg", "cur.jpg", "next.jpg")  # frames t-1, t, t+1
-FLOW_MEMBERS = ("flow_prev.png", "flow_next.png")  # with --flow: t -> t-1, t -> t+1
 TAR_BLOCK = 512  # a tar header is one block, right before its member's data
 
 Member = tuple[int, int, str]  # (offset of the data, size, member name in the tar)
@@ -101,10 +101,6 @@ class SampleSet:
     trimmed: int = 0  # readable samples left out so every rank reads as many
     frame_sizes: list[tuple[int, int]] = field(default_factory=list)
     flow: bool = False  # the shards store optical flow (FLOW_MEMBERS), listed in the index
-
-    @property
-    def members(self) -> tuple[str, ...]:
-        return FRAME_MEMBERS + (FLOW_MEMBERS if self.flow else ())
 
     def __len__(self) -> int:
         return sum(len(s.lines) for s in self.shards)
