@@ -45,6 +45,12 @@ class DataConfig:
     canny_low: float = 0.1  # line-art mode: Canny hysteresis thresholds on gradients in [0, 1]
     canny_high: float = 0.2
     num_threads: int = 2  # DALI CPU threads, or DataLoader workers, per process
+    # DALI's reader maps the tar files (fast on local disks); false reads them with plain
+    # reads, which most network filesystems (Lustre, NFS) serve better
+    mmap: bool = True
+    # validation reads this many samples of the val split (a fixed, evenly spaced subset:
+    # the same pixels at every validation); 0 = all of them
+    val_samples: int = 0
 
 
 @dataclass
@@ -76,6 +82,12 @@ class TrainConfig:
     val_every: int = 200  # steps between validations (and at the end); 0 = only at the end
     checkpoint_every: int = 500  # steps between checkpoints; 0 = only at the end (and on stop)
     keep_checkpoints: int = 3  # most recent complete checkpoints kept on disk (>= 1)
+    # steps between the ranks' agreement on a stop request (a signal or the stop file): one
+    # host sync each time, so not every step; checkpoint steps and the last step always agree
+    stop_check_every: int = 10
+    # process-group timeout: a collective that waits longer (a rank stuck in start-up or a
+    # long validation) fails the run instead of hanging it
+    dist_timeout_min: float = 30.0
 
 
 @dataclass
@@ -99,10 +111,11 @@ RANGES = [
     *[(key, lambda v: v >= 1, ">= 1") for key in (
         "data.batch_size", "data.crop_size", "data.num_threads", "optim.d_steps_per_g",
         "train.epochs", "train.grad_accum", "train.max_nonfinite", "train.log_every",
-        "train.keep_checkpoints")],
+        "train.keep_checkpoints", "train.stop_check_every")],
     *[(key, lambda v: v >= 0, ">= 0") for key in (
         "train.max_steps", "train.image_every", "train.val_every", "train.checkpoint_every",
-        "optim.warmup_steps", "optim.grad_clip")],
+        "optim.warmup_steps", "optim.grad_clip", "data.val_samples")],
+    ("train.dist_timeout_min", lambda v: v > 0, "> 0 (minutes)"),
     *[(key, lambda v: v > 0, "> 0 (a learning rate of 0 trains nothing)")
       for key in ("optim.lr_g", "optim.lr_d")],
     *[(key, lambda v: 0 <= v < 1, "in [0, 1)") for key in (
