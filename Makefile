@@ -10,7 +10,7 @@ EXTRAS ?= dev,demo,bench,deepspeed$(shell [ "$$(uname -sm)" = "Linux x86_64" ] &
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 
-.PHONY: install demo test lint bench quality clean
+.PHONY: install demo test lint bench quality clean gpu-check gpu-wheels
 
 install: $(STAMP)
 
@@ -75,6 +75,21 @@ QUALITY_OUT ?= $(BENCH_OUT)/quality
 QUALITY_ARGS ?=
 quality: $(STAMP)
 	$(PY) -m bench.quality --out $(QUALITY_OUT) $(QUALITY_ARGS)
+
+# One command on a GPU host (docs/gpu-check.md): installs the carried wheels (.gpu-wheels/, made
+# by gpu-wheels here), runs the stages of bench/gpu_stages.py under their own time limits (8 min
+# in all) and writes $(BENCH_OUT)/gpu_check.{md,json,log}; exit 1 if a stage failed. Without
+# CUDA it prints one line and exits 2. No install from an index: the host has none (its
+# python3 and preinstalled torch are used when this checkout has no $(VENV)).
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	@$(GPU_PY) -m bench.gpu_check run --out $(BENCH_OUT)
+
+# On this side (PyPI reachable): every wheel the GPU host lacks (cp312 manylinux x86_64), the
+# stage shards, parts of at most 50 MB and a sha256 manifest, packed into carry folders in
+# .gpu-wheels/ (ignored): base (one call) and dali-N (see docs/gpu-check.md).
+gpu-wheels: $(STAMP)
+	$(PY) -m bench.gpu_check wheels --dest .gpu-wheels
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

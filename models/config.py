@@ -18,7 +18,7 @@ class Mode(str, Enum):
 
 
 class Norm(str, Enum):
-    batch = "batch"  # the seed README's choice; the trainer makes it SyncBatchNorm on GPUs
+    batch = "batch"  # the seed README's; statistics over all ranks (trainer/sync_batchnorm.py)
     instance = "instance"  # the first seed's code; per-sample, so no cross-rank sync needed
     group = "group"  # gcd(32, C) groups; per-sample, safe on CPU and with tiny batches
 

@@ -10,7 +10,9 @@ in memory:
    scenes (or whole videos), shuffle, and write shards that reference the spooled JPEGs.
 
 Every file is written under a `.partial` name and renamed when complete; the manifest is
-written last, so a directory with a manifest is always whole.
+written last, so a directory with a manifest is always whole. A whole build then scans its
+shards once as the loader would and writes `good-samples.json` beside the manifest, which
+loaders read instead of scanning every shard at every start (`trainer.data.samples`).
 
 Rebuilding (`--overwrite`) never takes the old data set apart before the new one is whole:
 each build names its shards with its own build id (`train-<id>-000000.tar`), writes them
@@ -394,7 +396,27 @@ def build(
         remove_quietly([spool_dir])
     fsync_dir(out_dir)
     retire(old, manifest_path, log)
+    if not params.slice:  # a slice's shards are indexed by `merge`, with the others
+        index_good_samples(out_dir, log)
     return BuildResult(manifest, skipped)
+
+
+def index_good_samples(out_dir: Path, log=print) -> Path | None:
+    """Scan the shards once, as every loader would at start-up, and write the result beside
+    the manifest (`trainer.data.samples.write_good_samples`): loaders then read that one file
+    instead of every shard. Optional: where it cannot be written, loaders scan (and say so)."""
+    from trainer.data.samples import GOOD_SAMPLES, write_good_samples
+
+    try:
+        return write_good_samples(out_dir)
+    except ManifestError:  # no sound manifest: `verify` names what is wrong with it
+        return None
+    except OSError as e:
+        log(f"warning: cannot write {out_dir / GOOD_SAMPLES} ({e.strerror or e}): training "
+            "will scan every shard at start-up", file=sys.stderr)
+        return None
+    finally:  # interrupted, or failed: no partial file left behind
+        (out_dir / (GOOD_SAMPLES + PARTIAL_SUFFIX)).unlink(missing_ok=True)
 
 
 def _is_published(manifest_path: Path, inode: int | None) -> bool:

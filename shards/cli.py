@@ -7,8 +7,8 @@ import signal
 import sys
 from pathlib import Path
 
-from shards.build import MAX_SHORT_SIDE, BuildParams, build
-from shards.manifest import ManifestError, merge
+from shards.build import MAX_SHORT_SIDE, BuildParams, build, index_good_samples
+from shards.manifest import MANIFEST, ManifestError, merge
 from shards.verify import verify
 from shards.video import find_videos, sample_video
 
@@ -56,7 +56,10 @@ def make_parser() -> argparse.ArgumentParser:
                         "manifest.json until `merge`); the old one stays whole until the new "
                         "one is complete; files no manifest lists are kept")
 
-    p = sub.add_parser("verify", help="re-read every shard and check it against the manifest")
+    p = sub.add_parser("verify", help="re-read every shard and check it against the manifest",
+                       description="Re-read every shard and check it against the manifest; "
+                                   "then (re)write good-samples.json, the readable samples the "
+                                   "training loaders read instead of scanning every shard.")
     p.add_argument("dir", type=Path)
 
     p = sub.add_parser("merge", help="merge the manifests of a sliced build")
@@ -110,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             problems = verify(args.dir)
             for problem in problems:
                 print(f"error: {problem}", file=sys.stderr)
+            # What the loaders will read: written even when problems were found (they
+            # skip what is damaged, and the index records what they skip).
+            if (args.dir / MANIFEST).is_file() and (index := index_good_samples(args.dir)):
+                print(f"wrote {index}")
             if problems:
                 print(f"{args.dir}: {len(problems)} problems", file=sys.stderr)
                 return 1
@@ -117,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "merge":
             manifest = merge(args.dir)
             print(f"merged into {args.dir / 'manifest.json'}")
+            index_good_samples(args.dir)
             print(summarize(manifest))
         elif args.command == "sample":
             print(sample_video(args.name))

@@ -27,8 +27,10 @@ def launch_cmd(*args: str, processes: int = 2) -> list[str]:
 
 
 def launch_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1", **extra}
+    """CPU ranks, also on a GPU host: ACCELERATE_USE_CPU for Accelerate, and no visible GPU
+    for everything that asks torch.cuda (precision `auto`, DeepSpeed's backend choice)."""
+    return {**os.environ, "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "",
+            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
 def launch(*args: str, processes: int = 2, timeout=600, **env) -> subprocess.CompletedProcess:

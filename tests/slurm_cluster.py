@@ -266,9 +266,11 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
                                f"{result.stdout}{result.stderr}")
         return result
 
-    def sbatch(self, *argv: str, env: dict[str, str] | None = None, cwd=None) -> str:
-        out = self.run("sbatch", "--parsable", *argv, env={**self.env, **(env or {})},
-                       cwd=cwd).stdout
+    def sbatch(self, *argv: str, env: dict[str, str | None] | None = None, cwd=None) -> str:
+        """Submit; `env` adds to the cluster's environment (a None value removes the name)."""
+        merged = {**self.env, **(env or {})}
+        merged = {k: v for k, v in merged.items() if v is not None}
+        out = self.run("sbatch", "--parsable", *argv, env=merged, cwd=cwd).stdout
         return out.strip().split(";")[0]
 
     def jobs(self, job_id: str) -> list[dict[str, str]]:

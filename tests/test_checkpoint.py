@@ -574,3 +574,57 @@ def test_a_line_art_checkpoint_from_before_the_memory_generator_is_refused(two_c
     lineart = OmegaConf.merge(cfg.model, {"mode": "lineart"})
     with pytest.raises(IncompatibleCheckpoint, match="before the colour-memory generator"):
         ckpts.load(latest, gan, lineart)
+
+
+def test_optimizer_state_loads_through_accelerates_fp16_wrapper(tmp_path, one_thread):
+    """DCP creates the empty Adam state of a fresh process with `optimizer.step()`. Given
+    Accelerate's fp16 wrapper, that step would go through GradScaler.step before any
+    `scale()` and assert: the backend hands DCP the torch optimizer itself."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    cfg, gan = tiny_gan()
+    gan.backend.save_state(gan, tmp_path)
+    fresh = build_gan(cfg, Accelerator(cpu=True))
+    scaler = torch.amp.GradScaler("cpu")
+    fresh.opt_G, fresh.opt_D = (AcceleratedOptimizer(opt, scaler=scaler)
+                                for opt in (fresh.opt_G, fresh.opt_D))
+    fresh.backend.load_state(fresh, tmp_path)
+    assert scaler._scale is None  # never stepped, never scaled
+    for saved, loaded in ((gan.opt_G, fresh.opt_G), (gan.opt_D, fresh.opt_D)):
+        saved, loaded = saved.state_dict()["state"], loaded.state_dict()["state"]
+        assert saved.keys() == loaded.keys() and saved
+        for index, state in saved.items():
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(state[key], loaded[index][key]), (index, key)
+
+
+def files_rank(rank: int, world: int, port: int, root: Path) -> None:
+    """One of 2 gloo ranks: a DCP save; writes the files this rank reports to root/rank<r>.json."""
+    import json
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    _, gan = tiny_gan()
+    written = gan.backend.save_state(gan, root / "state")
+    (root / f"rank{rank}.json").write_text(json.dumps([str(f) for f in written]))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_each_rank_returns_only_the_files_it_wrote(tmp_path):
+    """Each rank fsyncs what save_state returns: its own files, not every rank's."""
+    import json
+
+    import torch.multiprocessing as mp
+    from launching import free_port
+
+    (tmp_path / "state").mkdir()
+    mp.start_processes(files_rank, args=(2, free_port(), tmp_path), nprocs=2,
+                       start_method="spawn")
+    lists = [set(json.loads((tmp_path / f"rank{r}.json").read_text())) for r in range(2)]
+    assert lists[0] and lists[1] and not lists[0] & lists[1]
+    assert lists[0] | lists[1] == {str(f) for f in (tmp_path / "state").iterdir()}
+    assert str(tmp_path / "state" / ".metadata") in lists[0]

@@ -24,7 +24,18 @@ from torch import nn
 from videos import rotated_video, scene_video, size_change_video, textured_frames
 
 from inference import colorize
-from inference.colorize import Colorizer, Model, compose_grey, load_model, main, prepare
+from inference.colorize import (
+    BatchError,
+    Colorizer,
+    Model,
+    batch_plan,
+    batch_task,
+    compose_grey,
+    load_model,
+    main,
+    output_complete,
+    prepare,
+)
 from inference.video_io import Source
 from models import build_generator
 from models.config import ModelConfig
@@ -700,3 +711,58 @@ def test_a_line_art_export_from_before_the_memory_generator_is_refused_by_name(t
     (export / "generator.json").write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="line-art export made before the colour-memory"):
         load_model(export, torch.device("cpu"))
+
+
+# --- batches (slurm/colorize.sbatch) ----------------------------------------------------------
+
+
+def test_batch_plan_folder_list_and_clashing_names(tmp_path, monkeypatch):
+    src = tmp_path / "in"
+    for rel in ("a/x.mp4", "b/x.mov", "b/y.MKV", "notes.txt", ".hidden/z.mp4", "a/.x.mp4"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(b"")
+    out = src / "colored"  # inside the input folder: its videos are never inputs
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "x.mp4").write_bytes(b"")
+    # a folder: the path under it is kept, so the same name in two folders is no clash
+    assert batch_plan(src, out) == [(src / "a/x.mp4", out / "a/x.mp4"),
+                                    (src / "b/x.mov", out / "b/x.mp4"),
+                                    (src / "b/y.MKV", out / "b/y.mp4")]
+    # a list: paths relative to the current folder, OUT/<name>.mp4, comments and repeats skipped
+    monkeypatch.chdir(tmp_path)
+    listing = tmp_path / "list.txt"
+    listing.write_text("# videos\nin/a/x.mp4\n\n  in/b/y.MKV  \nin/a/x.mp4\n")
+    assert batch_plan(listing, tmp_path / "o") == [(Path("in/a/x.mp4"), tmp_path / "o/x.mp4"),
+                                                   (Path("in/b/y.MKV"), tmp_path / "o/y.mp4")]
+    # two inputs for one output: refused, naming both, before anything is done
+    listing.write_text("in/a/x.mp4\nin/b/x.mov\n")
+    with pytest.raises(BatchError, match=r"in/a/x.mp4 and in/b/x.mov -> .*o/x.mp4"):
+        batch_plan(listing, tmp_path / "o")
+    (src / "a" / "x.mov").write_bytes(b"")  # x.mov beside x.mp4 in a folder
+    with pytest.raises(BatchError, match="written by two inputs"):
+        batch_plan(src, out)
+    listing.write_text("# nothing\n")
+    with pytest.raises(BatchError, match="lists no videos"):
+        batch_plan(listing, out)
+    with pytest.raises(BatchError, match="no such folder or list file"):
+        batch_plan(tmp_path / "missing", out)
+
+
+def test_batch_task_slices_and_skips_complete_outputs(tmp_path, grey_export, clip):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(5):
+        (src / f"v{i}.mp4").symlink_to(clip)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert run("--model", grey_export, "--input", src / "v2.mp4", "--output", out / "v2.mp4",
+               "--size", 32) == 0
+    assert output_complete(out / "v2.mp4")
+    (out / "v4.mp4").write_bytes(b"half a video")  # not this tool's: left alone, reported
+    assert not output_complete(out / "v4.mp4") and not output_complete(out / "v0.mp4")
+    assert batch_task(src, out, 0, 2) == [("todo", src / "v0.mp4", out / "v0.mp4"),
+                                          ("done", src / "v2.mp4", out / "v2.mp4"),
+                                          ("blocked", src / "v4.mp4", out / "v4.mp4")]
+    assert [s for s, _, _ in batch_task(src, out, 1, 2)] == ["todo", "todo"]
+    with pytest.raises(BatchError, match="not a task"):
+        batch_task(src, out, 2, 2)

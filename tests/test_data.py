@@ -436,6 +436,7 @@ def test_a_verified_shard_is_hashed_again_only_once_it_changes(tmp_path, shards,
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     copy = damaged_copy(shards, tmp_path)
+    (copy / "good-samples.json").unlink()  # the cache is the fallback scan's
     assert make_loader(copy).skipped_total == 0
     assert len(list(VerifiedCache.directory().iterdir())) == 3  # every train shard remembered
     tar = copy / train_shards(copy)[0]["tar"]
@@ -499,3 +500,126 @@ def test_ranks_with_other_samples_are_refused_together(tmp_path, shards):
     with pytest.raises(NoSamplesError, match=rf"cannot scan the shards: .*Is a directory: "
                                              rf"'{bad / entry['index']}'"):
         agreed(Accelerator(cpu=True), unreadable)
+
+
+# --- issue 18: the scan once per data set (good-samples.json), data.mmap, data.val_samples --
+
+
+def count_jpeg_checks(monkeypatch) -> list[int]:
+    from trainer.data import samples
+
+    calls = [0]
+    real = samples._jpeg_ok
+
+    def counted(*args):
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(samples, "_jpeg_ok", counted)
+    return calls
+
+
+def test_the_good_samples_index_replaces_the_scan_until_a_shard_changes(tmp_path, shards,
+                                                                         monkeypatch, caplog):
+    """`build` wrote good-samples.json: a loader opens no shard (no per-member check) and gets
+    the very list the scan gives; a shard changed after indexing (here cut short) is found
+    stale, named, and scanned again (only it), with the scan's verdict."""
+    from trainer.data.samples import scan_split
+
+    copy = damaged_copy(shards, tmp_path)
+    assert (copy / "good-samples.json").is_file()
+    checks = count_jpeg_checks(monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        indexed = scan_split(copy, "train")
+    assert checks[0] == 0 and not caplog.text
+    (copy / "good-samples.json").rename(tmp_path / "good-samples.json")
+    with caplog.at_level(logging.WARNING):
+        scanned = scan_split(copy, "train")
+    assert checks[0] == 3 * len(scanned) and "no good-samples index" in caplog.text
+    assert indexed.fingerprint() == scanned.fingerprint()  # ranks agree whichever way
+    assert [s.lines for s in indexed.shards] == [s.lines for s in scanned.shards]
+    (tmp_path / "good-samples.json").rename(copy / "good-samples.json")
+
+    entry = train_shards(copy)[1]
+    tar = copy / entry["tar"]
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) // 2])
+    checks[0] = 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        loader = make_loader(copy)
+    assert 0 < checks[0] <= 3 * entry["samples"]  # the cut shard alone is scanned
+    assert "1 of 3 train shards changed since good-samples.json" in caplog.text
+    assert entry["tar"] in caplog.text and f"{tar}: sample" in caplog.text
+    lost = loader.skipped["truncated tar"]
+    assert lost > 0 and dict(loader.skipped) == {"truncated tar": lost}
+    assert len(loader.samples) == train_samples(copy) - lost
+
+
+def test_verify_rewrites_the_index_and_it_records_what_is_skipped(tmp_path, shards,
+                                                                   monkeypatch, caplog):
+    """A shard damaged after the build: `verify` reports it and rewrites the index, which
+    records the skipped sample; loaders then skip and count it without opening a shard."""
+    from trainer.data.samples import parse_index
+
+    copy = damaged_copy(shards, tmp_path)
+    entry = train_shards(copy)[0]
+    tar = copy / entry["tar"]
+    first = parse_index((copy / entry["index"]).read_text())[0]
+    offset, size, name = first["cur.jpg"]
+    overwrite(tar, offset + size // 2, b"\x00" * 8)  # markers intact: only the CRC-32 tells
+    before = (copy / "good-samples.json").read_bytes()
+    assert shards_main(["verify", str(copy)]) == 1  # the damage is a problem for verify
+    assert (copy / "good-samples.json").read_bytes() != before
+    checks = count_jpeg_checks(monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        loader = make_loader(copy)
+    assert checks[0] == 0
+    assert dict(loader.skipped) == {"checksum mismatch": 1}
+    assert split_member_name(name)[0] not in loader.samples.keys()
+    assert f"{tar}: 1 samples skipped when the shards were indexed" in caplog.text
+
+
+def test_an_unreadable_good_samples_index_falls_back_to_the_scan(tmp_path, shards, caplog):
+    from trainer.data.samples import scan_split
+
+    copy = damaged_copy(shards, tmp_path)
+    (copy / "good-samples.json").write_text("{not json")
+    with caplog.at_level(logging.WARNING):
+        found = scan_split(copy, "train")
+    assert "unreadable good-samples index" in caplog.text
+    assert found.fingerprint() == scan_split(shards, "train").fingerprint()
+
+
+@pytest.mark.skipif(not dali_available(), reason="no DALI wheel")
+def test_the_dali_reader_reads_without_mmap(shards):
+    loader = make_loader(shards, "dali", 0, 1, "grey", "data.mmap=false")
+    assert loader.cfg.mmap is False
+    keys = [k for b in loader for k in b.keys]
+    assert len(keys) == len(set(keys)) == len(loader) * 4
+    assert set(keys) <= set(loader.samples.keys())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_val_samples_reads_a_fixed_evenly_spaced_subset(shards, backend):
+    """data.val_samples = 8 of the val split: the same 8 samples at every construction and
+    every epoch, evenly spaced over the full list; and never less than a batch per rank."""
+    def val_loader(world=1, rank=0, *overrides):
+        cfg = data_cfg(shards, f"data.backend={backend}", "data.val_samples=8", *overrides)
+        return TripletLoader(cfg, "grey", "val", rank, world, torch.device("cpu"), seed=3,
+                             shuffle=False, augment=False)
+
+    full = TripletLoader(data_cfg(shards, f"data.backend={backend}"), "grey", "val", 0, 1,
+                         torch.device("cpu"), seed=3, shuffle=False, augment=False)
+    every = full.samples.keys()
+    assert len(every) > 8
+    chosen = [every[i * len(every) // 8] for i in range(8)]
+    first, second = val_loader(), val_loader()
+    assert first.samples.keys() == second.samples.keys() == chosen
+    for loader in (first, second):
+        for _ in range(2):  # two validations
+            assert sorted(k for b in loader for k in b.keys) == sorted(chosen)
+    two = [val_loader(2, rank) for rank in (0, 1)]  # 2 ranks: the same 8, 4 each
+    assert sorted(k for loader in two for b in loader for k in b.keys) == sorted(chosen)
+    small = val_loader(2, 0, "data.val_samples=2")  # raised to one batch of 4 per rank
+    assert len(small.samples) == 8 and small.steps_per_epoch == 1

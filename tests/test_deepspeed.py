@@ -63,7 +63,10 @@ def ds_cmd(stage: int, *args: str, processes: int = 2) -> list[str]:
 
 
 def ds_env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    """CPU ranks on gloo, also on a GPU host: no visible GPU (else DeepSpeed takes NCCL and
+    rank 1 asks for a second GPU)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
     env.pop("ACCELERATE_USE_CPU", None)  # it would turn Accelerate's DeepSpeed path off
     return env
 

@@ -65,6 +65,65 @@ def run_metrics(pred, truth, grey, chunks=None, baseline=None) -> dict[str, floa
     return m.compute()
 
 
+def test_histograms_count_as_bincount_does():
+    video = torch.rand(2, 3, 3, 17, 19)
+    video[0, 0, 0, :4] = 0.0  # both ends of the range
+    video[1, 2, 1, :4] = 1.0
+    levels = (video.clamp(0, 1) * 255).round().long().flatten(-2)
+    want = torch.stack([torch.bincount(row, minlength=256) for row in levels.flatten(0, -2)])
+    got = histograms(video)
+    assert torch.equal(got, want.view(*video.shape[:-2], 256).float() / (17 * 19))
+
+
+def test_farneback_flows_are_cached_by_key(monkeypatch):
+    """With keys, each clip's flows are computed once, across updates and resets, and the
+    warp errors are those computed afresh; a key repeated within a batch (the padding of a
+    last batch) is computed once."""
+    import cv2
+
+    calls = []
+    farneback = cv2.calcOpticalFlowFarneback
+    monkeypatch.setattr(cv2, "calcOpticalFlowFarneback",
+                        lambda *a: calls.append(1) or farneback(*a))
+    rgb, grey = zip(*(moving_texture(seed=s) for s in range(3)))
+    truth, grey = torch.stack(rgb), torch.stack(grey)
+    pred = (truth + 0.05 * torch.rand_like(truth)).clamp(0, 1)
+    fresh = run_metrics(pred, truth, grey, chunks=[slice(0, 2), slice(2, 3)])  # as below
+    assert len(calls) == 3 * 2 * 2  # 3 clips of 2 pairs, both directions
+    calls.clear()
+    m = ColorizationMetrics()
+    for _ in range(2):  # two validations
+        m.reset()
+        m.update(pred[:2], truth[:2], grey[:2], as_rgb(grey[:2]), keys=["a", "b"])
+        m.update(pred[2:], truth[2:], grey[2:], as_rgb(grey[2:]), keys=["c"])
+        assert m.compute() == fresh
+    assert len(calls) == 3 * 2 * 2
+    calls.clear()
+    m.update(pred[[0, 0]], truth[[0, 0]], grey[[0, 0]], as_rgb(grey[[0, 0]]), keys=["d", "d"])
+    assert len(calls) == 2 * 2
+    with pytest.raises(ValueError, match="2 keys for 1 clips"):
+        m.update(pred[:1], truth[:1], grey[:1], as_rgb(grey[:1]), keys=["a", "b"])
+
+
+def test_opencv_threads_are_shared_by_the_ranks_of_a_node(monkeypatch):
+    import cv2
+
+    from trainer import metrics
+
+    before = cv2.getNumThreads()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    metrics._share_cv2_threads.cache_clear()
+    try:
+        farneback_flows(moving_texture()[1][None])
+        assert cv2.getNumThreads() == max(1, len(os.sched_getaffinity(0)) // 2)
+        cv2.setNumThreads(before)
+        farneback_flows(moving_texture()[1][None])
+        assert cv2.getNumThreads() == before  # set once per process, not at every call
+    finally:
+        cv2.setNumThreads(before)
+        metrics._share_cv2_threads.cache_clear()
+
+
 # --- CDC -----------------------------------------------------------------------------------
 
 def test_js_sanity_value():

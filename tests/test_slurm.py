@@ -5,7 +5,12 @@
 - slurm/train.sbatch on 2 nodes x 1 CPU rank, preempted with SIGUSR1 to the batch shell (what
   `--signal=B:USR1@N` does before the time limit) and, separately, requeued from outside with
   `scontrol requeue` (what PreemptMode=REQUEUE does): each run checkpoints, is requeued once,
-  resumes from that checkpoint and completes, every step trained exactly once.
+  resumes from that checkpoint and completes, every step trained exactly once; each start
+  logs nproc, CPU affinity and the NCCL settings; without a GPU it fails at once unless
+  TRICOLOR_ALLOW_CPU=1;
+- slurm/colorize.sbatch as a 2-task array over 3 tiny videos and a broken one: every good
+  video colorized, the broken one named and its task failed; resubmitted after one output
+  was deleted, only that one is redone.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ import pytest
 from launching import TINY, free_port
 from slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_installed
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_colorize import decode, tiny_export
+from videos import textured_frames, write_video
 
+from inference.colorize import output_complete
 from shards.video import sample_video
 
 ROOT = Path(__file__).parent.parent
@@ -80,6 +88,26 @@ def test_shards_array_job_builds_slices_and_merges(slurm_shards):
 # -- training ------------------------------------------------------------------------------
 
 
+def test_train_without_gpu_fails_at_once_unless_allowed(slurm, tmp_path):
+    """X3: no GPU and no TRICOLOR_ALLOW_CPU=1: one line saying what to do, exit 1, nothing
+    started; the start logs the CPUs and the NCCL settings (X2, X4)."""
+    job = slurm.sbatch(
+        "--nodes=2", "--time=00:05:00", f"--output={tmp_path}/%x-%j.log",
+        "slurm/train.sbatch", "configs/demo.yaml", f"runs_dir={tmp_path / 'runs'}", "name=cpu",
+        env={**BATCH_ENV, "TRICOLOR_ALLOW_CPU": None, "NCCL_DEBUG": None,
+             "TORCH_NCCL_ASYNC_ERROR_HANDLING": None, "NCCL_IB_HCA": None,
+             "NCCL_SOCKET_IFNAME": "lo", "GLOO_SOCKET_IFNAME": "lo"}, cwd=ROOT)
+    (j,) = slurm.wait_finished(job, timeout=60)
+    text = read(tmp_path / f"tricolor-train-{job}.log")
+    assert (j["JobState"], j["ExitCode"]) == ("FAILED", "1:0"), f"{j}\n{text}"
+    (line,) = [x for x in text.splitlines() if "error: no GPU visible" in x]
+    assert "--gpus-per-node" in line and "TRICOLOR_ALLOW_CPU=1" in line, text
+    assert "NCCL_DEBUG=WARN TORCH_NCCL_ASYNC_ERROR_HANDLING=3 NCCL_SOCKET_IFNAME=lo " \
+           "NCCL_IB_HCA=unset GLOO_SOCKET_IFNAME=lo" in text, text
+    assert re.search(r"batch shell on \S+: nproc 2, SLURM_CPUS_ON_NODE=2", text), text
+    assert "accelerate" not in text and " start 1 " not in text, text
+
+
 def submit_training(slurm: SlurmCluster, shards: Path, work: Path, name: str) -> tuple[str, Path]:
     job = slurm.sbatch(
         "--nodes=2", "--time=00:15:00", f"--output={work}/%x-%j.log",
@@ -87,7 +115,8 @@ def submit_training(slurm: SlurmCluster, shards: Path, work: Path, name: str) ->
         f"runs_dir={work / 'runs'}", f"name={name}", *TINY, f"train.max_steps={STEPS}",
         "train.log_every=1", "train.val_every=0", "train.image_every=0",
         "train.checkpoint_every=0",  # the only checkpoint before the end is the one on stop
-        env={**BATCH_ENV, "TRICOLOR_PORT": str(free_port())}, cwd=ROOT)
+        env={**BATCH_ENV, "TRICOLOR_PORT": str(free_port()), "TRICOLOR_ALLOW_CPU": "1"},
+        cwd=ROOT)
     return job, work / f"tricolor-train-{job}.log"
 
 
@@ -142,6 +171,13 @@ def check_resumed_once(slurm: SlurmCluster, job: str, final: dict, log: Path, ru
         "COMPLETED", "0:0", "1"), f"{final}\n{text}"
     starts = re.findall(r"\[train\.sbatch\] job \d+ start (\d+) ", text)
     assert starts == ["1", "2"], f"one log per job, appended per start:\n{text}"
+    # X2: each node's task has all the CPUs the job got on it (2 per emulated node), unbound
+    nprocs = re.findall(r"\[train\.sbatch\] node (\d) \(\S+\): SLURM_CPUS_PER_TASK=(\d+), "
+                        r"nproc (\d+), pid \d+'s current affinity list: (?:0-1|0,1)$", text, re.M)
+    assert sorted(nprocs) == [("0", "2", "2"), ("0", "2", "2"), ("1", "2", "2"),
+                              ("1", "2", "2")], f"a line per node and start:\n{text}"
+    assert "cpu binding" not in text, text  # --cpu-bind only where a task plugin binds
+    assert text.count("NCCL_DEBUG=WARN TORCH_NCCL_ASYNC_ERROR_HANDLING=3") == 2, text
     stopped = {int(s) for s in re.findall(r"stopped on request at step (\d+)", text)}
     assert len(stopped) == 1, f"ranks stopped at {stopped}:\n{text}"  # a line per rank
     (step,) = stopped
@@ -195,3 +231,62 @@ def test_train_requeued_by_scontrol_checkpoints_and_resumes(slurm, slurm_shards,
     text = read(log)
     assert "stopped on request: requeueing job" not in text, "Slurm requeued it, not the script"
     check_resumed_once(slurm, job, final, log, tmp_path / "runs" / "requeue")
+
+
+# -- colorizing many videos -----------------------------------------------------------------
+
+
+def colorize_logs(work: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(work.glob("*.log")))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_colorize_array_skips_complete_outputs_and_names_failures(slurm, tmp_path):
+    tiny_export(tmp_path / "run" / "export")  # a run folder: colorize finds export/
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    videos = [write_video(inputs / f"v{i}.mp4", textured_frames(6, 64, 48, seed=i))
+              for i in range(3)]
+    broken = inputs / "broken.mp4"
+    broken.write_bytes(b"not a video" * 100)
+    # task 0: broken, v1 (tried after the failure); task 1: v0, v2
+    listing = tmp_path / "videos.txt"
+    listing.write_text("\n".join(map(str, [broken, *videos])) + "\n")
+    out = tmp_path / "out"
+
+    def submit(work: Path) -> dict[str, dict]:
+        work.mkdir()
+        job = slurm.sbatch(
+            "--array=0-1", "--cpus-per-task=1", "--mem=1G", f"--output={work}/%x-%A_%a.log",
+            "slurm/colorize.sbatch", str(tmp_path / "run"), str(listing), str(out),
+            "--size", "32", "--preset", "ultrafast",
+            env={**BATCH_ENV, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+        tasks = slurm.wait_finished(job, timeout=200)
+        return {t["ArrayTaskId"]: t for t in tasks}
+
+    tasks = submit(tmp_path / "first")
+    logs = colorize_logs(tmp_path / "first")
+    assert (tasks["0"]["JobState"], tasks["0"]["ExitCode"]) == ("FAILED", "1:0"), logs
+    assert (tasks["1"]["JobState"], tasks["1"]["ExitCode"]) == ("COMPLETED", "0:0"), logs
+    assert f"failed: {broken}" in logs and f"FAILED {broken} (exit status 1)" in logs, logs
+    results = [out / f"v{i}.mp4" for i in range(3)]
+    for v in results:
+        assert output_complete(v), logs
+        frames = decode(v)
+        assert len(frames) == 6 and frames[0].shape == (48, 64, 3), v
+    assert not output_complete(out / "broken.mp4")
+    assert sorted(p.name for p in out.iterdir()) == ["v0.mp4", "v1.mp4", "v2.mp4"], "leftovers"
+
+    # a requeue or resubmission: only the missing output is made again
+    results[1].unlink()
+    mtimes = {v: v.stat().st_mtime_ns for v in (results[0], results[2])}
+    tasks = submit(tmp_path / "second")
+    logs = colorize_logs(tmp_path / "second")
+    assert tasks["0"]["ExitCode"] == "1:0" and tasks["1"]["ExitCode"] == "0:0", logs
+    assert output_complete(results[1]) and len(decode(results[1])) == 6, logs
+    assert {v: v.stat().st_mtime_ns for v in mtimes} == mtimes, "a complete output was redone"
+    assert logs.count("exists (complete)") == 2 and logs.count("colorizing ") == 2, logs
+    assert f"colorizing {videos[1]} -> {results[1]}" in logs, logs
+    assert "task 1 of 2: 0 colorized, 2 skipped (already complete), 0 failed" in logs, logs
+    assert "task 0 of 2: 1 colorized, 0 skipped (already complete), 1 failed" in logs, logs

@@ -67,7 +67,7 @@ def test_demo_config_trains_end_to_end_on_two_processes(shards, tmp_path):
 def test_world_size_guard_refuses_a_mismatch(shards, tmp_path):
     # Without ACCELERATE_USE_CPU, --multi_gpu on a CPU host starts ranks that each think
     # they are alone: the trainer must refuse instead of training twice.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("ACCELERATE_USE_CPU", None)
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
@@ -116,11 +116,11 @@ def test_a_non_finite_loss_is_skipped_and_counted(shards):
     from trainer.step import train_step
 
     out = train_step(accelerator, gan, Batch(cond, torch.zeros(2, 3, 2, 32, 32), ["a", "b"]))
-    assert "Skipped/D" in out and "Skipped/G" in out
+    assert out["Skipped/D"] == 1 and out["Skipped/G"] == 1  # device tensors, read in the test
     assert all(torch.equal(a, b) for a, b in zip(before, gan.G.parameters()))
     good = Batch(torch.zeros(2, 3, 1, 32, 32), torch.zeros(2, 3, 2, 32, 32), ["a", "b"])
     out = train_step(accelerator, gan, good)
-    assert "Skipped/G" not in out and torch.isfinite(out["Loss/G/total"])
+    assert not out.get("Skipped/G", 0) and torch.isfinite(out["Loss/G/total"])
     assert not all(torch.equal(a, b) for a, b in zip(before, gan.G.parameters()))
 
 
@@ -357,3 +357,81 @@ def test_refusals_on_two_ranks_are_one_line_and_every_rank_exits(damaged_val, fi
     assert no_data.stderr.count("data error:") == 1, no_data.stderr[-3000:]
     assert "smaller than data.crop_size" in no_data.stderr
     assert "NoSamplesError" not in no_data.stderr  # no traceback from any rank
+
+
+# -- learning-rate schedule under gradient accumulation -------------------------------------
+
+def test_with_grad_accum_the_schedule_counts_optimizer_steps_also_across_a_resume(
+        shards, tmp_path, monkeypatch, capsys):
+    """grad_accum=2 over 10 batches: 5 optimizer steps, so after n batches the LR is the
+    schedule's at n // 2 (warm-up 2, then linear decay over 5). A run stopped at batch 5,
+    inside a window, and resumed keeps the windows (and the LR) of the uninterrupted one."""
+    from test_checkpoint import losses
+
+    from trainer.train import lr_lambda
+
+    settings = ["train.grad_accum=2", "optim.warmup_steps=2", "optim.decay=linear",
+                "train.max_steps=10", "train.checkpoint_every=0", "train.val_every=0"]
+    assert run_main(run_args(shards, tmp_path, "name=whole", *settings)) == 0
+    cfg = load_config("configs/demo.yaml", [f"data.shards={shards}", *settings])
+    factor = lr_lambda(cfg, 5)
+    expected = {n: cfg.optim.lr_g * factor(n // 2) for n in range(1, 11)}
+    assert losses(tmp_path / "whole", "LR/G") == pytest.approx(expected)
+
+    stop_file = tmp_path / "stop"
+    stop_file.touch()  # read at the first agreement: step 5
+    monkeypatch.setenv("TRICOLOR_STOP_FILE", str(stop_file))
+    cut = run_args(shards, tmp_path, "name=cut", *settings, "train.stop_check_every=5")
+    assert run_main(cut) == 0 and not (tmp_path / "cut" / "COMPLETE").exists()
+    stop_file.unlink()
+    capsys.readouterr()
+    assert run_main(cut) == 0
+    assert "at step 5" in capsys.readouterr().out.split("resumed from", 1)[1]
+    assert losses(tmp_path / "cut", "LR/G") == pytest.approx(expected)
+
+
+# -- precision `auto` follows the launch, not the host ----------------------------------------
+
+def test_auto_precision_is_decided_by_the_launched_device(monkeypatch):
+    from trainer.main import precision
+
+    cfg = load_config("configs/demo.yaml", ["data.shards=/nonexistent"], require_data=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True:
+                        including_emulation or "native" in os.environ.get("GPU", ""))
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # CPU ranks on a GPU host
+    assert precision(cfg) == "no"
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    monkeypatch.setenv("GPU", "native")
+    assert precision(cfg) == "bf16"
+    monkeypatch.setenv("GPU", "emulated")  # pre-Ampere: bf16 emulated, slow
+    assert precision(cfg) == "no"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CUDA_VISIBLE_DEVICES=""
+    assert precision(cfg) == "no"
+    fp16 = load_config("configs/demo.yaml", ["data.shards=/nonexistent",
+                                             "train.mixed_precision=fp16"], require_data=False)
+    assert precision(fp16) == "fp16"  # an explicit choice is kept
+
+
+# -- the process group is destroyed on every exit ---------------------------------------------
+
+EXIT_REPORT = """
+import sys
+import torch.distributed as dist
+from trainer.main import main
+status = main(sys.argv[1:])
+print(f"exit {status} process group alive {dist.is_initialized()}", flush=True)
+sys.exit(status)
+"""
+
+
+def test_a_refused_launch_destroys_the_process_group(damaged_val, tmp_path):
+    script = tmp_path / "exit_report.py"
+    script.write_text(EXIT_REPORT)
+    result = launch(str(script), *run_args(damaged_val, tmp_path, "data.crop_size=128"),
+                    timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.count("data error:") == 1, result.stderr[-3000:]
+    assert result.stdout.count("exit 1 process group alive False") == 2, result.stdout[-3000:]
+    # NCCL builds warn at exit about a group left alive (gloo here says nothing either way)
+    assert "destroy_process_group" not in result.stderr

@@ -123,3 +123,25 @@ def test_the_gain_of_grey_against_itself_is_zero(shards, one_thread):
     tinted, _ = validate(G, loader, ColorizationMetrics(), "grey")
     assert tinted["psnr_grey"] == out["psnr_grey"]  # the same clips: the same baseline
     assert tinted["psnr_gain"] != 0.0 and tinted["colourfulness"] > 1.0
+
+
+def test_farneback_runs_once_per_sample_across_validations(shards, monkeypatch, one_thread):
+    """Without stored flow the warp error needs Farnebäck flow on the CPU: computed at the
+    first validation, then taken from the cache by sample key; the metrics do not change."""
+    import cv2
+
+    calls = []
+    farneback = cv2.calcOpticalFlowFarneback
+    monkeypatch.setattr(cv2, "calcOpticalFlowFarneback",
+                        lambda *a: calls.append(1) or farneback(*a))
+    cfg = val_cfg(shards, "dali" if dali_available() else "webdataset")
+    loader = TripletLoader(cfg.data, "grey", "val", 0, 1, torch.device("cpu"), seed=0,
+                           shuffle=False, augment=False, flow=False)  # as shards without flow
+    G = tiny_generator("grey")
+    metrics = ColorizationMetrics()
+    first, _ = validate(G, loader, metrics, "grey")
+    samples = {key for batch in loader for key in batch.keys}
+    assert len(calls) == len(samples) * 2 * 2  # per triplet: 2 pairs, both directions
+    again, _ = validate(G, loader, metrics, "grey")
+    assert len(calls) == len(samples) * 2 * 2 and len(metrics.flow_cache) == len(samples)
+    assert again == first and np.isfinite(first["warp_excess"])

@@ -8,8 +8,9 @@ are the same for both; a Backend only answers these questions:
     prepare        wrap G, D and their optimizers (DDP modules, or one DeepSpeed engine each)
     autocast       the mixed-precision context for forwards that run outside a wrapper
     backward_step  backward of one network's loss, then at an accumulation boundary gradient
-                   clipping, the norm and the optimizer step (DeepSpeed: inside its engine)
-    discard_gradients      a skipped (non-finite) phase: drop what was accumulated
+                   clipping, the norm and the optimizer step (DeepSpeed: inside its engine),
+                   skipped on every rank when the loss or the gradients are not finite
+    end_step       once per training step, after both networks (the fp16 GradScaler's update)
     save_state / check_state / load_state    G, D, G_ema and both optimizers in a checkpoint
                    directory (DCP for DDP, DeepSpeed's own sharded files for DeepSpeed);
                    trainer/checkpoint.py publishes that directory atomically
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -57,6 +59,14 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _all_ranks_finite(value: Tensor) -> bool:
+    """Whether `value` is finite on every rank (a host decision: one sync)."""
+    ok = torch.isfinite(value.detach().float()).all().float()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return (text[-1] if text else type(e).__name__)[:300]
@@ -72,27 +82,46 @@ def deepspeed_requested() -> bool:
 def make_accelerator(cfg, precision: str) -> Accelerator:
     """The Accelerator for this launch: DDP by default, two DeepSpeed plugins under a
     DeepSpeed launch config. Raises LaunchConfigError for contradictory settings."""
-    if not deepspeed_requested():
-        return Accelerator(mixed_precision=precision,
-                           gradient_accumulation_steps=cfg.train.grad_accum)
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+    # Accelerate's default (NCCL: 10 min) is shorter than a start-up scan of a large dataset or
+    # a long validation with skewed ranks; past it the watchdog kills the run.
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.train.dist_timeout_min))
+    if not deepspeed_requested():
+        # broadcast_buffers: D's only buffers are the spectral-norm u, v, which
+        # trainer/sn_sync.py broadcasts after every step; G's are the (Sync)BatchNorm statistics,
+        # already the same on every rank under SyncBatchNorm. gradient_as_bucket_view: the
+        # gradients live in DDP's buckets, no second copy.
+        ddp = DistributedDataParallelKwargs(broadcast_buffers=False,
+                                            gradient_as_bucket_view=True)
+        return Accelerator(mixed_precision=precision,
+                           gradient_accumulation_steps=cfg.train.grad_accum,
+                           kwargs_handlers=[ddp, timeout])
     if os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes"):
         raise LaunchConfigError(
             "ACCELERATE_USE_CPU=true turns Accelerate's DeepSpeed integration off; the DeepSpeed "
             "launch configs run CPU ranks on gloo without it: unset ACCELERATE_USE_CPU")
-    handlers = []
-    if not torch.cuda.is_available():
+    if not _gpu_per_local_rank():
         # Without an explicit gloo group Accelerate counts 1 process while DeepSpeed builds
         # a group of WORLD_SIZE ranks (its batch-size check then fails).
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        timeout = InitProcessGroupKwargs(backend="gloo", timeout=timeout.timeout)
         _skip_shm_comm_build()
     accelerator = Accelerator(mixed_precision=precision,
                               gradient_accumulation_steps=cfg.train.grad_accum,
                               deepspeed_plugins=deepspeed_plugins(cfg, precision),
-                              kwargs_handlers=handlers)
+                              kwargs_handlers=[timeout])
     assert accelerator.distributed_type == DistributedType.DEEPSPEED, accelerator.distributed_type
     return accelerator
+
+
+def _gpu_per_local_rank() -> bool:
+    """Whether this launch can put each rank of this node on its own visible GPU (NCCL), else
+    CPU ranks on gloo. Decided from the launch, not from `torch.cuda.is_available()` alone: CPU
+    ranks on a GPU host (the tests set CUDA_VISIBLE_DEVICES="") or more ranks than GPUs would
+    otherwise get NCCL and fail. LOCAL_WORLD_SIZE, not LOCAL_RANK, so that every rank of a node
+    picks the same backend."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return torch.cuda.is_available() and local_world <= torch.cuda.device_count()
 
 
 def _skip_shm_comm_build() -> None:
@@ -192,19 +221,35 @@ def make_backend(accelerator: Accelerator):
 # -- plain DDP (the default) -----------------------------------------------------------------
 
 class DDPBackend:
-    """Accelerate's DDP: one `prepare` for both networks, Accelerate's autocast and (fp16)
-    GradScaler; the sharded state is a torch.distributed.checkpoint (loads at any world size)."""
+    """Accelerate's DDP: one `prepare` for both networks and Accelerate's autocast; the
+    optimizer step and the fp16 GradScaler are driven here, with no host synchronization (see
+    `backward_step`); the sharded state is a torch.distributed.checkpoint (loads at any world
+    size)."""
 
     name = "ddp"
 
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator
+        self._nonfinite_loss: dict[int, Tensor] = {}  # fp16: per optimizer, this window
 
     def describe(self) -> dict:
         return {"name": self.name}
 
+    @staticmethod
+    def adam(params, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+        """Fused Adam: it takes the skip decision as a device tensor (`found_inf`), so a
+        non-finite step is skipped without the host reading a flag (`backward_step`)."""
+        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+
     def prepare(self, G, D, opt_G, opt_D):
-        return self.accelerator.prepare(G, D, opt_G, opt_D)
+        """G and D wrapped in DDP; the optimizers are returned unwrapped. Accelerate's
+        AcceleratedOptimizer would step the GradScaler and update its scale after each of the
+        two optimizers (GradScaler wants one update per iteration) and decide on the host
+        whether to step; `backward_step` and `end_step` do both on the device instead."""
+        for opt in (opt_G, opt_D):
+            assert opt.defaults.get("fused"), "build the DDP optimizers with DDPBackend.adam"
+        G, D, opt_G, opt_D = self.accelerator.prepare(G, D, opt_G, opt_D)
+        return G, D, opt_G.optimizer, opt_D.optimizer
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         # keep_torch_compile=False: with a dynamo backend, the default re-points the compiled
@@ -215,23 +260,61 @@ class DDPBackend:
         return self.accelerator.autocast()
 
     def backward_step(self, loss: Tensor, model, optimizer, grad_clip: float):
-        """(gradient norm or None between accumulation boundaries, step skipped by the fp16
-        scaler). Only this optimizer is unscaled before clipping: Accelerate's
-        `clip_grad_norm_` would unscale both G's and D's."""
-        accelerator = self.accelerator
-        accelerator.backward(loss)
-        norm = None
-        if accelerator.sync_gradients:
-            if accelerator.scaler is not None:
-                accelerator.scaler.unscale_(getattr(optimizer, "optimizer", optimizer))
-            limit = grad_clip if grad_clip > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return norm, bool(getattr(optimizer, "step_was_skipped", False))
+        """Backward of one network's loss and, at an accumulation boundary, clipping to
+        `grad_clip` (0: none) and the optimizer step. Returns (gradient norm before clipping,
+        or None between boundaries; skipped as non-finite; skipped by the fp16 scaler), the
+        last two 0-dim float tensors (0 or 1) on the device. Nothing here reads a tensor on the
+        host.
 
-    def discard_gradients(self, loss: Tensor, model, optimizer) -> None:
-        optimizer.zero_grad(set_to_none=True)  # Accelerate: only at an accumulation boundary
+        The skip is decided from the gradients, on the device: a non-finite loss on this rank
+        is made to give NaN gradients (`gate`: its backward multiplies every gradient by NaN,
+        and NaN * 0 is NaN too), DDP's all-reduce carries them to every rank, and every rank
+        then sees the same non-finite reduced gradients and skips alike. Under gradient
+        accumulation the NaN stays in the accumulated gradients: the whole window is skipped.
+        Fused Adam skips on `found_inf` (its step counters too)."""
+        accelerator, scaler = self.accelerator, self.accelerator.scaler
+        nonfinite = torch.isfinite(loss.detach()).logical_not()
+        gate = torch.where(nonfinite, float("nan"), 1.0).to(loss.dtype)
+        accelerator.backward(loss * gate)  # / grad_accum, and * the fp16 scale
+        zero = torch.zeros((), device=loss.device)
+        if scaler is not None:  # OR over the window; the scaler's skip is classified below
+            previous = self._nonfinite_loss.get(id(optimizer), nonfinite)
+            self._nonfinite_loss[id(optimizer)] = previous | nonfinite
+        if not accelerator.sync_gradients:
+            return None, zero, zero
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # this optimizer only; records found_inf for update()
+        params = [p for p in model.parameters() if p.grad is not None]
+        if grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        else:  # the norm only: no multiply by 1 (and no inf / inf = NaN)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        found_inf = torch.isfinite(norm).logical_not().float()  # the same on every rank
+        if scaler is None:
+            optimizer.found_inf = found_inf
+            optimizer.step()
+            del optimizer.found_inf
+            skipped, overflow = found_inf, zero
+        else:
+            # GradScaler sets found_inf (from its unscale_, the same inf check) on a fused
+            # optimizer and always calls its step. A window with a non-finite loss on some
+            # rank counts as skipped, else as an fp16 overflow: the one flag the gradients
+            # cannot tell, reduced on the device (fp16 only).
+            scaler.step(optimizer)
+            bad = self._nonfinite_loss.pop(id(optimizer)).float()
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            skipped, overflow = found_inf * bad, found_inf * (1 - bad)
+        optimizer.zero_grad(set_to_none=True)
+        return norm, skipped, overflow
+
+    def end_step(self) -> None:
+        """Once per training step, after both optimizers: GradScaler's one `update` per
+        iteration (backs off if either network overflowed, grows after growth_interval clean
+        iterations). Between accumulation boundaries nothing was unscaled: no update."""
+        scaler = self.accelerator.scaler
+        if scaler is not None and self.accelerator.sync_gradients:
+            scaler.update()
 
     def trainer_state(self) -> dict:
         scaler = self.accelerator.scaler
@@ -253,16 +336,22 @@ class DDPBackend:
             "G": get_model_state_dict(gan.G),
             "D": get_model_state_dict(gan.D),
             "G_ema": gan.ema.state_dict(),
-            "opt_G": get_optimizer_state_dict(gan.G, gan.opt_G),
-            "opt_D": get_optimizer_state_dict(gan.D, gan.opt_D),
+            "opt_G": get_optimizer_state_dict(gan.G, _raw(gan.opt_G)),
+            "opt_D": get_optimizer_state_dict(gan.D, _raw(gan.opt_D)),
         }
 
     def save_state(self, gan, directory: Path) -> list[Path]:
-        """Collective. Returns the files this rank wrote (to fsync)."""
+        """Collective. Returns the files this rank wrote (to fsync): DCP names a rank's
+        shards `__<rank>_<n>.distcp` and rank 0, the coordinator, writes `.metadata`
+        (torch/distributed/checkpoint/filesystem.py). Not the other ranks' files: fsyncing
+        those would cost O(world) opens per rank on a shared file system, and through another
+        node's client flush nothing."""
         import torch.distributed.checkpoint as dcp
 
         dcp.save(self._sharded_state(gan), checkpoint_id=str(directory))
-        return [f for f in directory.iterdir() if f.suffix == ".distcp"]
+        rank, _ = _rank_world()
+        written = sorted(directory.glob(f"__{rank}_*.distcp"))
+        return written + [directory / ".metadata"] if rank == 0 else written
 
     def check_state(self, directory: Path, saved: dict) -> None:
         if saved.get("name", "ddp") != self.name:
@@ -292,8 +381,15 @@ class DDPBackend:
         set_model_state_dict(gan.G, sharded["G"])
         set_model_state_dict(gan.D, sharded["D"])
         gan.ema.load_state_dict(sharded["G_ema"])
-        set_optimizer_state_dict(gan.G, gan.opt_G, sharded["opt_G"])
-        set_optimizer_state_dict(gan.D, gan.opt_D, sharded["opt_D"])
+        set_optimizer_state_dict(gan.G, _raw(gan.opt_G), sharded["opt_G"])
+        set_optimizer_state_dict(gan.D, _raw(gan.opt_D), sharded["opt_D"])
+
+
+def _raw(optimizer):
+    """The torch optimizer itself. DCP's state-dict helpers call `step()` to create empty Adam
+    state on a fresh process; Accelerate's AcceleratedOptimizer would route that through the
+    fp16 GradScaler, which asserts before any `scale()` (a crash on every fp16 resume)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _dcp_failure(e: BaseException, directory: Path) -> str:
@@ -377,6 +473,11 @@ class DeepSpeedBackend:
     def describe(self) -> dict:
         return {"name": self.name, "zero_stage": self.zero_stage}
 
+    @staticmethod
+    def adam(params, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+        """Plain Adam: the ZeRO optimizer wraps it and decides its steps itself."""
+        return torch.optim.Adam(params, lr=lr, betas=betas)
+
     def prepare(self, G, D, opt_G, opt_D):
         accelerator, state = self.accelerator, self.accelerator.state
         for name, module in (("G", G), ("D", D)):
@@ -421,19 +522,32 @@ class DeepSpeedBackend:
         return torch.autocast(self.accelerator.device.type, dtype=self.dtype)
 
     def backward_step(self, loss: Tensor, engine, optimizer, grad_clip: float):
-        """The engine scales by 1/accumulation (and the fp16 loss scale), reduces, and at a
-        boundary clips to `gradient_clipping` (= optim.grad_clip) and steps."""
+        """As DDPBackend.backward_step (same return values). The engine scales by
+        1/accumulation (and the fp16 loss scale), reduces, and at a boundary clips to
+        `gradient_clipping` (= optim.grad_clip) and steps. The non-finite skip stays a host
+        decision here, agreed across ranks: DeepSpeed reads its overflow flag and norm on the
+        host in every step anyway, and a skipped phase must clear its ZeRO buffers
+        (`discard_gradients`). A non-finite loss between boundaries drops that micro-batch
+        only (DDP: its whole window)."""
+        zero = torch.zeros((), device=loss.device)
+        if not _all_ranks_finite(loss):
+            self.discard_gradients(loss, engine, optimizer)
+            return None, torch.ones((), device=loss.device), zero
         boundary = self.accelerator.sync_gradients
         engine.set_gradient_accumulation_boundary(boundary)
         engine.backward(loss)
         if not boundary:  # inside no_sync (ZeRO-1) a step is illegal, and a no-op anyway
-            return None, False
+            return None, zero, zero
         engine.step()
         optimizer.step()  # a no-op wrapper (the engine stepped); keeps LambdaLR's order check
         norm = engine.get_global_grad_norm()
         norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32,
                                device=loss.device)
-        return norm, not engine.was_step_applied()
+        return norm, zero, torch.full((), float(not engine.was_step_applied()),
+                                      device=loss.device)
+
+    def end_step(self) -> None:
+        pass  # each engine updates its own loss scale in its step
 
     def discard_gradients(self, loss: Tensor, engine, optimizer) -> None:
         """A phase skipped at an accumulation boundary drops what the window's earlier

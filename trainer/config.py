@@ -61,7 +61,7 @@ class OptimConfig:
     beta2: float = 0.999
     grad_clip: float = 0.0  # max gradient norm per network; 0 = no clipping
     d_steps_per_g: int = 1  # discriminator updates per generator update (same batch)
-    warmup_steps: int = 0  # linear learning-rate warm-up, in G steps
+    warmup_steps: int = 0  # linear learning-rate warm-up, in optimizer steps (batches / grad_accum)
     decay: str = "none"  # after warm-up: "none" (constant), "linear" or "cosine" to 0
 
 

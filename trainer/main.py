@@ -4,7 +4,8 @@ Parses and checks the config (before any process group or data is touched), sets
 Accelerator, checks the world size, locks the run directory (one set of ranks per run) and
 trains; the run directory changes only once the launch is accepted (trainer/train.py:
 start_run). Refusals print one line (`config error: ...`, `data error: ...`, `checkpoint
-error: ...`, `run directory error: ...`) and exit 1.
+error: ...`, `run directory error: ...`, `training error: ...` for too many non-finite steps)
+and exit 1; on every exit, error or not, the process group is destroyed.
 
 On a CPU host: `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu
 --num_processes 2 trainer/main.py ...` (plain `--cpu --num_processes 2` starts one process).
@@ -36,14 +37,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # flags may come between the overrides
 
 
-def precision(cfg, accelerator_cls) -> str:
-    """`auto`: bf16 on GPUs that support it, fp32 elsewhere (CPU bf16 is slow, not wrong)."""
+def launched_on_cuda() -> bool:
+    """Whether this rank will compute on a CUDA device: what Accelerate's PartialState will
+    pick, decided before it is built (the precision is an argument of the Accelerator).
+    CPU ranks are asked for with ACCELERATE_USE_CPU=true (also on a GPU host) or get no
+    usable GPU (none, or CUDA_VISIBLE_DEVICES="")."""
+    import torch
+    from accelerate.utils import parse_flag_from_env
+
+    return not parse_flag_from_env("ACCELERATE_USE_CPU") and torch.cuda.is_available()
+
+
+def precision(cfg) -> str:
+    """`auto`: bf16 on GPUs with native bf16 (Ampere and later; emulated bf16 on older ones is
+    slow), fp32 elsewhere, CPU ranks on a GPU host included (CPU bf16 is slow, not wrong)."""
     import torch
 
     choice = cfg.train.mixed_precision.value
     if choice != "auto":
         return choice
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if not launched_on_cuda():
+        return "no"
+    # asked of the current device (cuda:0 before Accelerate picks this rank's): a node's GPUs
+    # are alike, and every rank must choose the same precision
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "no"
 
 
 def validation_table(metrics: dict[str, float]) -> str:
@@ -125,17 +142,34 @@ def main(argv: list[str] | None = None) -> int:
         print(OmegaConf.to_yaml(cfg), end="")
         return 0
 
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
     from trainer.backend import LaunchConfigError, make_accelerator
-    from trainer.run_lock import RunLocked
 
     try:
-        accelerator = make_accelerator(cfg, precision(cfg, Accelerator))
+        accelerator = make_accelerator(cfg, precision(cfg))
     except LaunchConfigError as e:
         print(f"launch config error: {e}", file=sys.stderr)
         return 1
+    try:
+        return setup_and_run(cfg, args, accelerator)
+    finally:
+        # Every exit, error or not: a process group left alive makes PyTorch warn at exit
+        # and NCCL may hang there with live communicators. A no-op without a group.
+        accelerator.end_training()
+
+
+def setup_and_run(cfg, args, accelerator) -> int:
+    """Everything after the Accelerator exists (and so the process group, if any)."""
+    import torch
+    from accelerate.utils import set_seed
+
+    from trainer.run_lock import RunLocked
+
+    if accelerator.device.type == "cuda":
+        # Fixed shapes (one crop size and batch): cuDNN times its algorithms once per shape
+        # and keeps the fastest, often 5-20 % faster than its heuristics for these
+        # small-channel convolutions. The timed choice may differ between runs: GPU runs are
+        # not bitwise reproducible anyway (atomic adds in backward). Nothing to tune on a CPU.
+        torch.backends.cudnn.benchmark = True
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         print(f"error: the launcher started {launched} processes but the Accelerator sees "
@@ -180,14 +214,14 @@ def run(cfg, args, accelerator, run_dir: Path) -> int:
         return fail(accelerator, "checkpoint", e)
     except (NoSamplesError, ManifestError) as e:  # agreed across ranks (train.agreed)
         return fail(accelerator, "data", e)
+    except FloatingPointError as e:  # too many skipped steps: counted alike on every rank
+        return fail(accelerator, "training", e)
     if final is None:  # stopped on request, checkpoint saved: a requeued job resumes
-        accelerator.end_training()
         return 0
     if accelerator.is_main_process:
         (run_dir / "COMPLETE").write_text("done\n")
         if final:
             print(validation_table(final))
-    accelerator.end_training()
     return 0
 
 

@@ -41,6 +41,9 @@ over frames, |dM| of the means) and the mean CIEDE2000; see its docstring.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import cv2
 import kornia
 import numpy as np
@@ -86,7 +89,11 @@ def histograms(video: Tensor) -> Tensor:
     levels = to_uint8(video).flatten(-2)  # [..., C, HW]
     rows = levels.flatten(0, -2).shape[0]
     offsets = torch.arange(rows, device=video.device).view(*lead, 1) * 256
-    counts = torch.bincount((levels + offsets).flatten(), minlength=rows * 256)
+    index = (levels + offsets).flatten()
+    # A scatter into a fixed number of bins: torch.bincount on CUDA reads the largest index on
+    # the host to size its output (a sync per call).
+    counts = torch.zeros(rows * 256, dtype=torch.int64, device=video.device)
+    counts.scatter_add_(0, index, torch.ones_like(index))
     return counts.view(*lead, 256).float() / (H * W)
 
 
@@ -111,12 +118,23 @@ def clip_cdc(video: Tensor) -> Tensor:
     return torch.stack(per_dilation).mean(dim=0).mean(dim=-1)
 
 
-def farneback_flows(grey: Tensor) -> tuple[Tensor, Tensor]:
+@functools.cache
+def _share_cv2_threads() -> None:
+    """Once per process: OpenCV's thread pool takes every core by default, and the ranks of a
+    node all compute Farnebäck flow at once in validation; give each rank its share of the
+    cores this process may run on (its affinity: what Slurm's binding leaves it)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cv2.setNumThreads(max(1, (cores or 1) // local_world))
+
+
+def farneback_flows(grey: Tensor, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
     """Forward (t -> t+1) and backward (t+1 -> t) Farnebäck flow between consecutive frames.
 
-    grey [B, T, 1, H, W] in [0, 1] -> two [B, T-1, 2, H, W] fp32 tensors on grey's device,
-    channel 0 = dx, 1 = dy in pixels: frame t at x matches frame t+1 at x + F_f(x).
+    grey [B, T, 1, H, W] in [0, 1] -> two [B, T-1, 2, H, W] fp32 tensors on `device` (default:
+    grey's), channel 0 = dx, 1 = dy in pixels: frame t at x matches frame t+1 at x + F_f(x).
     """
+    _share_cv2_threads()
     frames = to_uint8(grey[:, :, 0]).to(torch.uint8).cpu().numpy()  # [B, T, H, W]
     fwd, bwd = [], []
     for clip in frames:
@@ -127,7 +145,7 @@ def farneback_flows(grey: Tensor) -> tuple[Tensor, Tensor]:
 
     def stack(flows: list[np.ndarray]) -> Tensor:
         flow = torch.from_numpy(np.stack(flows)).permute(0, 3, 1, 2)  # [N, 2, H, W]
-        return flow.reshape(B, T - 1, 2, H, W).to(grey.device, torch.float32)
+        return flow.reshape(B, T - 1, 2, H, W).to(device or grey.device, torch.float32)
 
     return stack(fwd), stack(bwd)
 
@@ -187,6 +205,14 @@ class ColorizationMetrics(Metric):
     psnr_gain, ssim, ssim_grey, cdc, cdc_truth, warp, warp_truth, warp_excess, colourfulness,
     colourfulness_truth; the means over clips described in the module docstring (NaN with no
     clips).
+
+    Farnebäck flow (when no stored flow is given) is computed on the CPU, the slow part of a
+    validation at large crops (../shared/docs/gpu-review.md X5). Given `keys` (the batch's
+    sample keys), the flows of each sample are computed once and kept, on the host, for later
+    updates and validations: they depend only on the sample's grey frames, which are the same
+    at every validation (centre crop, no flip or jitter: trainer/validate.py). The cache grows
+    to the rank's slice of the val split: 16 (T-1) H W bytes per sample, 7.4 MB for a 480^2
+    triplet; `reset()` keeps it.
     """
 
     is_differentiable = False
@@ -203,12 +229,15 @@ class ColorizationMetrics(Metric):
                            dist_reduce_fx="sum")
         self.add_state("clips", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("warp_clips", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+        self.flow_cache: dict[str, tuple[Tensor, Tensor]] = {}  # key -> CPU (fwd, bwd)
 
     def update(self, pred: Tensor, truth: Tensor, grey: Tensor, baseline: Tensor,
-               flow: tuple[Tensor, Tensor] | None = None) -> None:
+               flow: tuple[Tensor, Tensor] | None = None, keys: list[str] | None = None) -> None:
         """`flow`: (flow, mask) stored in the shards for these triplets (`Batch.flow`,
         `Batch.flow_mask`): the warp error uses them (`stored_warp_error`) instead of
-        computing Farnebäck flow on the CPU."""
+        computing Farnebäck flow on the CPU. `keys`: one per clip, naming clips whose grey
+        frames are the same whenever the key comes again (`Batch.keys` in validation): their
+        Farnebäck flows are cached; None computes them afresh."""
         if pred.ndim != 5 or pred.shape[2] != 3 or not pred.shape == truth.shape == baseline.shape:
             raise ValueError(f"pred, truth and baseline must all be RGB [B, T, 3, H, W]; got "
                              f"{tuple(pred.shape)}, {tuple(truth.shape)} and "
@@ -225,7 +254,7 @@ class ColorizationMetrics(Metric):
                 warp_pred, valid = stored_warp_error(pred, *flow)
                 warp_truth, _ = stored_warp_error(truth, *flow)
             else:
-                fwd, bwd = farneback_flows(grey)
+                fwd, bwd = self.cached_flows(grey, keys)
                 mask = non_occlusion_mask(fwd.flatten(0, 1), bwd.flatten(0, 1))
                 mask = mask.view(*fwd.shape[:2], *mask.shape[-2:])
                 warp_pred, valid = clip_warp_error(pred, fwd, mask)
@@ -242,6 +271,22 @@ class ColorizationMetrics(Metric):
             setattr(self, f"{name}_sum", state + values.sum().to(state))
         self.clips += pred.shape[0]
         self.warp_clips += valid.sum().to(self.warp_clips)
+
+    def cached_flows(self, grey: Tensor, keys: list[str] | None) -> tuple[Tensor, Tensor]:
+        """`farneback_flows(grey)`, computed only for the keys not seen before."""
+        if keys is None:
+            return farneback_flows(grey)
+        if len(keys) != grey.shape[0]:
+            raise ValueError(f"{len(keys)} keys for {grey.shape[0]} clips")
+        new = [i for i, key in enumerate(keys)  # a padded batch may repeat a key
+               if key not in self.flow_cache and key not in keys[:i]]
+        if new:
+            fwd, bwd = farneback_flows(grey[new], device=torch.device("cpu"))
+            for i, f, b in zip(new, fwd, bwd, strict=True):
+                self.flow_cache[keys[i]] = (f, b)
+        fwd, bwd = (torch.stack(flows).to(grey.device)
+                    for flows in zip(*(self.flow_cache[key] for key in keys), strict=True))
+        return fwd, bwd
 
     def compute(self) -> dict[str, float]:
         mean = {}

@@ -11,8 +11,9 @@ Gradient synchronization goes only through `accelerator.accumulate(G, D)` (one c
 both, per batch). Wrapping, autocast, backward, clipping, loss scaling and the optimizer step
 are the backend's (`gan.backend`, trainer/backend.py: DDP or DeepSpeed); this file is the same
 for both. Losses are fp32 (models/). A phase whose loss is not finite on some rank is skipped
-on every rank (a reduced flag), so no rank waits alone in a collective and no optimizer trains
-on garbage.
+on every rank (DDP: decided on the device from the all-reduced gradients, no host sync;
+DeepSpeed: a reduced flag), so no rank waits alone in a collective and no optimizer trains on
+garbage.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
 from torch import Tensor, nn
 
@@ -49,28 +49,17 @@ class GAN:
     d_steps_per_g: int = 1
 
 
-def all_ranks_finite(*values: Tensor) -> bool:
-    ok = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all().float()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
-
-
 def optimize(backend, loss: Tensor, model, optimizer, grad_clip: float, name: str,
              out: dict) -> None:
-    """Backward and step on `loss` unless it is not finite on some rank (then every rank
-    skips, and `Skipped/<name>` is reported); records `Grad/<name>`, the gradient norm
-    (before clipping to `grad_clip`), and `Skipped/fp16_overflow` when the loss scaler
-    skipped the step."""
-    if all_ranks_finite(loss):
-        norm, overflow = backend.backward_step(loss, model, optimizer, grad_clip)
-        if norm is not None:
-            out[f"Grad/{name}"] = norm
-        if overflow:
-            out["Skipped/fp16_overflow"] = torch.ones((), device=loss.device)
-    else:
-        out[f"Skipped/{name}"] = torch.ones((), device=loss.device)
-        backend.discard_gradients(loss, model, optimizer)
+    """Backward and step on `loss` (the backend skips the update on every rank when it is
+    not finite on some rank); records `Grad/<name>`, the gradient norm (before clipping to
+    `grad_clip`), and sets `Skipped/<name>` and `Skipped/fp16_overflow` to 1 when this
+    phase's update was skipped as non-finite or by the fp16 loss scaler."""
+    norm, skipped, overflow = backend.backward_step(loss, model, optimizer, grad_clip)
+    if norm is not None:
+        out[f"Grad/{name}"] = norm
+    for key, flag in ((f"Skipped/{name}", skipped), ("Skipped/fp16_overflow", overflow)):
+        out[key] = torch.maximum(out[key], flag)  # d_steps_per_g > 1: any of them
 
 
 def wants_previous(gan: GAN, batch: Batch) -> bool:
@@ -103,7 +92,10 @@ def generate(gan: GAN, G: nn.Module, batch: Batch) -> tuple[Tensor, Tensor | Non
 
 def train_step(accelerator: Accelerator, gan: GAN, batch: Batch,
                step: int | None = None) -> dict[str, Tensor]:
-    """One D update (or `d_steps_per_g`), then one G update. Returns scalars (not synced).
+    """One D update (or `d_steps_per_g`), then one G update. Returns 0-dim float tensors on
+    the device, never read on the host here: the losses, `Grad/*` at accumulation boundaries,
+    and always `Skipped/D`, `Skipped/G` (1: that update was skipped as non-finite, on every
+    rank alike) and `Skipped/fp16_overflow` (1: the fp16 loss scaler skipped a step).
 
     `step`: the trainer's step counter (steps done before this one, restored on resume), which
     decides the pixel-only warm-up; needed only when loss.adv_start_step is set."""
@@ -111,7 +103,8 @@ def train_step(accelerator: Accelerator, gan: GAN, batch: Batch,
     adv_weight = gan.loss.adv_weight(step)
     real = batch.target[:, 1]  # colour of the centre frame
     D_raw = backend.unwrap(gan.D)
-    out: dict[str, Tensor] = {}
+    zero = torch.zeros((), device=accelerator.device)
+    out = {"Skipped/D": zero, "Skipped/G": zero, "Skipped/fp16_overflow": zero}
     with accelerator.accumulate(gan.G, gan.D):
         with backend.autocast():
             fake, fake_prev = generate(gan, gan.G, batch)
@@ -143,7 +136,10 @@ def train_step(accelerator: Accelerator, gan: GAN, batch: Batch,
         optimize(backend, g_total, gan.G, gan.opt_G, gan.grad_clip, "G", out)
         D_raw.requires_grad_(True)
 
-    if accelerator.sync_gradients and "Skipped/G" not in out:
+    backend.end_step()
+    # Also after a skipped G step, so that no host decision is needed: the skip left G's
+    # weights as they were, and the average moves towards weights it already follows.
+    if accelerator.sync_gradients:
         gan.ema.update(backend.unwrap(gan.G))
     broadcast_spectral_norm(D_raw)
     out |= {

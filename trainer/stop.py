@@ -2,8 +2,12 @@
 
 Slurm announces preemption and time limits with a signal (see slurm/train.sbatch, which
 touches the file named by TRICOLOR_STOP_FILE), and a signal may reach one rank only. So each
-rank records the request, and at every step boundary the ranks agree through a reduced flag:
-all save a checkpoint at the same step and exit 0, and no rank waits alone in a collective.
+rank records the request, and at agreement steps the ranks agree through a reduced flag: all
+save a checkpoint at the same step and exit 0, and no rank waits alone in a collective. An
+agreement is a host sync (and a stat of the stop file, metadata load on shared storage), so
+the loop (trainer/train.py) agrees every `train.stop_check_every` steps and at every
+checkpoint step and the last step, not at every step: a request takes effect at the next
+of those.
 A second signal aborts at once, unless it arrives within `DUPLICATE_S` of the first: Slurm
 delivers SIGTERM twice within a millisecond (from slurmstepd and, forwarded, from torch's
 elastic agent), and that must count as one request, not as "abort".
@@ -44,14 +48,15 @@ class StopRequest:
             os.kill(os.getpid(), signum)
             return
         self.requested, self._first_at = True, now
-        log.warning("received %s: saving a checkpoint at the next step boundary, then exiting "
+        log.warning("received %s: saving a checkpoint at the next agreement step, then exiting "
                     "(send it again to abort at once)", signal.Signals(signum).name)
 
     def agreed(self, device: torch.device) -> bool:
         """True on every rank when any rank was asked to stop. A collective: call it on
-        every rank at the same point of each step."""
+        every rank at the same steps. Reads the stop file (one stat) and waits for the
+        device (one `.item()`)."""
         local = self.requested or bool(self.stop_file and self.stop_file.exists())
-        flag = torch.tensor(float(local), device=device)
+        flag = torch.full((), float(local), device=device)  # a fill: no host-to-device copy
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

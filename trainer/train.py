@@ -23,17 +23,19 @@ from trainer.data import NoSamplesError, TripletLoader
 from trainer.ema import EMA
 from trainer.export import export_generator
 from trainer.metrics import ColorizationMetrics
-from trainer.run_log import RunLog
+from trainer.run_log import RunLog, Window
 from trainer.sn_sync import broadcast_spectral_norm, spectral_norm_sigmas
 from trainer.step import GAN, train_step
 from trainer.stop import StopRequest, stop_file_from_env
+from trainer.sync_batchnorm import convert_sync_batchnorm
 from trainer.validate import colorize_triplet, image_grid, validate
 
 log = logging.getLogger(__name__)
 
 
 def lr_lambda(cfg, total_steps: int):
-    """Multiplier of the base learning rate at a given G step: warm-up, then the decay."""
+    """Multiplier of the base learning rate after `step` optimizer steps (a step per
+    train.grad_accum batches): warm-up, then the decay over `total_steps` optimizer steps."""
     warmup, decay = cfg.optim.warmup_steps, cfg.optim.decay
 
     def factor(step: int) -> float:
@@ -56,14 +58,13 @@ def build_gan(cfg, accelerator: Accelerator) -> GAN:
     if cfg.train.channels_last:  # before the optimizers and the EMA copy see the parameters
         G, D = (m.to(memory_format=torch.channels_last) for m in (G, D))
     if cfg.model.norm.value == "batch" and accelerator.num_processes > 1:
-        if accelerator.device.type == "cuda":
-            G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(G)
-        else:  # SyncBatchNorm refuses CPU tensors: each rank normalizes its own batch
-            log.warning("model.norm=batch on CPU ranks: BatchNorm statistics are per rank; "
-                        "prefer model.norm=group or instance")
+        # statistics over all ranks' batches, CPU or GPU: one all_reduce per layer, no host
+        # sync (torch's SyncBatchNorm syncs the host once per layer and refuses CPU tensors)
+        G = convert_sync_batchnorm(G)
     betas = (cfg.optim.beta1, cfg.optim.beta2)
-    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g, betas=betas)
-    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d, betas=betas)
+    # DDP: fused Adam, which takes the skip decision as a device tensor (trainer/backend.py)
+    opt_G = backend.adam(G.parameters(), lr=cfg.optim.lr_g, betas=betas)
+    opt_D = backend.adam(D.parameters(), lr=cfg.optim.lr_d, betas=betas)
     G, D, opt_G, opt_D = backend.prepare(G, D, opt_G, opt_D)
     broadcast_spectral_norm(backend.unwrap(D))  # ranks start with rank 0's u, v
     ema = EMA(backend.unwrap(G), cfg.train.ema_decay)
@@ -161,6 +162,11 @@ def resume(cfg, accelerator, gan, loader, schedulers, checkpointer, explicit):
     if restored is None:
         return {"step": 0, "samples_seen": 0, "skipped_total": 0}
     path, (state, position, tensors) = restored
+    # Accumulation windows stay where the uninterrupted run has them (every grad_accum batches
+    # from step 0), and with them the optimizer and schedule steps. A checkpoint inside a
+    # window (a stop or checkpoint_every not a multiple of grad_accum) does not hold the
+    # gradients accumulated so far: that window's update has only its remaining batches.
+    accelerator.step = state["step"] % cfg.train.grad_accum
     for scheduler, key in zip(schedulers, ("sched_G", "sched_D")):
         scheduler.load_state_dict(state[key])
     gan.backend.load_trainer_state(state)
@@ -189,6 +195,18 @@ def save_checkpoint(cfg, accelerator, checkpointer, gan, loader, schedulers, pro
     return checkpointer.save(progress["step"], gan, state, loader.state_dict())
 
 
+def check_nonfinite(longest: int, limit: int, step: int) -> None:
+    """`longest`: the longest run of consecutive skipped steps, counted on the device and read
+    at log, checkpoint and stop steps only, so the run stops at most log_every steps after
+    the limit was reached (no host sync per step)."""
+    if longest >= limit:
+        raise FloatingPointError(
+            f"{longest} steps in a row had a non-finite loss (step {step}); "
+            "stopping instead of training on garbage: lower the learning rate, "
+            "use bf16 instead of fp16, or set optim.grad_clip"
+        )
+
+
 def train(
     cfg, accelerator: Accelerator, run_dir: Path, resume_from: Path | None = None,
     allow_resume: bool = True,
@@ -203,9 +221,11 @@ def train(
     loader = agreed(accelerator, lambda: make_loader(cfg, accelerator, mode, "train"))
     val_loader = make_val_loader(cfg, accelerator, mode)
     metrics = ColorizationMetrics().to(accelerator.device)
-    total_steps = cfg.train.max_steps or cfg.train.epochs * len(loader)
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
-                  for opt in (gan.opt_G, gan.opt_D)]  # not prepared: they step once per step
+    total_steps = cfg.train.max_steps or cfg.train.epochs * len(loader)  # in batches
+    # not prepared: they step once per optimizer step, i.e. every grad_accum batches
+    optimizer_steps = max(1, total_steps // cfg.train.grad_accum)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, optimizer_steps))
+                  for opt in (gan.opt_G, gan.opt_D)]
     global_batch = cfg.data.batch_size * accelerator.num_processes
     log.info("training %d steps, %d triplets per step over %d processes",
              total_steps, global_batch, accelerator.num_processes)
@@ -218,10 +238,9 @@ def train(
     start_run(cfg, accelerator, run_dir, fresh=not allow_resume)
     run_log = RunLog(run_dir, accelerator.is_main_process)
     step, samples_seen, skipped_total = (progress[k] for k in progress)
-    nonfinite_streak = 0
     stop = StopRequest(stop_file_from_env())
     stopped = False
-    sums: dict[str, torch.Tensor] = {}
+    window = Window(accelerator.device)  # the steps' scalars, on the device until a log step
     wait = compute = 0.0
     final: dict[str, float] = {}
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
@@ -236,48 +255,46 @@ def train(
                     break  # end of the epoch
                 t1 = time.perf_counter()
                 out = train_step(accelerator, gan, batch, step)
-                for scheduler in schedulers:
-                    scheduler.step()
+                if accelerator.sync_gradients:  # the optimizers stepped (end of a window)
+                    for scheduler in schedulers:
+                        scheduler.step()
+                # On a GPU the step is only queued here: `compute` also gets the time the
+                # queue takes to drain at the next host sync (the log, the stop agreement).
                 t2 = time.perf_counter()
                 wait, compute = wait + (t1 - t0), compute + (t2 - t1)
                 step += 1
                 samples_seen += global_batch
-                skipped = "Skipped/G" in out or "Skipped/D" in out
-                skipped_total += int(skipped)
-                nonfinite_streak = nonfinite_streak + 1 if skipped else 0
-                if nonfinite_streak >= cfg.train.max_nonfinite:
-                    raise FloatingPointError(
-                        f"{nonfinite_streak} steps in a row had a non-finite loss (step {step}); "
-                        "stopping instead of training on garbage: lower the learning rate, "
-                        "use bf16 instead of fp16, or set optim.grad_clip"
-                    )
-                for k, v in out.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float()
+                window.add(out)  # no host sync on ordinary steps
                 bar.update(1)
 
-                if step % cfg.train.log_every == 0 or step == total_steps:
-                    scalars = {k: v.item() / cfg.train.log_every
-                               for k, v in accelerator.reduce(sums, "mean").items()}
+                last = step == total_steps
+                every = cfg.train.checkpoint_every
+                save_due = last or bool(every and step % every == 0)
+                logged = step % cfg.train.log_every == 0 or last
+                if logged:  # the one host sync of a log step: one stacked all_reduce
+                    steps = window.steps
+                    sigmas = spectral_norm_sigmas(gan.backend.unwrap(gan.D))
+                    scalars, skipped, longest = window.reduce(
+                        accelerator, {f"SpectralNorm/sigma/{n}": s for n, s in sigmas.items()})
+                    compute += time.perf_counter() - t2
+                    skipped_total += skipped
+                    check_nonfinite(longest, cfg.train.max_nonfinite, step)
                     scalars |= {
                         "Progress/samples_seen": samples_seen,
                         "Progress/epoch": loader.epoch,
                         "Skipped/total": skipped_total,
                         "Data/skipped_samples": loader.skipped_total,
                         "Timing/data_wait_fraction": wait / max(wait + compute, 1e-9),
-                        "Timing/triplets_per_s": global_batch * cfg.train.log_every
-                        / max(wait + compute, 1e-9),
+                        "Timing/triplets_per_s": global_batch * steps / max(wait + compute, 1e-9),
                         "LR/G": schedulers[0].get_last_lr()[0],
                         "LR/D": schedulers[1].get_last_lr()[0],
                     }
-                    sigmas = spectral_norm_sigmas(gan.backend.unwrap(gan.D))
-                    scalars |= {f"SpectralNorm/sigma/{n}": s.item() for n, s in sigmas.items()}
                     run_log.scalars(scalars, step)
                     bar.set_postfix(D=f"{scalars['Loss/D/total']:.3f}",
                                     G=f"{scalars['Loss/G/total']:.3f}",
                                     tps=f"{scalars['Timing/triplets_per_s']:.1f}")
-                    sums, wait, compute = {}, 0.0, 0.0
+                    wait, compute = 0.0, 0.0
 
-                last = step == total_steps
                 if cfg.train.image_every and (step % cfg.train.image_every == 0 or last):
                     if accelerator.is_main_process:  # G_ema only: D's u, v are not touched
                         with torch.no_grad():
@@ -292,9 +309,17 @@ def train(
                         run_log.images("Images/val", image_grid(first[0], first[1], mode), step)
                     log.info("step %d validation: %s", step, format_metrics(final))
 
-                stopped = stop.agreed(accelerator.device)
-                every = cfg.train.checkpoint_every
-                if stopped or last or (every and step % every == 0):
+                # Agreeing on a stop is a host sync (and a stat of the stop file): every
+                # stop_check_every steps, and always where a checkpoint is due anyway.
+                if save_due or step % cfg.train.stop_check_every == 0:
+                    t3 = time.perf_counter()
+                    stopped = stop.agreed(accelerator.device)
+                    compute += time.perf_counter() - t3
+                if stopped or save_due:
+                    if not logged:  # skipped_total is saved: exact, from the device counter
+                        skipped, longest = window.skips()
+                        skipped_total += skipped
+                        check_nonfinite(longest, cfg.train.max_nonfinite, step)
                     progress = {"step": step, "samples_seen": samples_seen,
                                 "skipped_total": skipped_total}
                     save_checkpoint(cfg, accelerator, checkpointer, gan, loader, schedulers,

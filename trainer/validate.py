@@ -8,7 +8,8 @@ frame t-1, then from its own previous output.
 
 The pixels are the same at every validation: the val loader reads its split in order, each
 rank its own slice, and takes the centre crop of `data.crop_size` with no flip or jitter
-(`TripletLoader(augment=False)`).
+(`TripletLoader(augment=False)`). So the warp error's Farnebäck flows, when the shards store no
+flow, are computed once per sample and cached by its key (`ColorizationMetrics`).
 
 Beside the model, the same clips are scored for zero chroma (`zero_chroma`: the truth's L with
 a = b = 0, i.e. the grey frame itself), giving `psnr_grey`, `ssim_grey` and
@@ -87,7 +88,8 @@ def validate(G: nn.Module, loader, metrics, mode: str):
         grey = (truth[:, :, :1].float() + 1) / 2  # the frames' luminance, for the flow
         flow = None if batch.flow is None else (batch.flow, batch.flow_mask)  # stored: no
         metrics.update(lab_to_rgb(pred), lab_to_rgb(truth), grey,  # Farnebäck on the CPU
-                       lab_to_rgb(zero_chroma(truth)), flow)
+                       lab_to_rgb(zero_chroma(truth)), flow,
+                       keys=batch.keys)  # else its flows, once per sample (the same crops)
         if first is None:
             first = (batch, pred)
     return {k: float(v) for k, v in metrics.compute().items()}, first

@@ -15,6 +15,9 @@ per triplet. `shuffle=False, augment=False` (validation): every epoch gives the 
 in the same order on the same rank, each the centre crop of `data.crop_size` (window start
 (side - crop + 1) // 2), unflipped, unjittered: the same pixels at every validation.
 
+`data.val_samples` > 0: the val split reads a fixed, evenly spaced subset of that many
+samples (`select_samples`).
+
 Backends: `dali` (default wherever DALI imports: GPU decoding, or CPU without a GPU) and
 `webdataset` (torch DataLoader over the webdataset library) with the same contract.
 """
@@ -51,6 +54,21 @@ def dali_available() -> bool:
     return importlib.util.find_spec("nvidia.dali") is not None
 
 
+def select_samples(cfg, split: str, world_size: int) -> SampleSet:
+    """The samples a `TripletLoader` of `split` reads at this world size (what every rank
+    must agree on; the same on every rank, so one rank may make it and hand it to the
+    others). From the shards' `good-samples.json` where it matches them, else by scanning
+    (`trainer.data.samples.scan_split`). Validation with `data.val_samples` > 0 reads a
+    fixed, evenly spaced subset of that many samples (at least one batch per rank): the
+    same ones at every validation; the same at every world size when `data.val_samples` is
+    a multiple of world size x batch size (else the end of it is trimmed to a multiple of the
+    world size, and the last partial batch per rank is not read)."""
+    subset = 0
+    if split == "val" and getattr(cfg, "val_samples", 0) > 0:
+        subset = max(cfg.val_samples, cfg.batch_size * world_size)
+    return scan_split(Path(cfg.shards), split, world_size, subset=subset)
+
+
 class TripletLoader:
     def __init__(
         self,
@@ -64,6 +82,8 @@ class TripletLoader:
         shuffle: bool = True,
         augment: bool = True,
         flow: bool | None = False,  # None: when the shards have it
+        samples: SampleSet | None = None,  # `select_samples(cfg, split, world_size)`, made
+        # once and handed to every rank (e.g. scanned on one rank and broadcast)
     ):
         self.cfg, self.mode, self.split = cfg, str(getattr(mode, "value", mode)), split
         self.rank, self.world_size, self.device = rank, world_size, device
@@ -72,7 +92,8 @@ class TripletLoader:
         if self.backend == "dali" and not dali_available():
             log.warning("DALI is not installed here; using the webdataset backend instead")
             self.backend = "webdataset"
-        self.samples: SampleSet = scan_split(Path(cfg.shards), split, world_size)
+        self.samples: SampleSet = (samples if samples is not None
+                                   else select_samples(cfg, split, world_size))
         if flow and not self.samples.flow:
             raise ManifestError(f"{cfg.shards}/manifest.json records no optical flow: rebuild "
                                 "the shards with `tricolor-shards build --flow`")

@@ -42,6 +42,7 @@ def build_pipeline(
     augment: bool = True,
     checkpoint: bytes | None = None,
     flow: bool = False,
+    mmap: bool = True,
 ):
     decoder_device = "mixed" if device_id is not None else "cpu"
     members = FRAME_MEMBERS + (FLOW_MEMBERS if flow else ())
@@ -66,6 +67,9 @@ def build_pipeline(
             stick_to_shard=not shuffle,
             initial_fill=1024,
             pad_last_batch=True,
+            # data.mmap: false reads the tars with plain reads, which network filesystems
+            # (Lustre, NFS) serve better than mapped random reads
+            dont_use_mmap=not mmap,
             name=READER,
         )
         # "<tar>:<offset>:<key>.cur.jpg", padded with zeros to the longest in the batch.

@@ -26,6 +26,17 @@ Checking the checksums reads and hashes every frame byte of the split on every r
 (`VerifiedCache`, keyed by path, size, mtime and index), so a restart hashes only new or
 changed shards.
 
+The scan runs once per data set, not at every start: `tricolor-shards build` and
+`tricolor-shards verify` scan every shard as above (every checksum, no cache) and write its
+result beside the manifest (`good-samples.json`, `write_good_samples`): per shard, the
+readable samples' index lines and what was skipped, keyed by what identifies the files'
+versions (size and mtime in ns of the tar and its `.idx`, the manifest's sha256 and sample
+count, the members read). A loader reads that one file instead of opening the shards; a
+shard whose files no longer match their record (changed, truncated, replaced, lost), or that
+the index lacks, is scanned as above, with a warning naming it, and only that one. Without
+the file every shard is scanned, as before. The result is the same list either way, so
+`SampleSet.fingerprint()` agrees across ranks whichever way each got it.
+
 The readable samples are trimmed to a multiple of the world size, so that every rank reads
 the same number of samples (uneven step counts hang DDP collectives), and the survivors are
 written as fresh `.idx` files in a private directory: DALI then never touches a bad sample,
@@ -46,6 +57,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shards.atomic import write_text_atomic
 from shards.flow import MEMBERS as FLOW_MEMBERS  # with --flow: t -> t-1, t -> t+1
 from shards.manifest import ManifestError, load_manifest, shard_file
 from shards.tario import INDEX_VERSION, read_index, split_member_name
@@ -54,6 +66,9 @@ log = logging.getLogger(__name__)
 
 FRAME_MEMBERS = ("prev.jpg", "cur.jpg", "next.jpg")  # frames t-1, t, t+1
 TAR_BLOCK = 512  # a tar header is one block, right before its member's data
+
+GOOD_SAMPLES = "good-samples.json"  # the scan's result, beside manifest.json
+GOOD_SAMPLES_FORMAT = "tricolor-good-samples/1"
 
 Member = tuple[int, int, str]  # (offset of the data, size, member name in the tar)
 Sample = dict[str, Member]  # extension (e.g. "cur.jpg") -> member
@@ -331,10 +346,12 @@ def _skip_shard(tar: Path, why: str, reason: str, expected: int | None, skipped:
 
 def scan_shard(tar: Path, skipped: Counter, index: Path | None = None,
                expected: int | None = None,
-               members: tuple[str, ...] = FRAME_MEMBERS) -> ShardSamples:
+               members: tuple[str, ...] = FRAME_MEMBERS,
+               use_cache: bool = True) -> ShardSamples:
     """The readable samples of one shard; each unreadable one is logged and counted.
     `expected`: the manifest's sample count of the shard (None: unknown, then a lost
-    shard counts as one)."""
+    shard counts as one). `use_cache=False`: check every checksum, whatever `VerifiedCache`
+    remembers, and remember nothing (what `write_good_samples` records)."""
     index = index or tar.with_suffix(".idx")
     if not tar.exists():
         return _skip_shard(tar, "shard listed in the manifest is missing", "missing shard",
@@ -347,10 +364,10 @@ def scan_shard(tar: Path, skipped: Counter, index: Path | None = None,
         if f.seek(0, 2) == 0:
             return _skip_shard(tar, "empty shard", "empty shard", expected, skipped)
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return _scan_samples(tar, index, data, expected, skipped, members)
+            return _scan_samples(tar, index, data, expected, skipped, members, use_cache)
 
 
-def _scan_samples(tar, index, data, expected, skipped, members) -> ShardSamples:
+def _scan_samples(tar, index, data, expected, skipped, members, use_cache) -> ShardSamples:
     samples, cut = _listed_samples(tar, index, data)
     if not samples:
         return _skip_shard(tar, f"cannot index this shard ({cut or 'no samples'})",
@@ -362,7 +379,7 @@ def _scan_samples(tar, index, data, expected, skipped, members) -> ShardSamples:
                     "the tar", lost)
         skipped["truncated tar" if cut else "missing samples"] += lost
     shard = ShardSamples(tar, [])
-    marker = VerifiedCache.marker(tar, samples)
+    marker = VerifiedCache.marker(tar, samples) if use_cache else None
     verified = marker is not None and marker.exists()
     mismatches = 0
     for i, sample in enumerate(samples):
@@ -383,20 +400,144 @@ def _scan_samples(tar, index, data, expected, skipped, members) -> ShardSamples:
     return shard
 
 
-def scan_split(shard_dir: Path, split: str, world_size: int = 1) -> SampleSet:
-    """Scan every shard of `split` and trim to a multiple of `world_size`."""
+def _members(manifest: dict) -> tuple[str, ...]:
+    # built with --flow: the flow members are read too
+    return FRAME_MEMBERS + (FLOW_MEMBERS if "flow" in manifest else ())
+
+
+def _file_version(path: Path) -> list[int] | None:
+    """What identifies this version of a file: [size, mtime in ns]; None when it is not there."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _shard_key(shard_dir: Path, entry: dict, members: tuple[str, ...]) -> dict:
+    """What a shard's record in `good-samples.json` holds for: the manifest's entry and the
+    versions of its files. Taken before the shard is read: a change during the scan makes
+    the record stale, never wrong."""
+    return {
+        "tar": entry["tar"],
+        "index": entry["index"],
+        "sha256": entry["sha256"],
+        "samples": entry["samples"],
+        "members": list(members),
+        "tar_version": _file_version(shard_file(shard_dir, entry["tar"])),
+        "index_version": _file_version(shard_file(shard_dir, entry["index"])),
+    }
+
+
+def write_good_samples(shard_dir: Path) -> Path:
+    """Scan every shard of every split of `shard_dir` (every checksum, no cache) and write the
+    result to `shard_dir/good-samples.json` in one atomic step; return its path. Run by
+    `tricolor-shards build`, `merge` and `verify`; loaders read it instead of scanning."""
+    manifest = load_manifest(shard_dir)
+    members = _members(manifest)
+    splits: dict[str, list[dict]] = {}
+    for split, info in manifest["splits"].items():
+        records = splits[split] = []
+        for entry in info["shards"]:
+            key = _shard_key(shard_dir, entry, members)
+            skipped: Counter = Counter()
+            found = scan_shard(shard_file(shard_dir, entry["tar"]), skipped,
+                               shard_file(shard_dir, entry["index"]), entry["samples"],
+                               members, use_cache=False)
+            records.append({**key, "lines": found.lines, "unchecked": found.unchecked,
+                            "skipped": dict(skipped)})
+    path = shard_dir / GOOD_SAMPLES
+    # compact: at 1e6 samples this is ~200 MB of index lines, read once per start
+    write_text_atomic(path, json.dumps({"format": GOOD_SAMPLES_FORMAT, "splits": splits},
+                                       separators=(",", ":")) + "\n")
+    return path
+
+
+def read_good_samples(shard_dir: Path, split: str) -> dict[str, dict] | None:
+    """The records of `split` in `shard_dir/good-samples.json` by tar name; None (with a
+    warning) when the file is missing or unreadable. Records are not checked against the
+    files here: `_record_holds` does that per shard."""
+    path = shard_dir / GOOD_SAMPLES
+    if not path.exists():
+        log.warning("%s: no good-samples index (%s): scanning every shard of the %s split "
+                    "(`tricolor-shards verify %s` writes it)", shard_dir, GOOD_SAMPLES, split,
+                    shard_dir)
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != GOOD_SAMPLES_FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, expected {GOOD_SAMPLES_FORMAT}")
+        records = data["splits"].get(split, [])
+        return {r["tar"]: r for r in records if isinstance(r, dict) and "tar" in r}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("%s: unreadable good-samples index (%s): scanning every shard of the %s "
+                    "split (`tricolor-shards verify %s` rewrites it)", path, e, split,
+                    shard_dir)
+        return None
+
+
+def _record_holds(record: dict | None, key: dict) -> bool:
+    """Whether a shard's record describes the shard's files as they are now."""
+    if not isinstance(record, dict) or any(record.get(k) != v for k, v in key.items()):
+        return False
+    lines, skipped = record.get("lines"), record.get("skipped")
+    return (isinstance(lines, list) and all(isinstance(x, str) for x in lines)
+            and isinstance(record.get("unchecked"), int) and isinstance(skipped, dict)
+            and all(isinstance(n, int) for n in skipped.values()))
+
+
+def _from_record(tar: Path, record: dict, skipped: Counter) -> ShardSamples:
+    if record["skipped"]:
+        log.warning("%s: %d samples skipped when the shards were indexed (%s); "
+                    "`tricolor-shards verify` names them", tar, sum(record["skipped"].values()),
+                    record["skipped"])
+        skipped.update(record["skipped"])
+    return ShardSamples(tar, list(record["lines"]), record["unchecked"])
+
+
+def evenly_spaced(samples: SampleSet, n: int) -> None:
+    """Keep `n` samples of `samples` (in place), evenly spaced over its order: a fixed subset
+    that depends only on the sample list, not on the world size or the run."""
+    total = len(samples)
+    if n <= 0 or n >= total:
+        return
+    keep = {i * total // n for i in range(n)}
+    position = 0
+    for shard in samples.shards:
+        lines = shard.lines
+        shard.lines = [line for i, line in enumerate(lines, start=position) if i in keep]
+        position += len(lines)
+
+
+def scan_split(shard_dir: Path, split: str, world_size: int = 1, subset: int = 0) -> SampleSet:
+    """The readable samples of `split`, from `good-samples.json` where it matches the shards,
+    by scanning the others; `subset` > 0: only that many of them, evenly spaced
+    (`evenly_spaced`); trimmed to a multiple of `world_size`."""
     manifest = load_manifest(shard_dir)
     if split not in manifest["splits"]:
         raise NoSamplesError(f"{shard_dir}/manifest.json: no split {split!r}")
     info = manifest["splits"][split]
     skipped: Counter = Counter()
     flow = "flow" in manifest  # built with --flow: the flow members are read too
-    members = FRAME_MEMBERS + (FLOW_MEMBERS if flow else ())
-    shards = [
-        scan_shard(shard_file(shard_dir, s["tar"]), skipped, shard_file(shard_dir, s["index"]),
-                   s.get("samples"), members)
-        for s in info["shards"]
-    ]
+    members = _members(manifest)
+    records = read_good_samples(shard_dir, split)
+    shards, rescanned = [], []
+    for entry in info["shards"]:
+        tar, index = shard_file(shard_dir, entry["tar"]), shard_file(shard_dir, entry["index"])
+        record = None if records is None else records.get(entry["tar"])
+        if records is not None and _record_holds(record, _shard_key(shard_dir, entry, members)):
+            shards.append(_from_record(tar, record, skipped))
+            continue
+        if records is not None:
+            rescanned.append(entry["tar"])
+        shards.append(scan_shard(tar, skipped, index, entry.get("samples"), members))
+    if rescanned:
+        names = ", ".join(rescanned[:5]) + (f" and {len(rescanned) - 5} more"
+                                            if len(rescanned) > 5 else "")
+        log.warning("%s: %d of %d %s shards changed since %s was written (or it lacks them): "
+                    "scanned them (%s); `tricolor-shards verify %s` rewrites the index",
+                    shard_dir, len(rescanned), len(info["shards"]), split, GOOD_SAMPLES, names,
+                    shard_dir)
     unchecked = [s for s in shards if s.unchecked]
     if unchecked:
         log.warning("%s/%s: %d samples in %d shards record no CRC-32 of their frames (built "
@@ -405,6 +546,10 @@ def scan_split(shard_dir: Path, split: str, world_size: int = 1) -> SampleSet:
                     sum(s.unchecked for s in unchecked), len(unchecked))
     samples = SampleSet(shards, skipped, frame_sizes=[tuple(s) for s in info["frame_sizes"]],
                         flow=flow)
+    if subset > 0 and subset < len(samples):
+        log.info("%s/%s: reading %d evenly spaced samples of %d", shard_dir, split, subset,
+                 len(samples))
+        evenly_spaced(samples, subset)
     total = len(samples)
     if total < world_size:
         raise NoSamplesError(

@@ -1,0 +1,585 @@
+"""`make gpu-check`: one command that says whether the GPU path works and how fast it is.
+
+    python -m bench.gpu_check run [--out bench_out] [--wheels .gpu-wheels] [--budget 480]
+                                  [--only env,dali,...]
+    python -m bench.gpu_check wheels [--dest .gpu-wheels]     # on the CPU side: make gpu-wheels
+    python -m bench.gpu_check install [--wheels .gpu-wheels]  # join, verify, pip install
+
+`run` on a host without CUDA prints one line and exits 2, touching nothing. With CUDA: installs
+the carried wheels (`install`), then runs the stages of bench/gpu_stages.py, each in its own
+process under its own time limit, inside one overall budget (8 minutes), going on after a
+failed stage; writes <out>/gpu_check.md, gpu_check.json and gpu_check.log; exits 1 when a
+stage failed or ran out of time, 0 otherwise (a stage skipped for a package the host lacks is
+reported as skipped, not as passed). docs/gpu-check.md: stages, how to run, the carry plan.
+
+`wheels` downloads (cp312, manylinux x86_64, --no-deps, pinned to the versions installed in
+this venv) every wheel the GPU host lacks, builds the deepspeed wheel from its sdist, builds
+the stage shards, splits files over 50 MB into parts, and packs the lot into carry folders of
+at most --cap MiB each (the device tool carries 64 MiB a call, working tree included), each
+holding a copy of manifest.json (sha256 of every whole file and part).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PART_BYTES = 50_000_000  # files larger than this travel as parts (`split -b 50000000`)
+MANIFEST = "manifest.json"
+INSTALL_BUDGET_S = 60  # + the stages' budgets = 480 s (bench/gpu_stages.py: STAGES)
+TOTAL_BUDGET_S = 480
+STASH = Path(os.environ.get("TRICOLOR_GPU_STASH", "/tmp/tricolor-gpu-wheels"))
+
+# What the GPU host lacks, by set (KINDS.md's package list, 2026-11-17). Versions: those
+# installed in this venv (what the tests here ran with). A set is installed there only whole.
+WHEEL_SETS = {
+    "core": ["kornia", "kornia_rs", "omegaconf", "webdataset", "braceexpand"],
+    "deepspeed": ["deepspeed", "hjson", "pydantic", "pydantic_core", "annotated-types",
+                  "typing-inspection", "typing-extensions"],
+    "dali": ["nvidia-dali-cuda130", "nvidia-nvimgcodec-cu13", "nvidia-libnvcomp-cu13",
+             "nvidia-nvjpeg", "nvidia-nvjpeg2k-cu13", "nvidia-nvtiff-cu13", "astunparse",
+             "gast", "optree", "nvtx", "makefun", "libcst"],
+    # not needed by the check (its shards are built here): video decoding, tricolor-shards
+    "av": ["av", "scenedetect-headless", "platformdirs"],
+}
+SDIST_ONLY = {"deepspeed"}  # built here with `pip wheel --no-deps`
+# The GPU host's image ("installed" list of KINDS.md), normalized names: requirements met there.
+HOST_PACKAGES = set("""
+absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs
+botorch build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy
+coverage cuda-bindings cuda-core cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython
+diffrax e3nn einops equinox etils execnet filelock flatbuffers flax fonttools formulaic
+frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx huggingface-hub humanize
+hypothesis idna imageio iniconfig interface-meta jax jax-cuda13-pjrt jax-cuda13-plugin jaxlib
+jaxtyping jinja2 joblib kiwisolver lazy-loader lightning lightning-utilities linear-operator
+lineax llvmlite lxml markdown markdown-it-py markupsafe matplotlib mdurl meson ml-dtypes
+mpi4py mpmath msgpack multidict multipledispatch mypy-extensions nanobind narwhals networkx
+ninja numba numba-cuda numpy numpyro nvidia-cublas nvidia-cuda-cupti nvidia-cuda-nvrtc
+nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand
+nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 nvidia-ml-py nvidia-nccl-cu13
+nvidia-nvjitlink nvidia-nvshmem-cu13 nvidia-nvtx onnx onnx-ir onnxruntime onnxscript
+opencv-python-headless optax opt-einsum opt-einsum-fx optimistix orbax-checkpoint packaging
+pandas pathspec patsy peft pillow pip pluggy portalocker prometheus-client propcache protobuf
+psutil pyarrow pybind11 py-cpuinfo pygments pyparsing pyproject-hooks pyre-extensions pytest
+pytest-benchmark pytest-cov pytest-mock pytest-timeout pytest-xdist python-dateutil
+pytorch-lightning pyyaml regex requests rich sacrebleu safetensors scikit-build-core
+scikit-image scikit-learn scipy seaborn sentencepiece sentence-transformers setuptools
+shellingham simplejson six sortedcontainers statsmodels sympy tabulate tensorboard
+tensorboard-data-server tensorstore threadpoolctl tifffile tiktoken timm tokenizers toolz
+torch torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers
+treescope triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug
+wheel wrapt xarray xxhash yarl zipp
+""".split())
+PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
+             "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64"]
+
+
+def normalize(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+# ---------------------------------------------------------------------------------------------
+# Split, join, manifest.
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def split_file(path: Path, out_dir: Path, part_bytes: int = PART_BYTES) -> list[dict]:
+    """`path` -> out_dir/<name>.part000, .part001, ... of `part_bytes` each (the last
+    shorter), as `split -b` cuts; returns [{"name", "bytes", "sha256"}] in order."""
+    parts = []
+    with open(path, "rb") as f:
+        for i in range(10**6):
+            data = f.read(part_bytes)
+            if not data:
+                break
+            part = out_dir / f"{path.name}.part{i:03d}"
+            part.write_bytes(data)
+            parts.append({"name": part.name, "bytes": len(data),
+                          "sha256": hashlib.sha256(data).hexdigest()})
+    return parts
+
+
+def join_parts(entry: dict, search: list[Path], dest: Path) -> Path:
+    """The whole file of a manifest entry in `dest`: copied, or joined from its parts found
+    in the `search` folders; its sha256 checked. Raises FileNotFoundError (a piece is
+    missing) or ValueError (a checksum differs)."""
+    def find(name: str) -> Path:
+        for folder in search:
+            if (folder / name).is_file():
+                return folder / name
+        raise FileNotFoundError(f"{name} is in none of {', '.join(map(str, search))}")
+
+    out = dest / entry["name"]
+    pieces = [p["name"] for p in entry["parts"]] if entry.get("parts") else [entry["name"]]
+    tmp = out.with_name(out.name + ".joining")
+    with open(tmp, "wb") as f:
+        for name in pieces:
+            with open(find(name), "rb") as src:
+                shutil.copyfileobj(src, f, 1 << 20)
+    digest = sha256(tmp)
+    if digest != entry["sha256"]:
+        tmp.unlink()
+        raise ValueError(f"{entry['name']}: sha256 {digest[:12]}... differs from the "
+                         f"manifest's {entry['sha256'][:12]}...")
+    tmp.replace(out)
+    return out
+
+
+def pack(items: list[tuple[str, int]], cap: int) -> list[list[str]]:
+    """Names with sizes -> bins of at most `cap` bytes (first fit, largest first)."""
+    bins: list[tuple[int, list[str]]] = []
+    for name, size in sorted(items, key=lambda x: -x[1]):
+        if size > cap:
+            raise ValueError(f"{name}: {size} bytes do not fit in a carry of {cap}")
+        for i, (used, names) in enumerate(bins):
+            if used + size <= cap:
+                bins[i] = (used + size, [*names, name])
+                break
+        else:
+            bins.append((size, [name]))
+    return [names for _, names in bins]
+
+
+# ---------------------------------------------------------------------------------------------
+# make gpu-wheels (CPU side).
+
+
+def requirements(wheel: Path) -> list[tuple[str, str]]:
+    """(normalized name, requirement) of a wheel's Requires-Dist that apply to CPython 3.12
+    on Linux x86_64 without extras."""
+    import zipfile
+
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+
+    envir = default_environment() | {"python_version": "3.12", "python_full_version": "3.12.3",
+                                      "sys_platform": "linux", "platform_machine": "x86_64",
+                                      "implementation_name": "cpython",
+                                      "platform_python_implementation": "CPython",
+                                      "platform_system": "Linux", "os_name": "posix",
+                                      "extra": ""}
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = z.read(meta).decode().splitlines()
+    out = []
+    for line in lines:
+        if line.startswith("Requires-Dist:"):
+            req = Requirement(line.split(":", 1)[1].strip())
+            if req.marker is None or req.marker.evaluate(envir):
+                out.append((normalize(req.name), str(req)))
+    return out
+
+
+def unmet(wheels: list[Path]) -> list[str]:
+    """Requirements of these wheels that neither they nor the GPU host's image provide."""
+    have = HOST_PACKAGES | {normalize(w.name.split("-")[0]) for w in wheels}
+    missing = []
+    for w in wheels:
+        for name, req in requirements(w):
+            if name not in have:
+                missing.append(f"{w.name}: {req}")
+    return missing
+
+
+def pinned(name: str) -> str:
+    import importlib.metadata
+
+    try:
+        return f"{name}=={importlib.metadata.version(name)}"
+    except importlib.metadata.PackageNotFoundError:
+        return name
+
+
+def download(dest: Path, sets: list[str]) -> dict[str, list[Path]]:
+    """Wheels of `sets` into dest/<set>/ (pip download, cp312 manylinux x86_64, no deps)."""
+    got = {}
+    for s in sets:
+        folder = dest / s
+        folder.mkdir(parents=True, exist_ok=True)
+        binary = [pinned(n) for n in WHEEL_SETS[s] if n not in SDIST_ONLY]
+        plat = [a for p in PLATFORMS for a in ("--platform", p)]
+        if binary:
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                            "--only-binary=:all:", "--python-version", "3.12",
+                            "--implementation", "cp", *plat, "-d", str(folder), *binary],
+                           check=True)
+        for name in WHEEL_SETS[s]:
+            if name in SDIST_ONLY and not list(folder.glob(f"{name}-*.whl")):
+                env = dict(os.environ, DS_BUILD_OPS="0")
+                subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                                "--no-build-isolation", "-w", str(folder), pinned(name)],
+                               check=True, env=env)
+        got[s] = sorted(folder.glob("*.whl"))
+    return got
+
+
+def wheels_main(args) -> int:
+    dest: Path = args.dest
+    stage = dest / "download"  # whole wheels, by set (kept: a rerun downloads nothing new)
+    got = download(stage, args.sets)
+    every = [w for ws in got.values() for w in ws]
+    missing = unmet(every)
+    for line in missing:
+        print(f"unmet requirement (neither carried nor on the GPU host): {line}",
+              file=sys.stderr)
+    print("building the stage shards", file=sys.stderr)
+    from bench.gpu_stages import build_stage_shards
+
+    shards = dest / "shards-build"
+    shard_bytes = build_stage_shards(shards)
+    # Carry folders: base = every set but dali, plus the shards (one call); dali-N = DALI and
+    # its dependencies, in parts, each folder at most --cap MiB.
+    for old in dest.glob("*"):
+        if old.name not in ("download", "shards-build"):
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    cap = int(args.cap * 2**20)
+    entries, dali_items = [], []
+    base = dest / "base"
+    base.mkdir()
+    shutil.copytree(shards, base / "shards")
+    for s, wheels in got.items():
+        for w in wheels:
+            entry = {"name": w.name, "set": s, "bytes": w.stat().st_size, "sha256": sha256(w),
+                     "parts": []}
+            entries.append(entry)
+            target = dest / "parts-tmp" if s in ("dali", "av") else base
+            target.mkdir(exist_ok=True)
+            if w.stat().st_size > PART_BYTES:
+                entry["parts"] = split_file(w, target)
+                pieces = [(p["name"], p["bytes"]) for p in entry["parts"]]
+            else:
+                shutil.copy2(w, target / w.name)
+                pieces = [(w.name, w.stat().st_size)]
+            if s in ("dali", "av"):
+                dali_items += [(f"{s}/{n}", b) for n, b in pieces]
+    folders = {"base": base}
+    for s in ("dali", "av"):
+        items = [(n.split("/", 1)[1], b) for n, b in dali_items if n.startswith(f"{s}/")]
+        for i, names in enumerate(pack(items, cap) if items else [], 1):
+            folder = dest / f"{s}-{i}"
+            folder.mkdir()
+            for n in names:
+                (dest / "parts-tmp" / n).rename(folder / n)
+            folders[folder.name] = folder
+    shutil.rmtree(dest / "parts-tmp", ignore_errors=True)
+    sizes = {name: sum(p.stat().st_size for p in f.rglob("*") if p.is_file())
+             for name, f in folders.items()}
+    manifest = {"created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                "part_bytes": PART_BYTES, "files": entries, "folders": sizes,
+                "shards_bytes": shard_bytes, "unmet": missing}
+    for f in folders.values():
+        (f / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    mib = 2**20
+    print(f"{'folder':<10} {'MiB':>8}  (carry each in one device call; cap {args.cap} MiB)")
+    for name, size in sizes.items():
+        print(f"{name:<10} {size / mib:8.1f}")
+    for s in got:
+        print(f"set {s:<10} {sum(e['bytes'] for e in entries if e['set'] == s) / mib:8.1f} MiB "
+              f"in {sum(1 for e in entries if e['set'] == s)} wheels")
+    print(f"total {sum(sizes.values()) / mib:.1f} MiB")
+    return 1 if missing else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Install (GPU host).
+
+
+def carry_folders(wheels: Path) -> list[Path]:
+    """Where carried pieces may be: the carry folders under `wheels` and the stash (pieces
+    carried in earlier calls and moved out of the working tree: `stash`)."""
+    found = [p for p in sorted(wheels.glob("*")) if p.is_dir() and p.name != "download"]
+    if STASH.is_dir():
+        found += [p for p in sorted(STASH.glob("*")) if p.is_dir()]
+    return found
+
+
+def load_manifest(folders: list[Path]) -> dict | None:
+    newest = None
+    for f in folders:
+        m = f / MANIFEST
+        if m.is_file():
+            data = json.loads(m.read_text())
+            if newest is None or data["created"] > newest["created"]:
+                newest = data
+    return newest
+
+
+def install(wheels: Path, site: Path, log=print, timeout: float = INSTALL_BUDGET_S) -> dict:
+    """Join and check every carried set, pip install the complete ones into `site` (--target,
+    --no-deps, --no-index: the host's torch is never touched). Returns {set: "installed" |
+    "incomplete: ..." | "failed: ..."}."""
+    folders = carry_folders(wheels)
+    manifest = load_manifest(folders)
+    if manifest is None:
+        return {"all": f"no {MANIFEST} in {wheels}/* or {STASH} (run make gpu-wheels and "
+                       "carry .gpu-wheels/base)"}
+    status = {}
+    joined = Path(tempfile.mkdtemp(prefix="tricolor-wheels-"))
+    try:
+        for s in dict.fromkeys(e["set"] for e in manifest["files"]):
+            files, problem = [], None
+            for entry in (e for e in manifest["files"] if e["set"] == s):
+                try:
+                    files.append(join_parts(entry, folders, joined))
+                except (FileNotFoundError, ValueError) as e:
+                    problem = str(e)
+                    break
+            if problem:
+                status[s] = f"incomplete: {problem}"
+                continue
+            site.mkdir(parents=True, exist_ok=True)
+            try:
+                proc = subprocess.run(
+                    [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                     "--no-compile", "--no-cache-dir", "--upgrade", "--target", str(site),
+                     *map(str, files)], capture_output=True, text=True, timeout=timeout)
+                status[s] = "installed" if proc.returncode == 0 else \
+                    "failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1]
+            except subprocess.TimeoutExpired:
+                status[s] = f"failed: pip ran past {timeout} s"
+            log(f"wheel set {s}: {status[s]}")
+            for f in files:
+                f.unlink()
+    finally:
+        shutil.rmtree(joined, ignore_errors=True)
+    # nvimgcodec's wheels ship nvidia/__init__.py: in --target that would make `nvidia` a
+    # package of its own and hide the host's nvidia.* (cuDNN, NCCL, ...); extend_path merges
+    init = site / "nvidia" / "__init__.py"
+    if init.is_file():
+        init.write_text("from pkgutil import extend_path\n\n"
+                        "__path__ = extend_path(__path__, __name__)\n")
+    return status
+
+
+def stash_main(args) -> int:
+    """Move the carry folders out of the working tree into the stash (an earlier call of a
+    multi-call carry: docs/gpu-check.md), so that the next calls' copies cannot remove them."""
+    STASH.mkdir(parents=True, exist_ok=True)
+    for f in carry_folders(args.wheels):
+        if f.parent != STASH and f.name != "base":
+            target = STASH / f.name
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.move(str(f), target)
+            print(f"stashed {f} -> {target}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The report.
+
+
+def exit_status(results: list[dict]) -> int:
+    return 1 if any(r["status"] in ("fail", "timeout") for r in results) else 0
+
+
+def _cell(x) -> str:
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def flat(figures: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for k, v in figures.items():
+        if isinstance(v, dict) and v and len(json.dumps(v, default=str)) > 80:
+            out += flat(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def write_report(out: Path, environment: dict, install_status: dict, results: list[dict],
+                 total_s: float) -> tuple[Path, Path]:
+    """<out>/gpu_check.md and gpu_check.json: the environment, the wheel sets, and every
+    stage's status, duration, reason, checks and figures."""
+    out.mkdir(parents=True, exist_ok=True)
+    status = exit_status(results)
+    data = {"created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "exit_status": status, "total_s": round(total_s, 1),
+            "environment": environment, "wheel_sets": install_status, "stages": results}
+    js = out / "gpu_check.json"
+    js.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    lines = [f"# gpu-check, {data['created']}", "",
+             f"{'FAILED' if status else 'passed'}: "
+             + ", ".join(f"{n} {sum(r['status'] == n for r in results)}"
+                         for n in ("pass", "fail", "timeout", "skip"))
+             + f"; {total_s:.0f} s in all.", "", "## Environment", "",
+             "| | |", "|---|---|"]
+    lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in environment.items()]
+    lines += [f"| wheel set {_cell(k)} | {_cell(v)} |" for k, v in install_status.items()]
+    lines += ["", "## Stages", "", "| stage | status | seconds | limit | reason |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['status']} | {r['duration_s']:.1f} | {r['budget_s']} | "
+              f"{_cell(r.get('reason', ''))} |" for r in results]
+    for r in results:
+        lines += ["", f"### {r['name']}: {r['status']}", ""]
+        if r.get("checks"):
+            lines += [f"- {'ok' if c['ok'] else 'FAIL'}: {c['name']}"
+                      + (f" ({c['detail']})" if c["detail"] else "") for c in r["checks"]]
+            lines.append("")
+        if r.get("figures"):
+            lines += ["| figure | value |", "|---|---|"]
+            lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in flat(r["figures"])]
+        if r["status"] in ("fail", "timeout") and r.get("log_tail"):
+            lines += ["", "```", *r["log_tail"][-30:], "```"]
+    md = out / "gpu_check.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md, js
+
+
+# ---------------------------------------------------------------------------------------------
+# make gpu-check.
+
+
+def cuda_or_none() -> str | None:
+    """None when CUDA works here, else why not (one line)."""
+    try:
+        import torch
+    except Exception as e:  # no torch at all
+        return f"no torch ({type(e).__name__}: {e})"
+    if not torch.cuda.is_available():
+        return f"no CUDA device (torch {torch.__version__}, CUDA build {torch.version.cuda})"
+    return None
+
+
+def run_stage_process(name: str, budget: float, args, env: dict, log) -> dict:
+    from bench.gpu_stages import BY_NAME
+
+    result_file = args.work / f"{name}.result.json"
+    result_file.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "bench.gpu_stages", name, "--work", str(args.work / name),
+            "--shards", str(args.shards), "--result", str(result_file)]
+    if args.cpu_rehearsal:
+        argv += ["--device", "cpu", "--tiny"]
+    t0 = time.perf_counter()
+    timed_out = False
+    with open(args.work / f"{name}.log", "w") as f:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=budget)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            import signal
+
+            os.killpg(proc.pid, signal.SIGKILL)  # the stage and what it launched
+            rc = proc.wait()
+    duration = time.perf_counter() - t0
+    text = (args.work / f"{name}.log").read_text(errors="replace")
+    log(f"===== {name} ({duration:.1f} s, rc {rc})\n{text}")
+    result = {"name": name, "budget_s": BY_NAME[name].budget_s, "duration_s": duration}
+    if result_file.is_file() and not timed_out:
+        result |= json.loads(result_file.read_text())
+    else:
+        result |= {"status": "timeout" if timed_out else "fail", "figures": {}, "checks": [],
+                   "reason": f"ran past its {budget:.0f} s limit" if timed_out
+                   else f"the stage process died (rc {rc}) before writing its result"}
+    result["log_tail"] = text.splitlines()[-40:]
+    return result
+
+
+def run_main(args) -> int:
+    why = None if args.cpu_rehearsal else cuda_or_none()
+    if why is not None:
+        print(f"gpu-check: {why} here; nothing was run (it needs a CUDA GPU host)")
+        return 2
+    began = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    log_file = open(args.out / "gpu_check.log", "w")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        log_file.write(msg + "\n")
+        log_file.flush()
+
+    site = args.work / "site"
+    install_status = install(args.wheels, site, log) if not args.no_install else {}
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(site), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env.pop("ACCELERATE_USE_CPU", None)
+    if args.shards is None:
+        found = [f / "shards" for f in carry_folders(args.wheels) if (f / "shards").is_dir()]
+        args.shards = found[0] if found else args.wheels / "base" / "shards"
+    from bench.gpu_stages import STAGES
+
+    only = set(args.only.split(",")) if args.only else None
+    results = []
+    for stage in STAGES:
+        if only and stage.name not in only:
+            continue
+        left = args.budget - (time.perf_counter() - began)
+        need = stage.budget_s if stage.optional else stage.budget_s / 2
+        if left < need:
+            results.append({"name": stage.name, "budget_s": stage.budget_s, "duration_s": 0.0,
+                            "status": "skip", "figures": {}, "checks": [],
+                            "reason": f"{left:.0f} s of the {args.budget:.0f} s budget left"})
+            log(f"===== {stage.name}: skipped, {left:.0f} s left")
+            continue
+        results.append(run_stage_process(stage.name, min(stage.budget_s, left), args, env, log))
+        log(f"----- {stage.name}: {results[-1]['status']} {results[-1].get('reason', '')}")
+    environment = next((r["figures"] for r in results if r["name"] == "env" and r["figures"]),
+                       {"note": "the env stage did not report"})
+    md, js = write_report(args.out, environment, install_status, results,
+                          time.perf_counter() - began)
+    log(md.read_text())
+    log(f"report: {md} and {js}")
+    log_file.close()
+    return exit_status(results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_check",
+                                description=(__doc__ or "").split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="the check (a CUDA host)")
+    r.add_argument("--out", type=Path, default=Path("bench_out"))
+    r.add_argument("--work", type=Path, default=Path("/tmp/tricolor-gpu-check"))
+    r.add_argument("--wheels", type=Path, default=ROOT / ".gpu-wheels")
+    r.add_argument("--shards", type=Path, help="default: the carried .gpu-wheels/base/shards")
+    r.add_argument("--budget", type=float, default=TOTAL_BUDGET_S,
+                   help="seconds for everything, the install included")
+    r.add_argument("--only", help="comma-separated stage names")
+    r.add_argument("--no-install", action="store_true")
+    r.add_argument("--cpu-rehearsal", action="store_true",
+                   help="tests only: run the stages on the CPU at tiny shapes (no CUDA check)")
+    w = sub.add_parser("wheels", help="download and pack the wheels (CPU side)")
+    w.add_argument("--dest", type=Path, default=ROOT / ".gpu-wheels")
+    w.add_argument("--sets", nargs="+", default=list(WHEEL_SETS), choices=list(WHEEL_SETS))
+    w.add_argument("--cap", type=float, default=56.0, help="MiB per carry folder")
+    i = sub.add_parser("install", help="join, verify and install the carried wheels")
+    i.add_argument("--wheels", type=Path, default=ROOT / ".gpu-wheels")
+    i.add_argument("--site", type=Path, default=Path("/tmp/tricolor-gpu-check/site"))
+    s = sub.add_parser("stash", help="move carried folders out of the working tree")
+    s.add_argument("--wheels", type=Path, default=ROOT / ".gpu-wheels")
+    args = p.parse_args(argv)
+    if args.command == "run":
+        args.work = args.work.resolve()
+        args.out = args.out.resolve()
+        return run_main(args)
+    if args.command == "wheels":
+        return wheels_main(args)
+    if args.command == "stash":
+        return stash_main(args)
+    status = install(args.wheels, args.site)
+    print(json.dumps(status, indent=2))
+    return 0 if all(v == "installed" for v in status.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

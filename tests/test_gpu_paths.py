@@ -1,0 +1,183 @@
+"""The code paths of a GPU run, checked in one CPU process: no host synchronization in the DDP
+step (its non-finite skip decided on the device), the fp16 GradScaler driven once per step, the
+EMA copy without Accelerate's autocast wrapper, and the Accelerator's DDP and process-group
+settings."""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import timedelta
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from launching import TINY
+
+from trainer import backend as backend_module
+from trainer.config import load_config
+from trainer.data import Batch
+from trainer.step import train_step
+from trainer.train import build_gan
+
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+@pytest.fixture
+def fresh_state(one_thread):
+    """Each test builds its own Accelerator (precision differs): Accelerate keeps one state per
+    process."""
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def tiny(*extra: str):
+    return load_config("configs/demo.yaml", ["data.shards=unused", *TINY, *extra])
+
+
+def batch(nan: bool = False, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    cond = torch.rand(2, 3, 1, 32, 32, generator=g) * 2 - 1
+    if nan:
+        cond[0, 1, 0, 0, 0] = float("nan")
+    return Batch(cond, torch.rand(2, 3, 2, 32, 32, generator=g) - 0.5, ["a", "b"])
+
+
+@contextlib.contextmanager
+def counting_host_reads():
+    """Counts every Python-level read of a tensor's value on the host: each is a device
+    synchronization on a GPU."""
+    calls = []
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counted(name):
+        def read(self, *args, **kwargs):
+            calls.append(name)
+            return originals[name](self, *args, **kwargs)
+        return read
+
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, counted(name))
+    try:
+        yield calls
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def params(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_the_ddp_step_reads_nothing_on_the_host_and_still_skips_a_non_finite_loss(fresh_state):
+    accelerator = Accelerator(cpu=True)
+    gan = build_gan(tiny("model.norm=group"), accelerator)
+    assert all(opt.defaults["fused"] for opt in (gan.opt_G, gan.opt_D))
+    outs, before_nan, after_nan = [], None, None
+    with counting_host_reads() as calls:
+        for i in range(4):
+            if i == 2:
+                before_nan = params(gan.G), params(gan.D), params(gan.ema.model)
+            outs.append(train_step(accelerator, gan, batch(nan=i == 2, seed=i)))
+            if i == 2:
+                after_nan = params(gan.G), params(gan.D), params(gan.ema.model)
+    assert calls == []
+    for i, out in enumerate(outs):
+        assert all(v.ndim == 0 and v.is_floating_point() for v in out.values())
+        skipped = 1.0 if i == 2 else 0.0
+        assert out["Skipped/G"].item() == out["Skipped/D"].item() == skipped
+        assert out["Skipped/fp16_overflow"].item() == 0.0
+    # the skipped step changed neither network nor their Adam step counts; the EMA moved
+    # towards G's unchanged weights only
+    assert same(before_nan[0], after_nan[0]) and same(before_nan[1], after_nan[1])
+    assert all(torch.isfinite(p).all() for p in after_nan[2])
+    steps = {float(s["step"]) for opt in (gan.opt_G, gan.opt_D) for s in opt.state.values()}
+    assert steps == {3.0}
+    assert not same(after_nan[0], params(gan.G))  # the next step trains again
+
+
+def test_without_clipping_the_norm_is_only_measured(fresh_state, monkeypatch):
+    backend = backend_module.DDPBackend(Accelerator(cpu=True))
+    model = torch.nn.Linear(3, 1)
+    opt = backend.adam(model.parameters(), lr=0.0, betas=(0.5, 0.999))
+    # clip_grad_norm_(..., inf) would multiply every gradient by 1 (inf / inf = NaN for inf
+    # gradients)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", None)
+    for scale, finite in ((1.0, True), (1e30, False)):  # 1e30 * 1e10: inf gradients
+        x = torch.full((1, 3), scale)
+        loss = model(x).sum() * 1e10
+        norm, skipped, overflow = backend.backward_step(loss, model, opt, grad_clip=0.0)
+        expected = torch.tensor([1e10 * scale] * 3 + [1e10]).norm()
+        assert torch.isfinite(norm) == finite and (not finite or torch.allclose(norm, expected))
+        assert skipped.item() == float(not finite) and overflow.item() == 0.0
+        assert all(p.grad is None for p in model.parameters())  # zeroed after the step
+    assert float(opt.state[model.weight]["step"]) == 1.0  # the inf step did not count
+
+
+def test_fp16_scaler_updates_once_per_step_and_counts_its_own_skips(fresh_state):
+    accelerator = Accelerator(cpu=True)
+    gan = build_gan(tiny(), accelerator)
+    # fp16 autocast needs a GPU; the scaler's arithmetic is the same on CPU
+    scaler = accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    updates = []
+    update = scaler.update
+    scaler.update = lambda *a: (updates.append(1), update(*a))[1]
+    out = train_step(accelerator, gan, batch())
+    assert len(updates) == 1 and out["Skipped/fp16_overflow"].item() == 0.0
+    assert scaler.get_scale() == 2.0 ** 16
+
+    scaler.update(2.0 ** 127)  # overflows G's scaled loss (and D's gradients, most likely)
+    updates.clear()
+    start = params(gan.G), params(gan.D)
+    out = train_step(accelerator, gan, batch(seed=1))
+    assert len(updates) == 1
+    assert out["Skipped/fp16_overflow"].item() == 1.0
+    assert out["Skipped/G"].item() == out["Skipped/D"].item() == 0.0
+    assert same(start[0], params(gan.G))
+    assert scaler.get_scale() == 2.0 ** 126  # backed off once, not once per optimizer
+
+    scaler.update(2.0 ** 16)
+    out = train_step(accelerator, gan, batch(nan=True, seed=2))
+    assert out["Skipped/G"].item() == out["Skipped/D"].item() == 1.0
+    assert out["Skipped/fp16_overflow"].item() == 0.0
+
+
+def test_the_ema_copy_runs_without_the_training_models_autocast(fresh_state):
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    gan = build_gan(tiny("model.zero_init_head=false"), accelerator)  # an output to compare
+    G = gan.backend.unwrap(gan.G)
+    assert "forward" in G.__dict__  # Accelerate's autocast wrapper on the training G
+    ema = gan.ema.model
+    assert "forward" not in ema.__dict__ and "_original_forward" not in ema.__dict__
+    assert ema.forward.__func__ is type(ema).forward
+    x = batch().cond
+    with torch.no_grad():
+        assert ema(x).dtype == torch.float32
+        # the wrapper returns fp32 too: what tells is the arithmetic, which bf16 rounds
+        assert not torch.equal(G(x), ema(x))
+        G.load_state_dict(ema.state_dict())
+        assert not torch.equal(G(x), ema(x))  # same weights, different precision
+        assert torch.equal(G._original_forward(x), ema(x))
+
+
+def test_make_accelerator_sets_ddp_options_and_the_timeout(fresh_state):
+    cfg = tiny("train.dist_timeout_min=45")
+    accelerator = backend_module.make_accelerator(cfg, "no")
+    assert accelerator.ddp_handler.broadcast_buffers is False
+    assert accelerator.ddp_handler.gradient_as_bucket_view is True
+    assert accelerator.init_handler.timeout == timedelta(minutes=45)
+
+
+@pytest.mark.parametrize("available, count, local_world, expected", [
+    (False, 0, "2", False), (True, 1, "2", False), (True, 2, "2", True), (True, 8, "8", True)])
+def test_deepspeed_uses_nccl_only_when_each_local_rank_has_a_gpu(monkeypatch, available, count,
+                                                                  local_world, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    assert backend_module._gpu_per_local_rank() is expected
