@@ -1,8 +1,11 @@
 """`make gpu-check` on the CPU side (bench/gpu_check.py, bench/gpu_stages.py): the one-line
 refusal without CUDA, the report and its exit status, the wheel parts and their checksums,
 the install from carried folders, the sync census's counting, the trainer stage command lines,
-and the stages themselves rehearsed on the CPU at tiny shapes. Nothing here needs a GPU, and
-nothing depends on one being there (CUDA is hidden from the subprocesses)."""
+the stage limits against docs/gpu-check.md, the resume-exactness stage (bitwise on the CPU; an
+incomplete restore seen; deterministic mode unavailable reported) and its check of the EMA
+copy's forward (P1), and the stages themselves rehearsed on the CPU at tiny shapes. Nothing
+here needs a GPU, and nothing depends on one being there (CUDA is hidden from the
+subprocesses)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -226,17 +230,19 @@ def test_stages_rehearsed_on_cpu(tiny_shards, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "bench.gpu_check", "run", "--cpu-rehearsal", "--no-install",
-         "--shards", str(tiny_shards), "--only", "env,census_fp32,train_fp16,step_480",
+         "--shards", str(tiny_shards), "--only",
+         "env,census_fp32,resume_exactness,train_fp16,step_480",
          "--out", str(out), "--work", str(tmp_path / "work")],
         cwd=ROOT, env=NO_CUDA, capture_output=True, text=True, timeout=600)
     data = json.loads((out / "gpu_check.json").read_text())
     stages = {s["name"]: s for s in data["stages"]}
     assert proc.returncode == 0 and data["exit_status"] == 0, proc.stdout[-3000:]
-    assert [s["status"] for s in stages.values()] == ["pass"] * 4
+    assert [s["status"] for s in stages.values()] == ["pass"] * 5
     train = stages["train_fp16"]
     assert all(c["ok"] for c in train["checks"]) and len(train["checks"]) >= 8
     assert train["figures"]["last_validation"]["step"] == 40
     assert stages["census_fp32"]["figures"]["lineart"]["train_step_syncs_per_step"] == [0, 0]
+    assert stages["resume_exactness"]["figures"]["fp32"]["default"]["G"]["bitwise"]
     assert stages["step_480"]["figures"][
         "channels_last=True cudnn.benchmark=True"]["ms_per_step"] > 0
     assert data["environment"]["torch"] and (out / "gpu_check.md").is_file()
@@ -247,3 +253,149 @@ def test_a_stage_past_its_limit_is_killed_and_reported(tmp_path):
     result = run_stage_process("step_480", 0.5, args, NO_CUDA, log=lambda msg: None)
     assert result["status"] == "timeout" and "limit" in result["reason"]
     assert exit_status([result]) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# resume_exactness: the in-memory snapshot/restore, and the EMA copy's forward (P1).
+
+
+@pytest.fixture
+def fresh_accelerate(one_thread):
+    """Accelerate keeps one state per process; these tests build Accelerators of their own."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_stage_limits_add_up_and_match_the_doc():
+    stages = {s.name: s.budget_s for s in gpu_stages.STAGES}
+    assert sum(stages.values()) + gpu_check.INSTALL_BUDGET_S == gpu_check.TOTAL_BUDGET_S
+    assert set(stages) == set(gpu_stages.RUNNERS)
+    rows = {m[1]: int(m[2]) for m in re.finditer(r"^\| (\w+) \| (\d+) \|",
+                                                  (ROOT / "docs" / "gpu-check.md").read_text(),
+                                                  re.MULTILINE)}
+    assert rows == {"install": gpu_check.INSTALL_BUDGET_S, **stages}
+
+
+def test_resume_exactness_rehearsed_on_cpu_is_bitwise(tiny_shards, tmp_path, fresh_accelerate):
+    """CPU: a resume from the in-memory snapshot repeats the same steps bitwise (the repo's
+    claim), in bf16 and fp32, with and without deterministic algorithms; the bf16 EMA copy
+    runs the class's forward in fp32 while the training G has Accelerate's wrapper."""
+    ctx = gpu_stages.Context(tmp_path, tiny_shards, "cpu", tiny=True)
+    result = gpu_stages.run_stage("resume_exactness", ctx)
+    assert result["status"] == "pass", result
+    assert all(c["ok"] for c in result["checks"]) and len(result["checks"]) == 7
+    figures = result["figures"]
+    for precision in ("bf16", "fp32"):
+        det = figures[precision]["deterministic"]
+        assert det["available"], det
+        for diffs in (figures[precision]["default"], det["differences"]):
+            assert set(diffs) == {"G", "D", "G_ema", "opt_G", "opt_D"}
+            for part in diffs.values():
+                assert part["max_abs"] == 0.0 and part["max_rel"] == 0.0 and part["bitwise"]
+    p1 = figures["p1_ema_forward"]
+    assert p1["training_G_has_instance_forward"]  # else the P1 check would prove nothing
+    assert p1["ema_instance_attributes"] == [] and p1["ema_output_dtype"] == "torch.float32"
+    import torch
+
+    assert not torch.are_deterministic_algorithms_enabled()  # the stage put it back
+
+
+def _tiny_cfg():
+    from trainer.config import load_config
+
+    return load_config(gpu_stages.DEMO, ["data.shards=unused", "data.crop_size=32",
+                                          "data.batch_size=2", "model.ngf=8", "model.ndf=8"])
+
+
+def _batches(n: int):
+    import torch
+
+    from trainer.data import Batch
+
+    g = torch.Generator().manual_seed(0)
+    return [Batch(torch.rand(2, 3, 1, 32, 32, generator=g) * 2 - 1,
+                  torch.rand(2, 3, 2, 32, 32, generator=g) - 0.5, ["a", "b"])
+            for _ in range(n)]
+
+
+def test_resume_exactness_sees_an_incomplete_restore(tmp_path, fresh_accelerate, monkeypatch):
+    """The zeros above are not vacuous: a restore that leaves the optimizers' moments as they
+    were after run A makes run B differ."""
+    full = gpu_stages.restore
+
+    def without_optimizers(gan, state):
+        full(gan, {**state, "opt_G": gan.opt_G.state_dict(), "opt_D": gan.opt_D.state_dict()})
+
+    ctx = gpu_stages.Context(tmp_path, tmp_path, "cpu", tiny=True)
+    batches = _batches(3)
+    diffs, _ = gpu_stages.resume_run(ctx, _tiny_cfg(), "fp32", batches, 1, 2)
+    assert all(p["bitwise"] for p in diffs.values()), diffs
+    monkeypatch.setattr(gpu_stages, "restore", without_optimizers)
+    diffs, _ = gpu_stages.resume_run(ctx, _tiny_cfg(), "fp32", batches, 1, 2)
+    assert diffs["G"]["max_abs"] > 0 and not diffs["G"]["bitwise"] and diffs["G"]["worst"]
+    assert diffs["opt_G"]["max_rel"] > 0 and not diffs["D"]["bitwise"]
+
+
+def test_p1_check_fails_for_an_ema_copy_with_the_autocast_wrapper(tmp_path, fresh_accelerate):
+    """What P1 was: a plain deepcopy of the prepared G carries Accelerate's instance
+    `forward` (autocast, outputs cast to fp32: the dtype alone does not tell)."""
+    import copy
+
+    from trainer.train import build_gan
+
+    accelerator = gpu_stages._fresh_accelerator("bf16", cpu=True)
+    gan = build_gan(_tiny_cfg(), accelerator)
+    batch = _batches(1)[0]
+    ctx = gpu_stages.Context(tmp_path, tmp_path, "cpu", tiny=True)
+    gpu_stages.ema_forward_checks(ctx, gan, batch, "bf16")
+    assert [c["ok"] for c in ctx.checks] == [True, True, True]
+    gan.ema.model = copy.deepcopy(gan.backend.unwrap(gan.G)).eval().requires_grad_(False)
+    ctx = gpu_stages.Context(tmp_path, tmp_path, "cpu", tiny=True)
+    figures = gpu_stages.ema_forward_checks(ctx, gan, batch, "bf16")
+    assert [c["ok"] for c in ctx.checks] == [False, True, True], ctx.checks
+    assert figures["ema_instance_attributes"] == ["_original_forward", "forward"]
+
+
+def test_nondeterministic_op_names_the_op():
+    message = ("upsample_bilinear2d_backward_out_cuda does not have a deterministic "
+               "implementation, but you set 'torch.use_deterministic_algorithms(True)'. You can "
+               "turn off determinism just for this operation, ...")
+    assert gpu_stages.nondeterministic_op(message) == "upsample_bilinear2d_backward_out_cuda"
+    assert gpu_stages.nondeterministic_op("other\nlines") == "other"
+
+
+def test_deterministic_mode_unavailable_is_reported_not_failed(tiny_shards, tmp_path,
+                                                               monkeypatch, fresh_accelerate):
+    """Where an op raises under torch.use_deterministic_algorithms(True) (CUDA's bilinear
+    upsampling backward), the stage names it, runs again with warn_only to list every such
+    op, and still passes on the default mode's figures."""
+    import torch
+
+    message = ("upsample_bilinear2d_backward_out_cuda does not have a deterministic "
+               "implementation, but you set 'torch.use_deterministic_algorithms(True)'.")
+    zero = {"max_abs": 0.0, "max_rel": 0.0, "bitwise": True, "worst": ""}
+
+    def fake_run(ctx, cfg, precision, batches, warmup, steps, p1=False):
+        assert len(batches) == warmup + steps
+        if torch.are_deterministic_algorithms_enabled():
+            if not torch.is_deterministic_algorithms_warn_only_enabled():
+                raise RuntimeError(message)
+            warnings.warn(message, UserWarning, stacklevel=1)
+            warnings.warn(message.replace("upsample_bilinear2d", "grid_sampler_2d"),
+                          UserWarning, stacklevel=1)
+        return {n: dict(zero) for n in ("G", "D", "G_ema", "opt_G", "opt_D")}, {}
+
+    monkeypatch.setattr(gpu_stages, "resume_run", fake_run)
+    ctx = gpu_stages.Context(tmp_path, tiny_shards, "cpu", tiny=True)
+    result = gpu_stages.run_stage("resume_exactness", ctx)
+    assert result["status"] == "pass", result
+    det = result["figures"]["fp32"]["deterministic"]
+    assert det["available"] is False
+    assert det["raised_by"] == "upsample_bilinear2d_backward_out_cuda"
+    assert det["ops_without_deterministic_kernel"] == [
+        "grid_sampler_2d_backward_out_cuda", "upsample_bilinear2d_backward_out_cuda"]
+    assert det["warn_only_differences"]["G"]["bitwise"]
+    assert not torch.are_deterministic_algorithms_enabled()
