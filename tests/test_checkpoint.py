@@ -576,26 +576,57 @@ def test_a_line_art_checkpoint_from_before_the_memory_generator_is_refused(two_c
         ckpts.load(latest, gan, lineart)
 
 
-def test_optimizer_state_loads_through_accelerates_fp16_wrapper(tmp_path, one_thread):
-    """DCP creates the empty Adam state of a fresh process with `optimizer.step()`. Given
-    Accelerate's fp16 wrapper, that step would go through GradScaler.step before any
-    `scale()` and assert: the backend hands DCP the torch optimizer itself."""
-    from accelerate.optimizer import AcceleratedOptimizer
+def fp16_gan(cfg):
+    """The tiny GAN with the DDP backend driving a GradScaler (fp16 autocast needs a GPU; the
+    scaler's arithmetic and the fused Adam under it are the same on the CPU)."""
+    accelerator = Accelerator(cpu=True)
+    # before `prepare`, as Accelerate sets it up for fp16 on a GPU: an AcceleratedOptimizer
+    # built there would carry it
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+    return build_gan(cfg, accelerator)
 
-    cfg, gan = tiny_gan()
+
+def test_an_fp16_run_resumes_as_if_uninterrupted(tmp_path, one_thread):
+    """The fp16 resume path of the DDP backend: raw fused Adam and a GradScaler, stepped by
+    the backend; the optimizers saved and loaded through DCP's state-dict helpers (which, on a
+    fresh process, create the empty Adam state with `step()`: before issue 18 that went
+    through Accelerate's fp16 wrapper into GradScaler.step and asserted), the scaler through
+    the trainer state. The resumed step equals the uninterrupted one."""
+    from test_gpu_paths import batch
+
+    from trainer.step import train_step
+
+    cfg = load_config("configs/demo.yaml", ["data.shards=unused", *TINY])
+    torch.manual_seed(0)
+    gan = fp16_gan(cfg)
+    for i in range(2):
+        torch.manual_seed(100 + i)
+        train_step(gan.backend.accelerator, gan, batch(seed=i), step=i)
     gan.backend.save_state(gan, tmp_path)
-    fresh = build_gan(cfg, Accelerator(cpu=True))
-    scaler = torch.amp.GradScaler("cpu")
-    fresh.opt_G, fresh.opt_D = (AcceleratedOptimizer(opt, scaler=scaler)
-                                for opt in (fresh.opt_G, fresh.opt_D))
+    trainer_state = gan.backend.trainer_state()
+    assert trainer_state["scaler"]["scale"] == 2.0 ** 12  # grew once per step
+
+    torch.manual_seed(1)  # other initial weights: all of them must come from the checkpoint
+    fresh = fp16_gan(cfg)
+    fresh.backend.load_trainer_state(trainer_state)
     fresh.backend.load_state(fresh, tmp_path)
-    assert scaler._scale is None  # never stepped, never scaled
+    outs = []
+    for run in (gan, fresh):
+        torch.manual_seed(102)
+        outs.append(train_step(run.backend.accelerator, run, batch(seed=2), step=2))
+    for key in outs[0]:
+        assert torch.equal(outs[0][key], outs[1][key]), key
+    assert outs[1]["Skipped/fp16_overflow"].item() == 0.0
+    for a, b in ((gan.G, fresh.G), (gan.D, fresh.D), (gan.ema.model, fresh.ema.model)):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), name
     for saved, loaded in ((gan.opt_G, fresh.opt_G), (gan.opt_D, fresh.opt_D)):
         saved, loaded = saved.state_dict()["state"], loaded.state_dict()["state"]
         assert saved.keys() == loaded.keys() and saved
         for index, state in saved.items():
             for key in ("step", "exp_avg", "exp_avg_sq"):
                 assert torch.equal(state[key], loaded[index][key]), (index, key)
+    assert gan.backend.trainer_state() == fresh.backend.trainer_state()  # scale 2 ** 13
 
 
 def files_rank(rank: int, world: int, port: int, root: Path) -> None:

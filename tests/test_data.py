@@ -469,40 +469,90 @@ def test_an_unreadable_index_is_named_and_the_shard_reindexed(tmp_path, shards, 
     assert found.fingerprint() == reference.fingerprint() and not found.skipped
 
 
-def test_ranks_with_other_samples_are_refused_together(tmp_path, shards):
-    """Ranks whose scans differ (another shard storage or verified-shards cache on one node)
-    get one data error naming the ranks; a scan error that is not a data error (an OSError)
-    becomes one."""
+def test_a_scan_error_is_a_data_error(tmp_path, shards, monkeypatch):
+    """A scan error that is not a data error (an OSError) becomes one in
+    `select_samples_once`; another exception is raised as it is."""
     from accelerate import Accelerator
 
-    from shards.manifest import ManifestError
-    from trainer.data.samples import RanksDisagree, check_same_samples, scan_split
-    from trainer.train import agreed
+    import trainer.data
+    from trainer.data import select_samples_once
 
-    same = scan_split(shards, "train").fingerprint()
-    check_same_samples([same, same, same], "the train split")
-    bad = damaged_copy(shards, tmp_path)
-    entry = train_shards(bad)[2]
-    (bad / entry["tar"]).unlink()  # what a node without this shard would find
-    other = scan_split(bad, "train").fingerprint()
-    assert other != same
-    with pytest.raises(RanksDisagree) as err:
-        check_same_samples([same, other, same, None], "the train split")
-    assert isinstance(err.value, ManifestError)  # reported as a data error by trainer.main
-    message = str(err.value)
-    assert message.startswith(f"the ranks found different readable samples in the train split "
-                              f"(ranks 0, 2: {same}; rank 1: {other}; rank 3: None)")
-    assert "verified-shards" in message and "same shard storage" in message
+    path = tmp_path / "train-000000.idx"
 
-    def unreadable():
-        raise IsADirectoryError(21, "Is a directory", str(bad / entry["index"]))
+    def unreadable(*args):
+        raise IsADirectoryError(21, "Is a directory", str(path))
 
-    with pytest.raises(NoSamplesError, match=rf"cannot scan the shards: .*Is a directory: "
-                                             rf"'{bad / entry['index']}'"):
-        agreed(Accelerator(cpu=True), unreadable)
+    monkeypatch.setattr(trainer.data, "select_samples", unreadable)
+    cfg = data_cfg(shards)
+    with pytest.raises(NoSamplesError,
+                       match=rf"cannot scan the shards: .*Is a directory: '{path}'"):
+        select_samples_once(cfg, "train", Accelerator(cpu=True))
+    monkeypatch.setattr(trainer.data, "select_samples", lambda *a: {}["bug"])
+    with pytest.raises(KeyError):
+        select_samples_once(cfg, "train", Accelerator(cpu=True))
 
 
 # --- issue 18: the scan once per data set (good-samples.json), data.mmap, data.val_samples --
+
+SELECT_RANK = """
+import json, sys
+sys.path.insert(0, sys.argv[1])  # the checkout under test
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+
+import trainer.data
+from trainer.config import load_config
+from trainer.data import TripletLoader, samples, select_samples_once
+
+state = PartialState(cpu=True)
+reads = []  # what this rank read of the shard directory
+for module, name in ((samples, "read_good_samples"), (samples, "scan_shard"),
+                     (samples, "load_manifest"), (trainer.data, "scan_split")):
+    def recorded(*args, _real=getattr(module, name), _name=name, **kwargs):
+        reads.append(_name)
+        return _real(*args, **kwargs)
+    setattr(module, name, recorded)
+cfg = load_config(None, [f"data.shards={sys.argv[2]}", "data.crop_size=32",
+                         "data.batch_size=2", "data.num_threads=1"]).data
+report = {"rank": state.process_index}
+found = select_samples_once(cfg, "train", state)
+loader = TripletLoader(cfg, "grey", "train", state.process_index, state.num_processes,
+                       torch.device("cpu"), seed=0, samples=found)
+report["train"] = [found.fingerprint(), len(found), len(loader)]
+try:
+    select_samples_once(cfg, "test", state)  # no such split: an error on the main process
+except Exception as e:
+    report["test"] = [type(e).__name__, str(e)]
+report["reads"] = reads
+Path(sys.argv[3], f"rank{state.process_index}.json").write_text(json.dumps(report))
+state.wait_for_everyone()
+torch.distributed.destroy_process_group()  # no rank exits while gloo still talks to it
+"""
+
+
+def test_one_process_selects_the_samples_for_every_rank(tmp_path, shards):
+    """`select_samples_once` on 2 real ranks (gloo): rank 1 reads nothing of the shard
+    directory (no manifest, no good-samples.json, no scan) and gets rank 0's very sample
+    list, which it reads through `TripletLoader(samples=...)`; an error of rank 0 (a split
+    the manifest lacks) is raised on both ranks."""
+    from launching import ROOT, launch
+
+    from trainer.data.samples import scan_split
+
+    script = tmp_path / "select_rank.py"
+    script.write_text(SELECT_RANK)
+    result = launch(str(script), str(ROOT), str(shards), str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    whole = scan_split(shards, "train", world_size=2)
+    for report in ranks:
+        assert report["train"] == [whole.fingerprint(), len(whole), len(whole) // 2 // 2]
+        assert report["test"] == ["NoSamplesError", f"{shards}/manifest.json: no split 'test'"]
+    assert ranks[1]["reads"] == []
+    assert ranks[0]["reads"].count("scan_split") == 2 and "read_good_samples" in ranks[0]["reads"]
+    assert "scan_shard" not in ranks[0]["reads"]  # the index holds: no shard opened
 
 
 def count_jpeg_checks(monkeypatch) -> list[int]:
@@ -536,7 +586,7 @@ def test_the_good_samples_index_replaces_the_scan_until_a_shard_changes(tmp_path
     with caplog.at_level(logging.WARNING):
         scanned = scan_split(copy, "train")
     assert checks[0] == 3 * len(scanned) and "no good-samples index" in caplog.text
-    assert indexed.fingerprint() == scanned.fingerprint()  # ranks agree whichever way
+    assert indexed.fingerprint() == scanned.fingerprint()  # the same list either way
     assert [s.lines for s in indexed.shards] == [s.lines for s in scanned.shards]
     (tmp_path / "good-samples.json").rename(copy / "good-samples.json")
 
@@ -592,12 +642,29 @@ def test_an_unreadable_good_samples_index_falls_back_to_the_scan(tmp_path, shard
 
 
 @pytest.mark.skipif(not dali_available(), reason="no DALI wheel")
-def test_the_dali_reader_reads_without_mmap(shards):
-    loader = make_loader(shards, "dali", 0, 1, "grey", "data.mmap=false")
-    assert loader.cfg.mmap is False
-    keys = [k for b in loader for k in b.keys]
-    assert len(keys) == len(set(keys)) == len(loader) * 4
-    assert set(keys) <= set(loader.samples.keys())
+@pytest.mark.parametrize("mmap", [False, True])
+def test_the_dali_reader_reads_without_mmap(shards, monkeypatch, mmap):
+    """data.mmap reaches DALI's reader as dont_use_mmap (recorded from the call itself), and
+    the reader reads every sample once without mmap."""
+    from nvidia.dali import fn
+
+    calls = []
+    reader = fn.readers.webdataset
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs)
+        return reader(*args, **kwargs)
+
+    monkeypatch.setattr(fn.readers, "webdataset", recorded)
+    loader = make_loader(shards, "dali", 0, 1, "grey", f"data.mmap={str(mmap).lower()}")
+    assert loader.cfg.mmap is mmap
+    if mmap:
+        next(iter(loader))  # builds the pipeline
+    else:
+        keys = [k for b in loader for k in b.keys]
+        assert len(keys) == len(set(keys)) == len(loader) * 4
+        assert set(keys) <= set(loader.samples.keys())
+    assert len(calls) == 1 and calls[0]["dont_use_mmap"] is (not mmap)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -119,9 +119,30 @@ def test_without_clipping_the_norm_is_only_measured(fresh_state, monkeypatch):
     assert float(opt.state[model.weight]["step"]) == 1.0  # the inf step did not count
 
 
-def test_fp16_scaler_updates_once_per_step_and_counts_its_own_skips(fresh_state):
+def adam_steps(opt) -> set[float]:
+    return {float(s["step"]) for s in opt.state.values()}
+
+
+@contextlib.contextmanager
+def inflated_losses(gan, factor: float):
+    """G's and D's losses times `factor`: finite, but past the fp16 range once scaled."""
+    real = {"d_loss": gan.loss.d_loss, "g_loss": gan.loss.g_loss}
+    for name, fn in real.items():
+        setattr(gan.loss, name,
+                lambda *a, _fn=fn, **k: (r := _fn(*a, **k))._replace(total=r.total * factor))
+    try:
+        yield
+    finally:
+        for name in real:
+            delattr(gan.loss, name)
+
+
+@pytest.mark.parametrize("d_steps", [1, 2])
+def test_fp16_scaler_updates_once_per_step_and_counts_its_own_skips(fresh_state, d_steps):
+    """With optim.d_steps_per_g=2, D is unscaled and stepped twice between two updates, which
+    GradScaler refuses by itself ("unscale_() is being called after step()")."""
     accelerator = Accelerator(cpu=True)
-    gan = build_gan(tiny(), accelerator)
+    gan = build_gan(tiny(f"optim.d_steps_per_g={d_steps}"), accelerator)
     # fp16 autocast needs a GPU; the scaler's arithmetic is the same on CPU
     scaler = accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
     updates = []
@@ -130,21 +151,65 @@ def test_fp16_scaler_updates_once_per_step_and_counts_its_own_skips(fresh_state)
     out = train_step(accelerator, gan, batch())
     assert len(updates) == 1 and out["Skipped/fp16_overflow"].item() == 0.0
     assert scaler.get_scale() == 2.0 ** 16
+    assert adam_steps(gan.opt_D) == {float(d_steps)} and adam_steps(gan.opt_G) == {1.0}
 
-    scaler.update(2.0 ** 127)  # overflows G's scaled loss (and D's gradients, most likely)
+    scaler.update(2.0 ** 120)
     updates.clear()
     start = params(gan.G), params(gan.D)
-    out = train_step(accelerator, gan, batch(seed=1))
+    with inflated_losses(gan, 2.0 ** 20):  # finite losses, overflowing G's and D's scaled ones
+        out = train_step(accelerator, gan, batch(seed=1))
     assert len(updates) == 1
     assert out["Skipped/fp16_overflow"].item() == 1.0
     assert out["Skipped/G"].item() == out["Skipped/D"].item() == 0.0
-    assert same(start[0], params(gan.G))
-    assert scaler.get_scale() == 2.0 ** 126  # backed off once, not once per optimizer
+    assert same(start[0], params(gan.G)) and same(start[1], params(gan.D))
+    assert adam_steps(gan.opt_D) == {float(d_steps)} and adam_steps(gan.opt_G) == {1.0}
+    assert scaler.get_scale() == 2.0 ** 119  # backed off once, not once per optimizer step
 
     scaler.update(2.0 ** 16)
     out = train_step(accelerator, gan, batch(nan=True, seed=2))
     assert out["Skipped/G"].item() == out["Skipped/D"].item() == 1.0
     assert out["Skipped/fp16_overflow"].item() == 0.0
+    assert scaler.get_scale() == 2.0 ** 15  # a non-finite loss backs off too (documented)
+
+    out = train_step(accelerator, gan, batch(seed=3))  # trains again, at that scale
+    assert out["Skipped/G"].item() == out["Skipped/D"].item() == 0.0
+    assert out["Skipped/fp16_overflow"].item() == 0.0
+    assert adam_steps(gan.opt_D) == {2.0 * d_steps} and adam_steps(gan.opt_G) == {2.0}
+    assert scaler.get_scale() == 2.0 ** 15
+
+
+def test_fp16_a_second_d_step_is_unscaled_by_the_scale_its_loss_was_scaled_with(fresh_state):
+    """optim.d_steps_per_g=2 with an overflowing first D step: the second D step must see the
+    gradients of an fp32 run (the scale is the same from its backward to its unscale_; an
+    update() between the two steps would back it off in between and double them)."""
+    def step(fp16: bool):
+        torch.manual_seed(0)
+        accelerator = Accelerator(cpu=True)
+        gan = build_gan(tiny("optim.d_steps_per_g=2"), accelerator)
+        if fp16:
+            accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+        real, calls = gan.loss.d_loss, []
+
+        def d_loss(real_logits, fake_logits):  # the first D step of the step is skipped
+            d = real(real_logits, fake_logits)
+            calls.append(1)
+            if len(calls) == 1:  # fp16: finite, inf once scaled; fp32: a NaN loss
+                d = d._replace(total=d.total * (2.0 ** 120 if fp16 else float("nan")))
+            return d
+
+        gan.loss.d_loss = d_loss
+        torch.manual_seed(1)
+        return gan, train_step(accelerator, gan, batch()), accelerator.scaler
+
+    gan16, out16, scaler = step(fp16=True)
+    gan32, out32, _ = step(fp16=False)
+    assert out16["Skipped/fp16_overflow"].item() == 1.0 and out16["Skipped/D"].item() == 0.0
+    assert out32["Skipped/D"].item() == 1.0
+    assert scaler.get_scale() == 2.0 ** 15  # backed off once, at the end of the step
+    assert adam_steps(gan16.opt_D) == adam_steps(gan32.opt_D) == {1.0}  # the second step
+    assert torch.allclose(out16["Grad/D"], out32["Grad/D"], rtol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+               for a, b in zip(params(gan16.D), params(gan32.D)))
 
 
 def test_the_ema_copy_runs_without_the_training_models_autocast(fresh_state):

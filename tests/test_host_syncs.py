@@ -5,7 +5,7 @@ that replaced the per-step ones (skip counters, `train.max_nonfinite`).
 reading a tensor on the host patched to count: `.item()`, `.tolist()`, `.cpu()`, `.numpy()`,
 `bool()`, `float()`, `int()`. On a GPU each of them waits for the device queue to drain. Not
 counted: the data loader (it decodes on the host), and the tensors that live on the host on a
-GPU run too (the EMA's update counter, Adam's step counters). Syncs inside C++ operators
+GPU run too (Adam's step counters). Syncs inside C++ operators
 (SyncBatchNorm's masking, for instance) are not seen here; on a GPU,
 `torch.cuda.set_sync_debug_mode` sees those.
 """
@@ -13,7 +13,9 @@ GPU run too (the EMA's update counter, Adam's step counters). Syncs inside C++ o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ import trainer.train
 from trainer.backend import make_accelerator
 from trainer.config import load_config
 from trainer.data import TripletLoader
+from trainer.run_log import Window
 
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
 # 12 steps: logs at 4, 8, 12; stop agreements at 3, 6, 9, 12; validation, checkpoint and
@@ -52,8 +55,7 @@ class Census:
             self.paused -= 1
 
     def host_counters(self) -> set[int]:
-        gan = self.gan
-        ids = {id(gan.ema.num_updates)}
+        gan, ids = self.gan, set()
         for opt in (gan.opt_G, gan.opt_D):
             ids |= {id(s["step"]) for s in opt.state.values() if "step" in s}
         return ids
@@ -181,3 +183,64 @@ def test_too_many_skips_in_a_row_stop_the_run_at_the_next_log_step(shards, tmp_p
                                                  r"\(step 8\); stopping instead"):
         run_train(shards, tmp_path, monkeypatch, "train.max_nonfinite=3")
     assert not list((tmp_path / "checkpoints").glob("step_*"))
+
+
+def test_with_gradient_accumulation_skipped_updates_in_a_row_stop_the_run(shards, tmp_path,
+                                                                          monkeypatch,
+                                                                          one_thread):
+    """grad_accum=2 on DDP: the skip is decided at the accumulation boundary, and the batch
+    between two boundaries reports nothing skipped; it must not end the streak. Every loss
+    is NaN: skipped updates at batches 2, 4, 6 (3 in a row, the limit), read at the log of
+    step 8 (4 by then)."""
+    real = trainer.train.train_step
+
+    def train_step(accelerator, gan, batch, step=None):
+        return real(accelerator, gan, dataclasses.replace(batch, cond=batch.cond * math.nan),
+                    step)
+
+    monkeypatch.setattr(trainer.train, "train_step", train_step)
+    with pytest.raises(FloatingPointError, match=r"^4 steps in a row had a non-finite loss "
+                                                 r"\(step 8\)"):
+        run_train(shards, tmp_path, monkeypatch, "train.max_nonfinite=3", "train.grad_accum=2")
+
+
+class Identity:
+    """An accelerator whose cross-rank mean is the value itself (one rank)."""
+
+    @staticmethod
+    def reduce(tensor, reduction):
+        return tensor
+
+
+def flags(g=0.0, d=0.0, **grads) -> dict[str, torch.Tensor]:
+    out = {"Skipped/G": torch.tensor(g), "Skipped/D": torch.tensor(d)}
+    return out | {f"Grad/{k}": torch.tensor(v) for k, v in grads.items()}
+
+
+def test_the_window_streak_counts_updates_across_accumulation_windows():
+    window = Window(torch.device("cpu"))
+    # grad_accum=2, DDP: only the boundary reports a skip; the batch between does not reset
+    for boundary, skipped in ((False, 0), (True, 1), (False, 0), (True, 1), (False, 0),
+                              (True, 0), (False, 0), (True, 1)):
+        window.add(flags(g=skipped), boundary)
+    assert window.skips() == (3, 2)
+    # DeepSpeed: a skipped micro-batch between boundaries counts, and the streak goes on
+    window.add(flags(d=1.0), False)
+    window.add(flags(g=1.0), True)
+    assert window.skips() == (2, 3)
+    window.add(flags(), True)  # an update that succeeded ends it
+    window.add(flags(g=1.0), True)
+    assert window.skips() == (1, 1)
+
+
+def test_grad_norms_of_skipped_updates_are_left_out_of_the_window_mean():
+    window = Window(torch.device("cpu"))
+    for norm in (2.0, math.nan, math.inf, 4.0):
+        window.add(flags(g=float(not math.isfinite(norm)), G=norm, D=math.nan), True)
+    window.add(flags(), False)  # between boundaries: no norm reported
+    scalars, skipped, longest = window.reduce(Identity, {})
+    assert scalars["Grad/G"] == 3.0  # the mean of the finite ones
+    assert math.isnan(scalars["Grad/D"])  # none finite in this window: not measured
+    assert scalars["Skipped/G"] == pytest.approx(2 / 5) and (skipped, longest) == (2, 2)
+    window.add(flags(G=5.0), True)  # the next window starts over
+    assert window.reduce(Identity, {})[0]["Grad/G"] == 5.0

@@ -105,6 +105,40 @@ def test_farneback_flows_are_cached_by_key(monkeypatch):
         m.update(pred[:1], truth[:1], grey[:1], as_rgb(grey[:1]), keys=["a", "b"])
 
 
+def test_the_flow_cache_keeps_the_first_samples_within_its_budget(monkeypatch):
+    """A budget of 2.5 samples caches the first two keys, at every validation the same two;
+    the others are computed afresh each time, with the same metrics as without a cache."""
+    import cv2
+
+    calls = []
+    farneback = cv2.calcOpticalFlowFarneback
+    monkeypatch.setattr(cv2, "calcOpticalFlowFarneback",
+                        lambda *a: calls.append(1) or farneback(*a))
+    rgb, grey = zip(*(moving_texture(seed=s) for s in range(4)))
+    truth, grey = torch.stack(rgb), torch.stack(grey)
+    pred = (truth + 0.05 * torch.rand_like(truth)).clamp(0, 1)
+    chunks = [slice(0, 3), slice(3, 4)]
+    fresh = run_metrics(pred, truth, grey, chunks=chunks)
+    sample = 2 * 2 * 2 * 48 * 64 * 4  # fwd + bwd, T - 1 = 2 pairs, (u, v), fp32
+    m = ColorizationMetrics(flow_cache_bytes=sample * 5 // 2)
+    keys = ["a", "b", "c", "d"]
+    for validation in range(3):
+        calls.clear()
+        m.reset()
+        for sl in chunks:
+            m.update(pred[sl], truth[sl], grey[sl], as_rgb(grey[sl]), keys=keys[sl])
+        assert m.compute() == fresh
+        assert list(m.flow_cache) == ["a", "b"] and m.flow_cache_used == 2 * sample
+        assert len(calls) == (4 if validation == 0 else 2) * 2 * 2  # c and d every time
+    for f, b in m.flow_cache.values():  # own storage, not views of the batch's flows
+        assert f.untyped_storage().nbytes() + b.untyped_storage().nbytes() == sample
+    calls.clear()
+    m = ColorizationMetrics(flow_cache_bytes=0)  # no cache at all
+    for _ in range(2):
+        m.update(pred, truth, grey, as_rgb(grey), keys=keys)
+    assert not m.flow_cache and len(calls) == 2 * 4 * 2 * 2
+
+
 def test_opencv_threads_are_shared_by_the_ranks_of_a_node(monkeypatch):
     import cv2
 

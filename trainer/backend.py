@@ -224,13 +224,21 @@ class DDPBackend:
     """Accelerate's DDP: one `prepare` for both networks and Accelerate's autocast; the
     optimizer step and the fp16 GradScaler are driven here, with no host synchronization (see
     `backward_step`); the sharded state is a torch.distributed.checkpoint (loads at any world
-    size)."""
+    size).
+
+    fp16: one GradScaler scale per training step (`end_step` updates it once, also when
+    optim.d_steps_per_g steps D more than once). A non-finite loss is skipped through the same
+    `found_inf` as an overflow (its NaN gradients reach the scaler's inf check), so besides
+    counting as `Skipped/*` it also multiplies the scale by backoff_factor (halves it) once,
+    as an overflow would; the scale grows back after growth_interval clean steps. Accepted:
+    such losses are rare, and GradScaler has no way to skip a step without backing off."""
 
     name = "ddp"
 
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator
         self._nonfinite_loss: dict[int, Tensor] = {}  # fp16: per optimizer, this window
+        self._scaler_stepped: set[int] = set()  # fp16: optimizers stepped since the update
 
     def describe(self) -> dict:
         return {"name": self.name}
@@ -249,6 +257,11 @@ class DDPBackend:
         for opt in (opt_G, opt_D):
             assert opt.defaults.get("fused"), "build the DDP optimizers with DDPBackend.adam"
         G, D, opt_G, opt_D = self.accelerator.prepare(G, D, opt_G, opt_D)
+        # The raw optimizers are also what the checkpoint's DCP state-dict helpers get
+        # (`_sharded_state`, `load_state`); they must never see an AcceleratedOptimizer (issue
+        # 18, M1): on a fresh process `set_optimizer_state_dict` creates the empty Adam state
+        # with `step()`, which the wrapper routes through GradScaler.step, and that asserts
+        # before any `scale()`: every fp16 resume would crash.
         return G, D, opt_G.optimizer, opt_D.optimizer
 
     def unwrap(self, model: nn.Module) -> nn.Module:
@@ -283,6 +296,8 @@ class DDPBackend:
         if not accelerator.sync_gradients:
             return None, zero, zero
         if scaler is not None:
+            if id(optimizer) in self._scaler_stepped:
+                self._keep_for_update(scaler, optimizer)
             scaler.unscale_(optimizer)  # this optimizer only; records found_inf for update()
         params = [p for p in model.parameters() if p.grad is not None]
         if grad_clip > 0:
@@ -292,8 +307,10 @@ class DDPBackend:
         found_inf = torch.isfinite(norm).logical_not().float()  # the same on every rank
         if scaler is None:
             optimizer.found_inf = found_inf
-            optimizer.step()
-            del optimizer.found_inf
+            try:
+                optimizer.step()
+            finally:  # a stale flag would skip or pass a later step that is not ours
+                del optimizer.found_inf
             skipped, overflow = found_inf, zero
         else:
             # GradScaler sets found_inf (from its unscale_, the same inf check) on a fused
@@ -301,6 +318,7 @@ class DDPBackend:
             # rank counts as skipped, else as an fp16 overflow: the one flag the gradients
             # cannot tell, reduced on the device (fp16 only).
             scaler.step(optimizer)
+            self._scaler_stepped.add(id(optimizer))
             bad = self._nonfinite_loss.pop(id(optimizer)).float()
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -308,13 +326,31 @@ class DDPBackend:
         optimizer.zero_grad(set_to_none=True)
         return norm, skipped, overflow
 
+    @staticmethod
+    def _keep_for_update(scaler, optimizer) -> None:
+        """A second step of one optimizer before `end_step` (optim.d_steps_per_g > 1).
+        GradScaler allows one unscale_/step per optimizer between two updates ("unscale_() is
+        being called after step()"). An `update()` here would be the wrong way out: this
+        pass's loss was already scaled by the current scale in its backward, and so were the
+        other network's gradients accumulated in this window; a changed scale would unscale
+        them by a different factor. Instead the scale stays the same for the whole step: the
+        earlier step's record (its found_inf) is moved to a key of its own, where `update()`
+        still reads it (it reads every record, then drops them all), and this optimizer starts
+        a fresh one. GradScaler's `_per_optimizer_states` is private; its layout (id ->
+        {"stage", "found_inf_per_device"}) has been the same since torch 1.6."""
+        states = scaler._per_optimizer_states
+        record = states.pop(id(optimizer))
+        states[(id(optimizer), len(states))] = record  # a key of no optimizer, unique
+
     def end_step(self) -> None:
-        """Once per training step, after both optimizers: GradScaler's one `update` per
-        iteration (backs off if either network overflowed, grows after growth_interval clean
-        iterations). Between accumulation boundaries nothing was unscaled: no update."""
+        """Once per training step, after both networks: GradScaler's one `update` per
+        iteration (backs off if any step of either network overflowed, grows after
+        growth_interval clean iterations). Only when the scaler stepped something since its
+        last update: between accumulation boundaries nothing was unscaled."""
         scaler = self.accelerator.scaler
-        if scaler is not None and self.accelerator.sync_gradients:
+        if scaler is not None and self._scaler_stepped:
             scaler.update()
+            self._scaler_stepped.clear()
 
     def trainer_state(self) -> dict:
         scaler = self.accelerator.scaler
@@ -336,8 +372,8 @@ class DDPBackend:
             "G": get_model_state_dict(gan.G),
             "D": get_model_state_dict(gan.D),
             "G_ema": gan.ema.state_dict(),
-            "opt_G": get_optimizer_state_dict(gan.G, _raw(gan.opt_G)),
-            "opt_D": get_optimizer_state_dict(gan.D, _raw(gan.opt_D)),
+            "opt_G": get_optimizer_state_dict(gan.G, gan.opt_G),  # raw optimizers: `prepare`
+            "opt_D": get_optimizer_state_dict(gan.D, gan.opt_D),
         }
 
     def save_state(self, gan, directory: Path) -> list[Path]:
@@ -381,15 +417,8 @@ class DDPBackend:
         set_model_state_dict(gan.G, sharded["G"])
         set_model_state_dict(gan.D, sharded["D"])
         gan.ema.load_state_dict(sharded["G_ema"])
-        set_optimizer_state_dict(gan.G, _raw(gan.opt_G), sharded["opt_G"])
-        set_optimizer_state_dict(gan.D, _raw(gan.opt_D), sharded["opt_D"])
-
-
-def _raw(optimizer):
-    """The torch optimizer itself. DCP's state-dict helpers call `step()` to create empty Adam
-    state on a fresh process; Accelerate's AcceleratedOptimizer would route that through the
-    fp16 GradScaler, which asserts before any `scale()` (a crash on every fp16 resume)."""
-    return getattr(optimizer, "optimizer", optimizer)
+        set_optimizer_state_dict(gan.G, gan.opt_G, sharded["opt_G"])
+        set_optimizer_state_dict(gan.D, gan.opt_D, sharded["opt_D"])
 
 
 def _dcp_failure(e: BaseException, directory: Path) -> str:

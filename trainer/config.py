@@ -68,7 +68,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 1
-    max_steps: int = 0  # stop after this many G steps; 0 = run all epochs
+    # stop after this many batches (micro-steps; optimizer steps = batches / grad_accum);
+    # 0 = run all epochs
+    max_steps: int = 0
     mixed_precision: Precision = Precision.auto
     # G and D weights (so activations) in NHWC: what oneDNN's and cuDNN's fastest convolutions
     # read; the same maths in another memory layout (docs/benchmarks.md: the measured gain)
@@ -76,7 +78,9 @@ class TrainConfig:
     seed: int = 0
     grad_accum: int = 1  # batches per optimizer step (gradient accumulation)
     ema_decay: float = 0.999  # exponential moving average of G, evaluated and exported
-    max_nonfinite: int = 20  # consecutive skipped (non-finite) steps before the run stops
+    # consecutive skipped (non-finite) updates before the run stops: optimizer steps, so
+    # with grad_accum > 1 on DDP one per accumulation window (read at log/checkpoint steps)
+    max_nonfinite: int = 20
     log_every: int = 10  # steps between scalar logs
     image_every: int = 100  # steps between image grids in TensorBoard; 0 = never
     val_every: int = 200  # steps between validations (and at the end); 0 = only at the end

@@ -9,7 +9,8 @@ from torch import nn
 
 
 class EMA:
-    """ema = d * ema + (1 - d) * G after every G step, with a warm-up of the decay,
+    """ema = d * ema + (1 - d) * G after every optimizer step, skipped ones included (G's
+    weights are unchanged then), with a warm-up of the decay,
     d = min(decay, (1 + n) / (10 + n)) after n updates (as in timm and many GAN codebases):
     without it, a short run would export mostly its random initial weights
     (0.999 ** 600 = 55% of them after 600 steps)."""

@@ -5,7 +5,8 @@ Accelerator, checks the world size, locks the run directory (one set of ranks pe
 trains; the run directory changes only once the launch is accepted (trainer/train.py:
 start_run). Refusals print one line (`config error: ...`, `data error: ...`, `checkpoint
 error: ...`, `run directory error: ...`, `training error: ...` for too many non-finite steps)
-and exit 1; on every exit, error or not, the process group is destroyed.
+and exit 1. The process group is destroyed on every return, refusals included (they are agreed
+across ranks); an unexpected exception propagates with the group left alive (see `main`).
 
 On a CPU host: `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu
 --num_processes 2 trainer/main.py ...` (plain `--cpu --num_processes 2` starts one process).
@@ -149,12 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchConfigError as e:
         print(f"launch config error: {e}", file=sys.stderr)
         return 1
-    try:
-        return setup_and_run(cfg, args, accelerator)
-    finally:
-        # Every exit, error or not: a process group left alive makes PyTorch warn at exit
-        # and NCCL may hang there with live communicators. A no-op without a group.
-        accelerator.end_training()
+    status = setup_and_run(cfg, args, accelerator)
+    # Every return, success or a refusal: a process group left alive makes PyTorch warn at
+    # exit and NCCL may hang there with live communicators. The refusals are agreed across
+    # ranks (CheckpointError, data and run-lock errors, FloatingPointError: the skip streak
+    # comes from flags that are the same on every rank), so every rank gets here together.
+    # Not on an unexpected exception (hence no `finally`): that rank may be alone while its
+    # peers wait in a collective, and NCCL's destroy_process_group waits for pending work,
+    # up to the process-group timeout; exiting at once lets the launcher end the others.
+    # A no-op without a group.
+    accelerator.end_training()
+    return status
 
 
 def setup_and_run(cfg, args, accelerator) -> int:
@@ -212,7 +218,7 @@ def run(cfg, args, accelerator, run_dir: Path) -> int:
         final = train(cfg, accelerator, run_dir, explicit, allow_resume=not args.no_resume)
     except CheckpointError as e:  # agreed across ranks by the checkpointer
         return fail(accelerator, "checkpoint", e)
-    except (NoSamplesError, ManifestError) as e:  # agreed across ranks (train.agreed)
+    except (NoSamplesError, ManifestError) as e:  # raised on every rank alike (select_samples_once)
         return fail(accelerator, "data", e)
     except FloatingPointError as e:  # too many skipped steps: counted alike on every rank
         return fail(accelerator, "training", e)

@@ -62,6 +62,11 @@ CDC_DILATIONS = (1, 2, 4)
 # cv2.calcOpticalFlowFarneback(prev, next, flow, pyr_scale, levels, winsize, iterations,
 # poly_n, poly_sigma, flags), as metrics.md fixes them.
 FARNEBACK = (0.5, 3, 15, 3, 5, 1.2, 0)
+# Host memory that one ColorizationMetrics may hold in cached Farnebäck flows (per process, so
+# per rank): 32 H W bytes per triplet (7.4 MB at 480^2), so 1 GiB holds ~145 such samples. Once
+# full, the flows of further samples are computed at every validation and not kept; the samples
+# cached are the first ones seen (the val loader's order is fixed), the same at every validation.
+FLOW_CACHE_BYTES = 1 << 30
 
 
 def clip_psnr(pred: Tensor, truth: Tensor) -> Tensor:
@@ -210,9 +215,10 @@ class ColorizationMetrics(Metric):
     validation at large crops (../shared/docs/gpu-review.md X5). Given `keys` (the batch's
     sample keys), the flows of each sample are computed once and kept, on the host, for later
     updates and validations: they depend only on the sample's grey frames, which are the same
-    at every validation (centre crop, no flip or jitter: trainer/validate.py). The cache grows
-    to the rank's slice of the val split: 16 (T-1) H W bytes per sample, 7.4 MB for a 480^2
-    triplet; `reset()` keeps it.
+    at every validation (centre crop, no flip or jitter: trainer/validate.py). A sample costs
+    16 (T-1) H W bytes, 7.4 MB for a 480^2 triplet; the cache holds at most `flow_cache_bytes`
+    (default `FLOW_CACHE_BYTES`) of them, first come first kept: once full, the flows of
+    further samples are computed at every update and dropped. `reset()` keeps the cache.
     """
 
     is_differentiable = False
@@ -222,7 +228,7 @@ class ColorizationMetrics(Metric):
     SUMS = ("psnr", "psnr_grey", "ssim", "ssim_grey", "cdc", "cdc_truth", "warp", "warp_truth",
             "colourfulness", "colourfulness_truth")
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, flow_cache_bytes: int = FLOW_CACHE_BYTES, **kwargs) -> None:
         super().__init__(**kwargs)
         for name in self.SUMS:
             self.add_state(f"{name}_sum", torch.tensor(0.0, dtype=torch.float64),
@@ -230,6 +236,8 @@ class ColorizationMetrics(Metric):
         self.add_state("clips", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("warp_clips", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
         self.flow_cache: dict[str, tuple[Tensor, Tensor]] = {}  # key -> CPU (fwd, bwd)
+        self.flow_cache_bytes = flow_cache_bytes  # the budget
+        self.flow_cache_used = 0  # bytes held in flow_cache
 
     def update(self, pred: Tensor, truth: Tensor, grey: Tensor, baseline: Tensor,
                flow: tuple[Tensor, Tensor] | None = None, keys: list[str] | None = None) -> None:
@@ -273,19 +281,28 @@ class ColorizationMetrics(Metric):
         self.warp_clips += valid.sum().to(self.warp_clips)
 
     def cached_flows(self, grey: Tensor, keys: list[str] | None) -> tuple[Tensor, Tensor]:
-        """`farneback_flows(grey)`, computed only for the keys not seen before."""
+        """`farneback_flows(grey)`, computed only for the keys not in the cache; those computed
+        are cached while the budget allows (in batch order)."""
         if keys is None:
             return farneback_flows(grey)
         if len(keys) != grey.shape[0]:
             raise ValueError(f"{len(keys)} keys for {grey.shape[0]} clips")
         new = [i for i, key in enumerate(keys)  # a padded batch may repeat a key
                if key not in self.flow_cache and key not in keys[:i]]
+        computed: dict[str, tuple[Tensor, Tensor]] = {}
         if new:
             fwd, bwd = farneback_flows(grey[new], device=torch.device("cpu"))
             for i, f, b in zip(new, fwd, bwd, strict=True):
-                self.flow_cache[keys[i]] = (f, b)
-        fwd, bwd = (torch.stack(flows).to(grey.device)
-                    for flows in zip(*(self.flow_cache[key] for key in keys), strict=True))
+                size = f.nbytes + b.nbytes
+                if self.flow_cache_used + size <= self.flow_cache_bytes:
+                    # clones: views would keep the whole batch's flows alive
+                    self.flow_cache[keys[i]] = (f.clone(), b.clone())
+                    self.flow_cache_used += size
+                else:
+                    computed[keys[i]] = (f, b)
+        flows = [self.flow_cache[key] if key in self.flow_cache else computed[key]
+                 for key in keys]
+        fwd, bwd = (torch.stack(x).to(grey.device) for x in zip(*flows, strict=True))
         return fwd, bwd
 
     def compute(self) -> dict[str, float]:

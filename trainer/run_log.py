@@ -51,9 +51,12 @@ SKIP_FLAGS = ("Skipped/G", "Skipped/D", "Skipped/fp16_overflow")
 class Window:
     """What the steps since the last log reported, kept on the device.
 
-    `add` sums each step's 0-dim tensors (losses, norms, skip flags) and counts skipped steps
-    and the current run of consecutive ones (a step is skipped when its G or D update was)
-    without reading anything back: a `.item()` per step would stall the GPU queue every step.
+    `add` sums each step's 0-dim tensors (losses, norms, skip flags) and counts skipped
+    updates and the current run of consecutive ones without reading anything back: a
+    `.item()` per step would stall the GPU queue every step. A skipped update is an optimizer
+    step (of G or D, or both) that was skipped: with train.grad_accum > 1 on DDP that is one
+    per accumulation window, so `skipped` and the streak count windows, not batches
+    (DeepSpeed may also report a skipped micro-batch between boundaries; it counts as one).
     At a log step `reduce` averages the window across ranks as ONE stacked tensor (one
     all_reduce, one `.tolist()`); between logs `skips` reads the skip counters alone
     (checkpoint and stop steps, where `skipped_total` is saved). The skip decisions are agreed
@@ -62,29 +65,47 @@ class Window:
     def __init__(self, device: torch.device):
         self.zero = torch.zeros((), device=device)
         self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}  # steps that reported each key (Grad/*: boundaries)
+        # steps that reported each key; Grad/*: a device count of the finite values only
+        self.counts: dict[str, int | torch.Tensor] = {}
         self.steps = 0
-        self.streak = self.zero  # consecutive skipped steps up to now (carried across windows)
+        self.streak = self.zero  # consecutive skipped updates up to now (across windows)
         self._reset_skips()
 
     def _reset_skips(self) -> None:
-        self.skipped = self.zero  # skipped steps since the counters were last read
+        self.skipped = self.zero  # skipped updates since the counters were last read
         self.longest = self.zero  # the longest streak since then
 
-    def add(self, out: dict[str, torch.Tensor]) -> None:
+    def add(self, out: dict[str, torch.Tensor], boundary: bool) -> None:
+        """One batch's report. `boundary`: the batch ended an accumulation window (the
+        optimizers stepped: `accelerator.sync_gradients`); only there can an update succeed
+        and end a streak. Between boundaries DDP reports nothing skipped (its decision is at
+        the boundary) and DeepSpeed may report a skipped micro-batch: the streak only grows."""
         out = {**dict.fromkeys(SKIP_FLAGS, self.zero), **out}  # a step may leave out zeros
         for k, v in out.items():
-            self.sums[k] = self.sums.get(k, self.zero) + v.detach().float()
-            self.counts[k] = self.counts.get(k, 0) + 1
+            v = v.detach().float()
+            if k.startswith("Grad/"):
+                # The norm of a skipped update is inf or NaN: left out (on the device), so
+                # that one skip does not make the window's mean NaN. A window without a
+                # finite norm gives 0 / 0 = NaN: not measured.
+                finite = torch.isfinite(v)
+                v = torch.where(finite, v, self.zero)
+                self.counts[k] = self.counts.get(k, self.zero) + finite.float()
+            else:
+                self.counts[k] = self.counts.get(k, 0) + 1
+            self.sums[k] = self.sums.get(k, self.zero) + v
         skipped = torch.maximum(out["Skipped/G"], out["Skipped/D"]).detach().float()
-        self.streak = (self.streak + 1) * skipped
+        if boundary:
+            self.streak = (self.streak + 1) * skipped
+        else:
+            self.streak = self.streak + skipped
         self.longest = torch.maximum(self.longest, self.streak)
         self.skipped = self.skipped + skipped
         self.steps += 1
 
     def reduce(self, accelerator, extra: dict[str, torch.Tensor]) -> tuple[dict, int, int]:
-        """(the window's means over the steps that reported each key, averaged across ranks,
-        with `extra`'s values; skipped steps; longest skip streak), then a new window. A
+        """(the window's means over the steps that reported each key (Grad/*: over its finite
+        values), averaged across ranks, with `extra`'s values; skipped updates; longest run of
+        consecutive skipped updates), then a new window. A
         collective: every rank calls it at the same step, and the keys are the same on every
         rank (they depend on the config and the accumulation boundary only)."""
         names = sorted(self.sums)
@@ -97,7 +118,7 @@ class Window:
         return dict(zip([*names, *extra], values)), round(skipped), round(longest)
 
     def skips(self) -> tuple[int, int]:
-        """(skipped steps, longest skip streak) since they were last read: one `.tolist()`,
+        """(skipped updates, longest run of them) since they were last read: one `.tolist()`,
         no collective (the counts are the same on every rank)."""
         skipped, longest = torch.stack([self.skipped, self.longest]).tolist()
         self._reset_skips()

@@ -53,7 +53,8 @@ def optimize(backend, loss: Tensor, model, optimizer, grad_clip: float, name: st
              out: dict) -> None:
     """Backward and step on `loss` (the backend skips the update on every rank when it is
     not finite on some rank); records `Grad/<name>`, the gradient norm (before clipping to
-    `grad_clip`), and sets `Skipped/<name>` and `Skipped/fp16_overflow` to 1 when this
+    `grad_clip`; not finite when the update was skipped, and left out of the logged mean:
+    trainer/run_log.py Window), and sets `Skipped/<name>` and `Skipped/fp16_overflow` to 1 when this
     phase's update was skipped as non-finite or by the fp16 loss scaler."""
     norm, skipped, overflow = backend.backward_step(loss, model, optimizer, grad_clip)
     if norm is not None:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from models import build_discriminator, build_generator, build_loss
@@ -19,7 +18,7 @@ from shards.atomic import write_text_atomic
 from shards.manifest import ManifestError
 from trainer.backend import make_backend
 from trainer.checkpoint import Checkpointer
-from trainer.data import NoSamplesError, TripletLoader
+from trainer.data import NoSamplesError, TripletLoader, select_samples_once
 from trainer.ema import EMA
 from trainer.export import export_generator
 from trainer.metrics import ColorizationMetrics
@@ -80,38 +79,18 @@ def build_gan(cfg, accelerator: Accelerator) -> GAN:
     )
 
 
-def agreed(accelerator: Accelerator, build):
-    """`build()` on every rank; a data error on any rank is raised on every rank. The scans
-    behind the loaders are deterministic (the same files read in the same order), so ranks
-    fail alike; the gather makes sure that even then (a file changed between two ranks'
-    scans) no rank goes on alone into collectives the others never reach. The ranks' sample
-    lists must be the same too (`check_same_samples`): a node with other shard files or
-    another verified-shards cache would read another number of batches."""
-    from trainer.data.samples import check_same_samples
-
-    try:
-        result, error = build(), None
-    except (NoSamplesError, ManifestError) as e:
-        result, error = None, e
-    except (OSError, ValueError) as e:  # a shard file the scan could not read as expected
-        result, error = None, NoSamplesError(f"cannot scan the shards: {e}")
-    fingerprint = None if result is None else result.samples.fingerprint()
-    outcomes = gather_object([(error, fingerprint)])
-    errors = [e for e, _ in outcomes if e is not None]
-    if errors:
-        raise errors[0]
-    check_same_samples([f for _, f in outcomes], f"the {result.split} split")
-    return result
-
-
 def make_loader(cfg, accelerator: Accelerator, mode: str, split: str) -> TripletLoader:
     # the stored flow is read only for what uses it: the temporal loss in training, the warp
     # error in validation (when the shards have it; else Farnebäck on the CPU)
     flow = cfg.loss.lambda_temporal > 0 if split == "train" else None
+    # one reader per job: the main process parses good-samples.json (or scans the shards) and
+    # every rank gets its list; its data errors are raised on every rank
+    samples = select_samples_once(cfg.data, split, accelerator)
     try:
         return TripletLoader(cfg.data, mode, split, accelerator.process_index,
                              accelerator.num_processes, accelerator.device, cfg.train.seed,
-                             shuffle=split == "train", augment=split == "train", flow=flow)
+                             shuffle=split == "train", augment=split == "train", flow=flow,
+                             samples=samples)
     except ManifestError as e:
         if flow and "no optical flow" in str(e):
             raise ManifestError(f"loss.lambda_temporal = {cfg.loss.lambda_temporal}: {e}, or "
@@ -123,7 +102,7 @@ def make_val_loader(cfg, accelerator: Accelerator, mode: str) -> TripletLoader |
     """The val loader, or None (validation off) when the scan of the val split finds no full
     batch per rank: decided from what the scan found, not from the manifest's count."""
     try:
-        return agreed(accelerator, lambda: make_loader(cfg, accelerator, mode, "val"))
+        return make_loader(cfg, accelerator, mode, "val")
     except NoSamplesError as e:
         if accelerator.is_main_process:
             log.warning("validation is off: %s", e)
@@ -218,7 +197,7 @@ def train(
     it was."""
     mode = cfg.model.mode.value
     gan = build_gan(cfg, accelerator)
-    loader = agreed(accelerator, lambda: make_loader(cfg, accelerator, mode, "train"))
+    loader = make_loader(cfg, accelerator, mode, "train")
     val_loader = make_val_loader(cfg, accelerator, mode)
     metrics = ColorizationMetrics().to(accelerator.device)
     total_steps = cfg.train.max_steps or cfg.train.epochs * len(loader)  # in batches
@@ -264,7 +243,7 @@ def train(
                 wait, compute = wait + (t1 - t0), compute + (t2 - t1)
                 step += 1
                 samples_seen += global_batch
-                window.add(out)  # no host sync on ordinary steps
+                window.add(out, accelerator.sync_gradients)  # no host sync on ordinary steps
                 bar.update(1)
 
                 last = step == total_steps

@@ -56,17 +56,54 @@ def dali_available() -> bool:
 
 def select_samples(cfg, split: str, world_size: int) -> SampleSet:
     """The samples a `TripletLoader` of `split` reads at this world size (what every rank
-    must agree on; the same on every rank, so one rank may make it and hand it to the
-    others). From the shards' `good-samples.json` where it matches them, else by scanning
-    (`trainer.data.samples.scan_split`). Validation with `data.val_samples` > 0 reads a
-    fixed, evenly spaced subset of that many samples (at least one batch per rank): the
-    same ones at every validation; the same at every world size when `data.val_samples` is
-    a multiple of world size x batch size (else the end of it is trimmed to a multiple of the
-    world size, and the last partial batch per rank is not read)."""
+    must agree on). From the shards' `good-samples.json` where it matches them, else by
+    scanning (`trainer.data.samples.scan_split`). Validation with `data.val_samples` > 0
+    reads a fixed, evenly spaced subset of that many samples (at least one batch per rank):
+    the same ones at every validation; the same at every world size when `data.val_samples`
+    is a multiple of world size x batch size (else the end of it is trimmed to a multiple of
+    the world size, and the last partial batch per rank is not read).
+
+    The trainer calls it on one process and hands the result to the others
+    (`select_samples_once`): the index (~200 MB at 10^6 samples) is parsed, or the shards
+    scanned, once per job instead of once per rank. The trade-off: what the other nodes see
+    is not checked. The index records the size and mtime of each shard as the reader saw
+    them, so a node whose shard files differ from the reader's (another local copy, a stale
+    mirror) is not detected at start; the shards must be on storage every node shares, or
+    identical copies."""
     subset = 0
     if split == "val" and getattr(cfg, "val_samples", 0) > 0:
         subset = max(cfg.val_samples, cfg.batch_size * world_size)
     return scan_split(Path(cfg.shards), split, world_size, subset=subset)
+
+
+def select_samples_once(cfg, split: str, state) -> SampleSet:
+    """`select_samples(cfg, split, world size)` made by the main process alone and broadcast
+    to every rank, to pass as `TripletLoader(..., samples=...)`. `state`: an
+    `accelerate.Accelerator` or `PartialState` (is_main_process, num_processes). A data error
+    of the main process (NoSamplesError, ManifestError; an OSError or ValueError of the scan,
+    as a NoSamplesError) is raised on every rank; any other exception is raised there as it
+    is and, so that no rank waits for samples that never come, as a RuntimeError on the
+    others. Collective: every rank must call it."""
+    from accelerate.utils import broadcast_object_list
+
+    samples, error, unexpected = None, None, None
+    if state.is_main_process:
+        try:
+            samples = select_samples(cfg, split, state.num_processes)
+        except (NoSamplesError, ManifestError) as e:
+            error = e
+        except (OSError, ValueError) as e:  # a shard file the scan could not read as expected
+            error = NoSamplesError(f"cannot scan the shards: {e}")
+        except Exception as e:
+            unexpected = e
+            error = RuntimeError(f"the main process failed to select the {split} samples: "
+                                 f"{type(e).__name__}: {e}")
+    [(samples, error)] = broadcast_object_list([(samples, error)])
+    if unexpected is not None:
+        raise unexpected
+    if error is not None:
+        raise error
+    return samples
 
 
 class TripletLoader:
@@ -83,7 +120,7 @@ class TripletLoader:
         augment: bool = True,
         flow: bool | None = False,  # None: when the shards have it
         samples: SampleSet | None = None,  # `select_samples(cfg, split, world_size)`, made
-        # once and handed to every rank (e.g. scanned on one rank and broadcast)
+        # once and handed to every rank (`select_samples_once`)
     ):
         self.cfg, self.mode, self.split = cfg, str(getattr(mode, "value", mode)), split
         self.rank, self.world_size, self.device = rank, world_size, device

@@ -1,8 +1,10 @@
 """Which samples of a shard directory a loader may read, and the DALI indexes that list them.
 
-Before any loader starts, every rank scans the shards of its split the same way, so all
-ranks agree on one list of readable samples. Shard and index paths come only from the
-manifest (`shards.manifest.shard_file`: plain names inside the shard folder). Per shard:
+Before any loader starts, the shards of its split are scanned, so that all ranks read one
+list of readable samples; the trainer scans on one process and hands the list to the others
+(`trainer.data.select_samples_once`), a loader made without one scans for itself. Shard and
+index paths come only from the manifest (`shards.manifest.shard_file`: plain names inside
+the shard folder). Per shard:
 
 - a missing, empty or unreadable shard (not a tar) is skipped with a warning and counts as
   the manifest's number of samples for it;
@@ -20,11 +22,11 @@ manifest (`shards.manifest.shard_file`: plain names inside the shard folder). Pe
   reason. Shards without checksums still load; one warning says that corrupted JPEG data
   (markers intact) cannot be detected in them.
 
-Checking the checksums reads and hashes every frame byte of the split on every rank: about
-0.75 s per GB of shards in the page cache, 1.3 s per GB from disk, on this 2-core machine
-(the scan without it: 0.2-1 s per GB). A shard whose checksums all matched is remembered
-(`VerifiedCache`, keyed by path, size, mtime and index), so a restart hashes only new or
-changed shards.
+Checking the checksums reads and hashes every frame byte of the split on the scanning
+process: about 0.75 s per GB of shards in the page cache, 1.3 s per GB from disk, on this
+2-core machine (the scan without it: 0.2-1 s per GB). A shard whose checksums all matched
+is remembered (`VerifiedCache`, keyed by path, size, mtime and index), so a restart hashes
+only new or changed shards.
 
 The scan runs once per data set, not at every start: `tricolor-shards build` and
 `tricolor-shards verify` scan every shard as above (every checksum, no cache) and write its
@@ -34,8 +36,9 @@ versions (size and mtime in ns of the tar and its `.idx`, the manifest's sha256 
 count, the members read). A loader reads that one file instead of opening the shards; a
 shard whose files no longer match their record (changed, truncated, replaced, lost), or that
 the index lacks, is scanned as above, with a warning naming it, and only that one. Without
-the file every shard is scanned, as before. The result is the same list either way, so
-`SampleSet.fingerprint()` agrees across ranks whichever way each got it.
+the file every shard is scanned, as before. The result is the same list either way
+(`SampleSet.fingerprint()`, also saved with the loader position). One process per job reads
+it and hands the list to the others (`trainer.data.select_samples_once`).
 
 The readable samples are trimmed to a multiple of the world size, so that every rank reads
 the same number of samples (uneven step counts hang DDP collectives), and the survivors are
@@ -59,7 +62,7 @@ from pathlib import Path
 
 from shards.atomic import write_text_atomic
 from shards.flow import MEMBERS as FLOW_MEMBERS  # with --flow: t -> t-1, t -> t+1
-from shards.manifest import ManifestError, load_manifest, shard_file
+from shards.manifest import load_manifest, shard_file
 from shards.tario import INDEX_VERSION, read_index, split_member_name
 
 log = logging.getLogger(__name__)
@@ -76,30 +79,6 @@ Sample = dict[str, Member]  # extension (e.g. "cur.jpg") -> member
 
 class NoSamplesError(ValueError):
     """The shard list holds no readable sample."""
-
-
-class RanksDisagree(ManifestError):
-    """The ranks' scans found different samples. A ManifestError (not a NoSamplesError): a
-    data error for every launch, never taken for "too few val samples, validation off"."""
-
-
-def check_same_samples(fingerprints: list[str | None], what: str) -> None:
-    """Raise RanksDisagree unless every rank's `SampleSet.fingerprint()` (None: that rank
-    failed) is the same. The scans are deterministic, so a difference means the ranks read
-    different files (another shard storage, a shard changed between their scans) or trusted
-    different verified-shard caches (`VerifiedCache`, per node): ranks with different sample
-    lists would step a different number of times and hang in a collective."""
-    groups: dict[str | None, list[int]] = {}
-    for rank, fingerprint in enumerate(fingerprints):
-        groups.setdefault(fingerprint, []).append(rank)
-    if len(groups) <= 1:
-        return
-    found = "; ".join(f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: "
-                      f"{fingerprint}" for fingerprint, ranks in groups.items())
-    raise RanksDisagree(
-        f"the ranks found different readable samples in {what} ({found}): check that every "
-        "node reads the same shard storage, and delete the verified-shards cache "
-        f"({VerifiedCache.directory()} on each node) so that every shard is checked again")
 
 
 @dataclass
