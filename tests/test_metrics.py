@@ -75,19 +75,31 @@ def test_histograms_count_as_bincount_does():
     assert torch.equal(got, want.view(*video.shape[:-2], 256).float() / (17 * 19))
 
 
-def test_farneback_flows_are_cached_by_key(monkeypatch):
-    """With keys, each clip's flows are computed once, across updates and resets, and the
-    warp errors are those computed afresh; a key repeated within a batch (the padding of a
-    last batch) is computed once."""
+@pytest.fixture
+def farneback_calls(monkeypatch) -> list:
+    """One entry per Farnebäck flow computed."""
     import cv2
 
     calls = []
     farneback = cv2.calcOpticalFlowFarneback
     monkeypatch.setattr(cv2, "calcOpticalFlowFarneback",
                         lambda *a: calls.append(1) or farneback(*a))
-    rgb, grey = zip(*(moving_texture(seed=s) for s in range(3)))
+    return calls
+
+
+def moving_clips(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(truth, grey, pred) of n moving-texture clips, pred a noisy truth."""
+    rgb, grey = zip(*(moving_texture(seed=s) for s in range(n)))
     truth, grey = torch.stack(rgb), torch.stack(grey)
-    pred = (truth + 0.05 * torch.rand_like(truth)).clamp(0, 1)
+    return truth, grey, (truth + 0.05 * torch.rand_like(truth)).clamp(0, 1)
+
+
+def test_farneback_flows_are_cached_by_key(farneback_calls):
+    """With keys, each clip's flows are computed once, across updates and resets, and the
+    warp errors are those computed afresh; a key repeated within a batch (the padding of a
+    last batch) is computed once."""
+    calls = farneback_calls
+    truth, grey, pred = moving_clips(3)
     fresh = run_metrics(pred, truth, grey, chunks=[slice(0, 2), slice(2, 3)])  # as below
     assert len(calls) == 3 * 2 * 2  # 3 clips of 2 pairs, both directions
     calls.clear()
@@ -105,18 +117,11 @@ def test_farneback_flows_are_cached_by_key(monkeypatch):
         m.update(pred[:1], truth[:1], grey[:1], as_rgb(grey[:1]), keys=["a", "b"])
 
 
-def test_the_flow_cache_keeps_the_first_samples_within_its_budget(monkeypatch):
+def test_the_flow_cache_keeps_the_first_samples_within_its_budget(farneback_calls):
     """A budget of 2.5 samples caches the first two keys, at every validation the same two;
     the others are computed afresh each time, with the same metrics as without a cache."""
-    import cv2
-
-    calls = []
-    farneback = cv2.calcOpticalFlowFarneback
-    monkeypatch.setattr(cv2, "calcOpticalFlowFarneback",
-                        lambda *a: calls.append(1) or farneback(*a))
-    rgb, grey = zip(*(moving_texture(seed=s) for s in range(4)))
-    truth, grey = torch.stack(rgb), torch.stack(grey)
-    pred = (truth + 0.05 * torch.rand_like(truth)).clamp(0, 1)
+    calls = farneback_calls
+    truth, grey, pred = moving_clips(4)
     chunks = [slice(0, 3), slice(3, 4)]
     fresh = run_metrics(pred, truth, grey, chunks=chunks)
     sample = 2 * 2 * 2 * 48 * 64 * 4  # fwd + bwd, T - 1 = 2 pairs, (u, v), fp32
