@@ -5,6 +5,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/videos.py helpers
+# The suite runs CPU ranks, the same on a GPU host as here (in-process Accelerators and the
+# launched ranks inherit this before torch initializes CUDA); the GPU path is `make gpu-check`.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 from shards.video import sample_video  # noqa: E402
 
