@@ -43,6 +43,15 @@ def first_frame_input(condition: Tensor, mode: Mode | str) -> Tensor:
     return condition[:, [0, 0, 1]] if choice(Mode, mode, "mode") == Mode.grey else condition[:, 0]
 
 
+@torch.no_grad()
+def first_frame_colour(G: Callable[..., Tensor], condition: Tensor, mode: Mode | str,
+                       memory: bool) -> Tensor:
+    """G's colour of frame t-1 of a triplet, made as at a shot's first frame (no memory: a
+    triplet has no t-2), without gradient. `memory`: whether G takes a memory input."""
+    frame = first_frame_input(condition, mode)
+    return G(frame, no_memory_like(condition[:, 0], mode)) if memory else G(frame)
+
+
 def previous_colour(
     G: Callable[[Tensor, Tensor], Tensor] | None,
     condition: Tensor,
@@ -65,9 +74,8 @@ def previous_colour(
     u = torch.rand(truth.shape[0], 1, 1, 1, generator=generator, device=truth.device)
     memory = torch.where(u < cfg.p_drop, none, truth)
     if cfg.scheduled_sampling > 0 and cfg.temporal:  # the per-frame control ignores it
-        if own is None:  # G's colour of t-1 from no memory (the step may have made it)
-            with torch.no_grad():
-                own = G(first_frame_input(condition, mode), none)
+        if own is None:  # the step may have made it
+            own = first_frame_colour(G, condition, mode, memory=True)
         own = memory_of(own.to(truth.dtype), condition[:, 0])
         pick = (u >= cfg.p_drop) & (u < cfg.p_drop + cfg.scheduled_sampling)
         memory = torch.where(pick, own, memory)

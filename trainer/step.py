@@ -24,9 +24,9 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from models import assemble_d_input, has_memory, no_memory_like, previous_colour
+from models import assemble_d_input, has_memory, previous_colour
 from models.losses import GANLoss, temporal_loss
-from models.memory import first_frame_input
+from models.memory import first_frame_colour
 from trainer.data import Batch
 from trainer.ema import EMA
 from trainer.sn_sync import broadcast_spectral_norm
@@ -81,10 +81,7 @@ def generate(gan: GAN, G: nn.Module, batch: Batch) -> tuple[Tensor, Tensor | Non
     own = None
     if wants_previous(gan, batch):
         G_raw = getattr(G, "module", G)  # the extra no-grad call must not go through DDP
-        frame = first_frame_input(batch.cond, mode)
-        with torch.no_grad():
-            memory = no_memory_like(batch.cond[:, 0], mode) if has_memory(cfg) else None
-            own = (G_raw(frame, memory) if memory is not None else G_raw(frame)).detach()
+        own = first_frame_colour(G_raw, batch.cond, mode, memory=has_memory(cfg))
     if not has_memory(cfg):
         return G(batch.cond), own
     memory = previous_colour(None, batch.cond, batch.target, cfg, own=own)
