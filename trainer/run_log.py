@@ -43,11 +43,6 @@ class RunLog:
             self.writer.close()
 
 
-# Reported by every step (trainer/step.py): 1.0 when that phase's update was skipped (a
-# non-finite loss or gradients on some rank, agreed across ranks), or the fp16 scaler skipped.
-SKIP_FLAGS = ("Skipped/G", "Skipped/D", "Skipped/fp16_overflow")
-
-
 class Window:
     """What the steps since the last log reported, kept on the device.
 
@@ -76,11 +71,11 @@ class Window:
         self.longest = self.zero  # the longest streak since then
 
     def add(self, out: dict[str, torch.Tensor], boundary: bool) -> None:
-        """One batch's report. `boundary`: the batch ended an accumulation window (the
+        """One batch's report (`train_step`'s, which always holds `Skipped/G` and `Skipped/D`:
+        1.0 where that update was skipped). `boundary`: the batch ended an accumulation window (the
         optimizers stepped: `accelerator.sync_gradients`); only there can an update succeed
         and end a streak. Between boundaries DDP reports nothing skipped (its decision is at
         the boundary) and DeepSpeed may report a skipped micro-batch: the streak only grows."""
-        out = {**dict.fromkeys(SKIP_FLAGS, self.zero), **out}  # a step may leave out zeros
         for k, v in out.items():
             v = v.detach().float()
             if k.startswith("Grad/"):
