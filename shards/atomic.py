@@ -31,15 +31,24 @@ def write_text_partial(path: Path, text: str) -> Path:
     """Write `text` to `<path>.partial`, flushed to disk, and return that path: the caller
     publishes it with `os.replace` when it chooses (see `shards.build.build`)."""
     partial = path.with_name(path.name + PARTIAL_SUFFIX)
-    with open(partial, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(partial, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # failed (a full disk) or interrupted: no part of it left behind
+        partial.unlink(missing_ok=True)
+        raise
     return partial
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    os.replace(write_text_partial(path, text), path)
+    partial = write_text_partial(path, text)
+    try:
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 

@@ -415,8 +415,6 @@ def index_good_samples(out_dir: Path, log=print) -> Path | None:
         log(f"warning: cannot write {out_dir / GOOD_SAMPLES} ({e.strerror or e}): training "
             "will scan every shard at start-up", file=sys.stderr)
         return None
-    finally:  # interrupted, or failed: no partial file left behind
-        (out_dir / (GOOD_SAMPLES + PARTIAL_SUFFIX)).unlink(missing_ok=True)
 
 
 def _is_published(manifest_path: Path, inode: int | None) -> bool:

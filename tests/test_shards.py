@@ -638,3 +638,18 @@ def test_a_full_disk_fails_cleanly_and_keeps_the_old_data_set(tmp_path, bunny, f
     assert sorted(out.iterdir()) == old_files  # no .partial, spool or shard of the new build
     assert_whole(out, old_manifest)
     assert verify(out) == []
+
+
+def test_a_failed_atomic_write_leaves_no_partial_file(tmp_path):
+    """write_text_atomic: when the publishing rename fails (here: a folder has the name), the
+    `.partial` it wrote is removed, and what was there is left as it was."""
+    from shards.atomic import PARTIAL_SUFFIX, write_text_atomic
+
+    target = tmp_path / "good-samples.json"
+    target.mkdir()
+    (target / "kept").write_text("x")
+    with pytest.raises(OSError):
+        write_text_atomic(target, "{}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good-samples.json"]
+    assert (target / "kept").read_text() == "x"
+    assert not (tmp_path / ("good-samples.json" + PARTIAL_SUFFIX)).exists()
