@@ -393,18 +393,18 @@ def _file_version(path: Path) -> list[int] | None:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def _shard_key(shard_dir: Path, entry: dict, members: tuple[str, ...]) -> dict:
+def _shard_key(entry: dict, members: tuple[str, ...], tar: Path, index: Path) -> dict:
     """What a shard's record in `good-samples.json` holds for: the manifest's entry and the
-    versions of its files. Taken before the shard is read: a change during the scan makes
-    the record stale, never wrong."""
+    versions of its files (`tar`, `index`: the entry's paths, `shard_file`). Taken before the
+    shard is read: a change during the scan makes the record stale, never wrong."""
     return {
         "tar": entry["tar"],
         "index": entry["index"],
         "sha256": entry["sha256"],
         "samples": entry["samples"],
         "members": list(members),
-        "tar_version": _file_version(shard_file(shard_dir, entry["tar"])),
-        "index_version": _file_version(shard_file(shard_dir, entry["index"])),
+        "tar_version": _file_version(tar),
+        "index_version": _file_version(index),
     }
 
 
@@ -418,11 +418,10 @@ def write_good_samples(shard_dir: Path) -> Path:
     for split, info in manifest["splits"].items():
         records = splits[split] = []
         for entry in info["shards"]:
-            key = _shard_key(shard_dir, entry, members)
+            tar, index = shard_file(shard_dir, entry["tar"]), shard_file(shard_dir, entry["index"])
+            key = _shard_key(entry, members, tar, index)
             skipped: Counter = Counter()
-            found = scan_shard(shard_file(shard_dir, entry["tar"]), skipped,
-                               shard_file(shard_dir, entry["index"]), entry["samples"],
-                               members, use_cache=False)
+            found = scan_shard(tar, skipped, index, entry["samples"], members, use_cache=False)
             records.append({**key, "lines": found.lines, "unchecked": found.unchecked,
                             "skipped": dict(skipped)})
     path = shard_dir / GOOD_SAMPLES
@@ -504,7 +503,7 @@ def scan_split(shard_dir: Path, split: str, world_size: int = 1, subset: int = 0
     for entry in info["shards"]:
         tar, index = shard_file(shard_dir, entry["tar"]), shard_file(shard_dir, entry["index"])
         record = None if records is None else records.get(entry["tar"])
-        if records is not None and _record_holds(record, _shard_key(shard_dir, entry, members)):
+        if records is not None and _record_holds(record, _shard_key(entry, members, tar, index)):
             shards.append(_from_record(tar, record, skipped))
             continue
         if records is not None:
