@@ -120,6 +120,17 @@ def test_shards_without_flow_give_batches_without_flow(tmp_path, flow_shards, ba
     with pytest.raises(ManifestError, match="records no optical flow"):
         TripletLoader(data_cfg(plain, f"data.backend={backend}"), "grey", "train", 0, 1,
                       torch.device("cpu"), seed=3, flow=True)
+    # the trainer says which setting asks for flow
+    from accelerate import Accelerator
+
+    from trainer.config import load_config
+    from trainer.train import make_loader as trainer_loader
+
+    cfg = load_config("configs/demo.yaml", [f"data.shards={plain}", f"data.backend={backend}",
+                                            "loss.lambda_temporal=1"])
+    with pytest.raises(ManifestError, match=r"^loss.lambda_temporal = 1.0: .*records no "
+                       r"optical flow: .*--flow`, or set loss.lambda_temporal=0$"):
+        trainer_loader(cfg, Accelerator(cpu=True), "grey", "train")
     # shards with flow, a loader that does not ask for it: frames only
     batch = next(iter(make_loader(flow_shards[0], backend)))
     assert batch.flow is None

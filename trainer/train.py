@@ -86,16 +86,15 @@ def make_loader(cfg, accelerator: Accelerator, mode: str, split: str) -> Triplet
     # one reader per job: the main process parses good-samples.json (or scans the shards) and
     # every rank gets its list; its data errors are raised on every rank
     samples = select_samples_once(cfg.data, split, accelerator)
-    try:
-        return TripletLoader(cfg.data, mode, split, accelerator.process_index,
-                             accelerator.num_processes, accelerator.device, cfg.train.seed,
-                             shuffle=split == "train", augment=split == "train", flow=flow,
-                             samples=samples)
-    except ManifestError as e:
-        if flow and "no optical flow" in str(e):
-            raise ManifestError(f"loss.lambda_temporal = {cfg.loss.lambda_temporal}: {e}, or "
-                                "set loss.lambda_temporal=0") from None
-        raise
+    if flow and not samples.flow:  # the same on every rank: the samples are rank 0's
+        raise ManifestError(f"loss.lambda_temporal = {cfg.loss.lambda_temporal}: "
+                            f"{cfg.data.shards}/manifest.json records no optical flow: rebuild "
+                            "the shards with `tricolor-shards build --flow`, or set "
+                            "loss.lambda_temporal=0")
+    return TripletLoader(cfg.data, mode, split, accelerator.process_index,
+                         accelerator.num_processes, accelerator.device, cfg.train.seed,
+                         shuffle=split == "train", augment=split == "train", flow=flow,
+                         samples=samples)
 
 
 def make_val_loader(cfg, accelerator: Accelerator, mode: str) -> TripletLoader | None:
