@@ -111,7 +111,7 @@ from inference.video_io import (
 from models.colour import AB_SCALE
 from models.memory import memory_of, no_memory_like
 from shards.scenes import SceneCuts
-from shards.video import VIDEO_SUFFIXES, VideoError
+from shards.video import VIDEO_SUFFIXES, VideoError, open_video
 from trainer.config import DataConfig
 from trainer.data.transforms import line_art, rgb_to_lab_triplets
 from trainer.export import load_generator
@@ -380,7 +380,7 @@ class Colorizer:
             return
         ab = self.model.G(torch.cat([w for _, w in batch])).float()  # [B, 2, h, w]
         for (item, _), item_ab in zip(batch, ab):
-            given = self._keyframe_colour(item)
+            given = keyframe_colour(item, self.model.mode)
             item.outputs[key] = compose_grey(item.rgb, item_ab if given is None else given)
             yield item
 
@@ -388,7 +388,7 @@ class Colorizer:
     def _recurrent(self, frames: Iterable[tuple[Item, Tensor]], key: str) -> Iterator[Item]:
         mode, memory, scene = self.model.mode, None, None
         for item, frame in frames:
-            given = self._keyframe_colour(item)
+            given = keyframe_colour(item, self.model.mode)
             if given is not None:  # the keyframe's colour, and the memory goes on from it
                 colour = F.interpolate(given[None], frame.shape[-2:], mode="area")
             else:
@@ -403,9 +403,6 @@ class Colorizer:
             else:
                 item.outputs[key] = lab_to_uint8(colour[0], *item.rgb.shape[:2])
             yield item
-
-    def _keyframe_colour(self, item: Item) -> Tensor | None:
-        return keyframe_colour(item, self.model.mode)
 
 
 def keyframe_colour(item: Item, mode: str) -> Tensor | None:
@@ -437,13 +434,10 @@ def output_complete(path: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                return False
-            if container.streams.video[0].frames > 0:
-                return True
-            return next(container.decode(video=0), None) is not None
-    except (av.error.FFmpegError, OSError, UnicodeDecodeError):
+        container, stream = open_video(path)
+        with container:
+            return stream.frames > 0 or next(container.decode(stream), None) is not None
+    except (VideoError, av.error.FFmpegError, OSError, UnicodeDecodeError):
         return False
 
 
