@@ -212,8 +212,10 @@ def assign_splits(units: dict[str, int], val_fraction: float, seed: int) -> dict
     return split
 
 
-def read_frame(spool, video: SpooledVideo, t: int) -> bytes:
-    offset, length = video.offsets[t]
+def read_spooled(spool, where: tuple[int, int]) -> bytes:
+    """The bytes at `where` = (offset, length) of a video's spool file (a frame's JPEG, or a
+    flow PNG)."""
+    offset, length = where
     spool.seek(offset)
     return spool.read(length)
 
@@ -238,11 +240,11 @@ def write_split(
                 writer = ShardWriter(out_dir / f"{split}-{tag}{number:06d}.tar")
             scene = video.scenes[t]
             with open(video.spool, "rb") as spool:
-                members = {m: read_frame(spool, video, t + d) for m, d in zip(MEMBERS, (-1, 0, 1))}
+                members = {m: read_spooled(spool, video.offsets[t + d])
+                           for m, d in zip(MEMBERS, (-1, 0, 1))}
                 if params.flow:
                     for m, where in zip(flow.MEMBERS, (video.flow_prev[t], video.flow_next[t])):
-                        spool.seek(where[0])
-                        members[m] = spool.read(where[1])
+                        members[m] = read_spooled(spool, where)
             meta = {
                 # Per-member CRC-32: damaged JPEG data with intact markers decodes to wrong
                 # pixels; the loader's start-up scan and `verify` compare these.

@@ -32,6 +32,7 @@ METHOD = {"method": "opencv-dis", "preset": "medium", "input": "grey levels (BT.
 MEMBERS = ("flow_prev.png", "flow_next.png")  # t -> t-1, t -> t+1
 STEPS = 4.0  # quantization steps per pixel
 ZERO = 128
+VISIBLE = 128  # B >= this: the flow holds at the pixel (written as 255, 0 where it does not)
 LIMIT = (255 - ZERO) / STEPS  # 31.75 px: the largest storable displacement
 
 
@@ -70,7 +71,7 @@ def encode(flow: np.ndarray, mask: np.ndarray) -> bytes:
 def decode(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Decoded PNG pixels [..., 3] uint8 -> (flow [..., 2] float32 px, mask [...] bool)."""
     flow = (rgb[..., :2].astype(np.float32) - ZERO) / STEPS
-    return flow, rgb[..., 2] >= 128
+    return flow, rgb[..., 2] >= VISIBLE
 
 
 def pair(a_rgb: np.ndarray, b_rgb: np.ndarray) -> tuple[bytes, bytes]:

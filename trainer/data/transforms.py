@@ -12,6 +12,7 @@ from torch import Tensor
 
 from models.colour import normalize_lab
 from shards.flow import STEPS as FLOW_STEPS
+from shards.flow import VISIBLE as FLOW_VISIBLE
 from shards.flow import ZERO as FLOW_ZERO
 
 
@@ -76,4 +77,4 @@ def flow_and_mask(raw: Tensor, mirrored: Tensor) -> tuple[Tensor, Tensor]:
         flow = (x[:, :, :2] - FLOW_ZERO) / FLOW_STEPS
         sign = 1.0 - 2.0 * mirrored.float().view(-1, 1, 1, 1)
         flow = torch.stack([flow[:, :, 0] * sign, flow[:, :, 1]], dim=2)
-        return flow, (x[:, :, 2:] >= 128).float()
+        return flow, (x[:, :, 2:] >= FLOW_VISIBLE).float()
