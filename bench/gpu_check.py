@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from shards.tario import sha256_file
+
 ROOT = Path(__file__).resolve().parent.parent
 PART_BYTES = 50_000_000  # files larger than this travel as parts (`split -b 50000000`)
 MANIFEST = "manifest.json"
@@ -91,14 +93,6 @@ def normalize(name: str) -> str:
 # Split, join, manifest.
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def split_file(path: Path, out_dir: Path, part_bytes: int = PART_BYTES) -> list[dict]:
     """`path` -> out_dir/<name>.part000, .part001, ... of `part_bytes` each (the last
     shorter), as `split -b` cuts; returns [{"name", "bytes", "sha256"}] in order."""
@@ -132,7 +126,7 @@ def join_parts(entry: dict, search: list[Path], dest: Path) -> Path:
         for name in pieces:
             with open(find(name), "rb") as src:
                 shutil.copyfileobj(src, f, 1 << 20)
-    digest = sha256(tmp)
+    digest = sha256_file(tmp)
     if digest != entry["sha256"]:
         tmp.unlink()
         raise ValueError(f"{entry['name']}: sha256 {digest[:12]}... differs from the "
@@ -243,22 +237,23 @@ def wheels_main(args) -> int:
 
     shards = dest / "shards-build"
     shard_bytes = build_stage_shards(shards)
-    # Carry folders: base = every set but dali, plus the shards (one call); dali-N = DALI and
-    # its dependencies, in parts, each folder at most --cap MiB.
+    # Carry folders: base = every other set, plus the shards (one call); dali-N = DALI and
+    # its dependencies, av-N = the av set, in parts, each folder at most --cap MiB.
     for old in dest.glob("*"):
         if old.name not in ("download", "shards-build"):
             shutil.rmtree(old) if old.is_dir() else old.unlink()
     cap = int(args.cap * 2**20)
-    entries, dali_items = [], []
-    base = dest / "base"
+    entries = []
+    split: dict[str, list[tuple[str, int]]] = {"dali": [], "av": []}  # pieces of <set>-N
+    base, parts_tmp = dest / "base", dest / "parts-tmp"
     base.mkdir()
     shutil.copytree(shards, base / "shards")
     for s, wheels in got.items():
         for w in wheels:
-            entry = {"name": w.name, "set": s, "bytes": w.stat().st_size, "sha256": sha256(w),
-                     "parts": []}
+            entry = {"name": w.name, "set": s, "bytes": w.stat().st_size,
+                     "sha256": sha256_file(w), "parts": []}
             entries.append(entry)
-            target = dest / "parts-tmp" if s in ("dali", "av") else base
+            target = parts_tmp if s in split else base
             target.mkdir(exist_ok=True)
             if w.stat().st_size > PART_BYTES:
                 entry["parts"] = split_file(w, target)
@@ -266,18 +261,17 @@ def wheels_main(args) -> int:
             else:
                 shutil.copy2(w, target / w.name)
                 pieces = [(w.name, w.stat().st_size)]
-            if s in ("dali", "av"):
-                dali_items += [(f"{s}/{n}", b) for n, b in pieces]
+            if s in split:
+                split[s] += pieces
     folders = {"base": base}
-    for s in ("dali", "av"):
-        items = [(n.split("/", 1)[1], b) for n, b in dali_items if n.startswith(f"{s}/")]
-        for i, names in enumerate(pack(items, cap) if items else [], 1):
+    for s, items in split.items():
+        for i, names in enumerate(pack(items, cap), 1):
             folder = dest / f"{s}-{i}"
             folder.mkdir()
             for n in names:
-                (dest / "parts-tmp" / n).rename(folder / n)
+                (parts_tmp / n).rename(folder / n)
             folders[folder.name] = folder
-    shutil.rmtree(dest / "parts-tmp", ignore_errors=True)
+    shutil.rmtree(parts_tmp, ignore_errors=True)
     sizes = {name: sum(p.stat().st_size for p in f.rglob("*") if p.is_file())
              for name, f in folders.items()}
     manifest = {"created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -320,7 +314,7 @@ def load_manifest(folders: list[Path]) -> dict | None:
     return newest
 
 
-def install(wheels: Path, site: Path, log=print, timeout: float = INSTALL_BUDGET_S) -> dict:
+def install(wheels: Path, site: Path, log=print) -> dict:
     """Join and check every carried set, pip install the complete ones into `site` (--target,
     --no-deps, --no-index: the host's torch is never touched). Returns {set: "installed" |
     "incomplete: ..." | "failed: ..."}."""
@@ -348,11 +342,12 @@ def install(wheels: Path, site: Path, log=print, timeout: float = INSTALL_BUDGET
                 proc = subprocess.run(
                     [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                      "--no-compile", "--no-cache-dir", "--upgrade", "--target", str(site),
-                     *map(str, files)], capture_output=True, text=True, timeout=timeout)
+                     *map(str, files)], capture_output=True, text=True,
+                    timeout=INSTALL_BUDGET_S)
                 status[s] = "installed" if proc.returncode == 0 else \
                     "failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1]
             except subprocess.TimeoutExpired:
-                status[s] = f"failed: pip ran past {timeout} s"
+                status[s] = f"failed: pip ran past {INSTALL_BUDGET_S} s"
             log(f"wheel set {s}: {status[s]}")
             for f in files:
                 f.unlink()

@@ -87,18 +87,6 @@ class Context:
 # Shards (built on the CPU side; see the module docstring).
 
 
-def smooth_frames(n: int, width: int, height: int, seed: int, tint=(1.0, 1.0, 1.0)):
-    """`n` RGB frames of a blocky random texture drifting right by 2 px a frame (the texture
-    of tests/videos.py, without PyAV)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    base = rng.random((height // 8 + 1, (width + 2 * n) // 8 + 2, 3))
-    big = np.kron(base, np.ones((8, 8, 1)))
-    return [(np.clip(big[:height, 2 * t: 2 * t + width] * np.array(tint), 0, 1) * 255)
-            .astype(np.uint8) for t in range(n)]
-
-
 SHARD_SETS = {
     # name: (clips as (scene lengths, width, height), short side, val fraction)
     "small": ([([20, 20, 20], 192, 128), ([20, 20], 192, 128)], 128, 0.25),
@@ -106,7 +94,7 @@ SHARD_SETS = {
 }
 
 
-def build_stage_shards(out: Path, sets=("small", "large"), scale: float = 1.0) -> dict:
+def build_stage_shards(out: Path, scale: float = 1.0) -> dict:
     """Synthetic clips (tests/videos.py, PyAV) -> `out/<set>` shards, verified; returns
     {set: bytes}. `scale` < 1 shrinks the clips (tests)."""
     import tempfile
@@ -115,8 +103,7 @@ def build_stage_shards(out: Path, sets=("small", "large"), scale: float = 1.0) -
     from tests.videos import scene_video
 
     sizes = {}
-    for name in sets:
-        clips, short, val = SHARD_SETS[name]
+    for name, (clips, short, val) in SHARD_SETS.items():
         short = max(16, int(short * scale) // 16 * 16)
         with tempfile.TemporaryDirectory(prefix="tricolor-gpu-clips-") as tmp:
             videos = []
@@ -184,6 +171,7 @@ def census(ctx: Context, precision: str) -> dict:
     import torch
     from accelerate import Accelerator
 
+    from tests.videos import textured_frames  # numpy only: PyAV is imported where it encodes
     from trainer.config import load_config
     from trainer.data import Batch
     from trainer.data.transforms import condition_and_target
@@ -203,7 +191,7 @@ def census(ctx: Context, precision: str) -> dict:
         torch.manual_seed(0)
         gan = build_gan(cfg, accelerator)
         counter = SyncCensus(cuda)
-        frames = torch.stack([torch.from_numpy(x.copy()) for x in smooth_frames(
+        frames = torch.stack([torch.from_numpy(x.copy()) for x in textured_frames(
             3 * batch_size, crop, crop, seed=1)]).reshape(batch_size, 3, crop, crop, 3)
         frames = frames.to(device)  # uploaded outside the census: DALI gives device tensors
         transform, step_syncs = [], []
@@ -352,6 +340,7 @@ def resume_run(ctx: Context, cfg, precision: str, batches: list, warmup: int, st
     the same `steps` on the same batches (B): (differences of A and B, P1 figures)."""
     import torch
 
+    from bench.step import _device, _sync
     from trainer.step import train_step
     from trainer.train import build_gan
 
@@ -367,7 +356,7 @@ def resume_run(ctx: Context, cfg, precision: str, batches: list, warmup: int, st
     for _ in range(2):
         for i in range(warmup, warmup + steps):
             train_step(accelerator, gan, batches[i], i)
-        _sync(ctx.device)
+        _sync(_device(ctx.device))
         runs.append({part: {k: v.detach().clone() for k, v in tensors.items()}
                      for part, tensors in training_state(gan).items()})
         restore(gan, saved)
@@ -498,14 +487,7 @@ def _first_frames(cfg, device, augment: bool):
 
     loader = TripletLoader(cfg, "grey", "train", 0, 1, torch.device(device), seed=0,
                            shuffle=augment, augment=augment)
-    if loader.backend == "dali":
-        from trainer.data.dali_source import DaliSource
-
-        source = DaliSource(loader)
-    else:
-        from trainer.data.wds_source import WebDatasetSource
-
-        source = WebDatasetSource(loader)
+    source = loader._make_source()  # DALI or webdataset, as data.backend says
     frames, keys, _ = source.next()
     return frames, keys, source
 
@@ -513,6 +495,7 @@ def _first_frames(cfg, device, augment: bool):
 def dali(ctx: Context) -> dict:
     import torch
 
+    from bench.step import _device, _sync
     from trainer.data import TripletLoader, dali_available
 
     if not dali_available():
@@ -578,11 +561,11 @@ def dali(ctx: Context) -> dict:
         stream = _endless(tl)
         for _ in range(3):
             next(stream)
-        _sync(ctx.device)
+        _sync(_device(ctx.device))
         t0 = time.perf_counter()
         for _ in range(n):
             next(stream)
-        _sync(ctx.device)
+        _sync(_device(ctx.device))
         dt = time.perf_counter() - t0
         figures[f"threads{threads}_batches_per_s"] = round(n / dt, 2)
         figures[f"threads{threads}_triplets_per_s"] = round(n * batch / dt, 1)
@@ -597,13 +580,6 @@ def _endless(loader):
         yield from loader
 
 
-def _sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 # ---------------------------------------------------------------------------------------------
 # Trainer end to end through `accelerate launch`.
 
@@ -616,7 +592,7 @@ TRAIN_PLANS = {
 }
 
 
-def train_commands(plan: str, shards: Path, runs_dir: Path, python: str = sys.executable,
+def train_commands(plan: str, shards: Path, runs_dir: Path,
                    cpu: bool = False) -> tuple[list[str], list[str]]:
     """The two launches of a trainer stage: `plan` steps from scratch, then the resume to
     more steps. `cpu`: the same without GPUs (tests)."""
@@ -630,7 +606,7 @@ def train_commands(plan: str, shards: Path, runs_dir: Path, python: str = sys.ex
     ]
     if plan == "bf16":
         overrides += ["train.channels_last=true", "model.norm=batch"]
-    head = [python, "-m", "accelerate.commands.launch", "--config_file", launch,
+    head = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch,
             "--num_processes", "1", "trainer/main.py", "--config", "configs/demo.yaml"]
     return ([*head, "--no-resume", *overrides, f"train.max_steps={steps}"],
             [*head, *overrides, f"train.max_steps={more}"])
@@ -647,17 +623,10 @@ def _run_logged(argv: list[str], log: Path, env: dict) -> tuple[int, str, float]
     return proc.returncode, proc.stdout, time.perf_counter() - t0
 
 
-def finite_records(path: Path) -> tuple[int, list[str]]:
-    """(records in a metrics.jsonl, the names of its non-finite numeric values)."""
-    bad, n = [], 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        n += 1
-        for k, v in json.loads(line).items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v):
-                bad.append(f"step {json.loads(line).get('step')}: {k}")
-    return n, bad
+def nonfinite_values(records: list[dict]) -> list[str]:
+    """The non-finite numeric values of metrics.jsonl records, as "step S: name"."""
+    return [f"step {r.get('step')}: {k}" for r in records for k, v in r.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v)]
 
 
 def tb_summary(tb_dir: Path) -> dict:
@@ -706,8 +675,8 @@ def train_stage(ctx: Context, plan: str) -> dict:
               any(f"step {steps}" in line for line in resumed), resumed[:1])
     metrics = run_dir / "metrics.jsonl"
     if ctx.check("metrics.jsonl written", metrics.is_file(), metrics):
-        n, bad = finite_records(metrics)
         records = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        n, bad = len(records), nonfinite_values(records)
         figures["validations"] = n
         figures["last_validation"] = records[-1] if records else None
         ctx.check("validation metrics finite", n > 0 and not bad, bad[:5] or f"{n} records")
@@ -737,10 +706,10 @@ def step_480(ctx: Context) -> dict:
     cudnn.benchmark switch, hence the timing here."""
     import torch
 
-    from bench.step import Variant, build_ours
+    from bench.step import Variant, _device, _sync, build_ours
 
     size, batch, warm, steps = (32, 2, 1, 2) if ctx.tiny else (480, 8, 3, 15)
-    device = torch.device(ctx.device, 0) if ctx.device == "cuda" else torch.device("cpu")
+    device = _device(ctx.device)
     precision = "bf16" if ctx.device == "cuda" else "fp32"
     figures: dict = {"size": size, "batch": batch, "precision": precision, "steps": steps}
     for channels_last in (False, True):
@@ -751,14 +720,14 @@ def step_480(ctx: Context) -> dict:
             torch.backends.cudnn.benchmark = benchmark
             for _ in range(warm):
                 step()
-            _sync(ctx.device)
+            _sync(device)
             if ctx.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             times = []
             for _ in range(steps):
                 t0 = time.perf_counter()
                 step()
-                _sync(ctx.device)
+                _sync(device)
                 times.append(time.perf_counter() - t0)
             key = f"channels_last={channels_last} cudnn.benchmark={benchmark}"
             ms = statistics.median(times) * 1000

@@ -72,10 +72,8 @@ print(json.dumps({"first": first, "restart": restart, "pipelines": pipelines,
 
 
 def build_shards(out: Path, shards: int, per_shard: int) -> Path:
-    sys.path.insert(0, str(REPO / "tests"))
-    from videos import scene_video
-
     from shards.cli import main as shards_main
+    from tests.videos import scene_video
 
     out.mkdir(parents=True, exist_ok=True)
     frames = shards // 2 * per_shard + 2  # one triplet per frame but the first and last

@@ -53,6 +53,17 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def fresh_state(one_thread):
+    """Each test builds its own Accelerator (precision differs): Accelerate keeps one state per
+    process."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
 @pytest.fixture(scope="module")
 def grey_export(tmp_path_factory) -> Path:
     """A tiny, randomly initialised grey-mode generator exported like a run's."""

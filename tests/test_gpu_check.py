@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from test_gpu_paths import batch, tiny
 
 from bench import gpu_check, gpu_stages
 from bench.gpu_check import (
@@ -33,6 +34,7 @@ from bench.gpu_check import (
     write_report,
 )
 from bench.gpu_stages import SYNC_MESSAGE, SyncCensus, count_sync_warnings, train_commands
+from shards.tario import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_CUDA = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
@@ -144,8 +146,8 @@ def test_install_joins_parts_across_calls_and_skips_incomplete_sets(tmp_path, mo
     (wheels / "base" / parts[0]["name"]).rename(stash / "dali-1" / parts[0]["name"])
     lost = _fake_wheel(src, "tricolor_fake_lost")
     manifest = {"created": "2026-12-01 00:00:00 UTC", "files": [
-        {"name": good.name, "set": "dali", "sha256": gpu_check.sha256(good), "parts": parts},
-        {"name": lost.name, "set": "av", "sha256": gpu_check.sha256(lost), "parts": []},
+        {"name": good.name, "set": "dali", "sha256": sha256_file(good), "parts": parts},
+        {"name": lost.name, "set": "av", "sha256": sha256_file(lost), "parts": []},
     ]}
     (wheels / "base" / "manifest.json").write_text(json.dumps(manifest))
     site = tmp_path / "site"
@@ -259,16 +261,6 @@ def test_a_stage_past_its_limit_is_killed_and_reported(tmp_path):
 # resume_exactness: the in-memory snapshot/restore, and the EMA copy's forward (P1).
 
 
-@pytest.fixture
-def fresh_accelerate(one_thread):
-    """Accelerate keeps one state per process; these tests build Accelerators of their own."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 def test_stage_limits_add_up_and_match_the_doc():
     stages = {s.name: s.budget_s for s in gpu_stages.STAGES}
     assert sum(stages.values()) + gpu_check.INSTALL_BUDGET_S == gpu_check.TOTAL_BUDGET_S
@@ -279,7 +271,7 @@ def test_stage_limits_add_up_and_match_the_doc():
     assert rows == {"install": gpu_check.INSTALL_BUDGET_S, **stages}
 
 
-def test_resume_exactness_rehearsed_on_cpu_is_bitwise(tiny_shards, tmp_path, fresh_accelerate):
+def test_resume_exactness_rehearsed_on_cpu_is_bitwise(tiny_shards, tmp_path, fresh_state):
     """CPU: a resume from the in-memory snapshot repeats the same steps bitwise (the repo's
     claim), in bf16 and fp32, with and without deterministic algorithms; the bf16 EMA copy
     runs the class's forward in fp32 while the training G has Accelerate's wrapper."""
@@ -303,25 +295,7 @@ def test_resume_exactness_rehearsed_on_cpu_is_bitwise(tiny_shards, tmp_path, fre
     assert not torch.are_deterministic_algorithms_enabled()  # the stage put it back
 
 
-def _tiny_cfg():
-    from trainer.config import load_config
-
-    return load_config(gpu_stages.DEMO, ["data.shards=unused", "data.crop_size=32",
-                                          "data.batch_size=2", "model.ngf=8", "model.ndf=8"])
-
-
-def _batches(n: int):
-    import torch
-
-    from trainer.data import Batch
-
-    g = torch.Generator().manual_seed(0)
-    return [Batch(torch.rand(2, 3, 1, 32, 32, generator=g) * 2 - 1,
-                  torch.rand(2, 3, 2, 32, 32, generator=g) - 0.5, ["a", "b"])
-            for _ in range(n)]
-
-
-def test_resume_exactness_sees_an_incomplete_restore(tmp_path, fresh_accelerate, monkeypatch):
+def test_resume_exactness_sees_an_incomplete_restore(tmp_path, fresh_state, monkeypatch):
     """The zeros above are not vacuous: a restore that leaves the optimizers' moments as they
     were after run A makes run B differ."""
     full = gpu_stages.restore
@@ -330,16 +304,16 @@ def test_resume_exactness_sees_an_incomplete_restore(tmp_path, fresh_accelerate,
         full(gan, {**state, "opt_G": gan.opt_G.state_dict(), "opt_D": gan.opt_D.state_dict()})
 
     ctx = gpu_stages.Context(tmp_path, tmp_path, "cpu", tiny=True)
-    batches = _batches(3)
-    diffs, _ = gpu_stages.resume_run(ctx, _tiny_cfg(), "fp32", batches, 1, 2)
+    batches = [batch(seed=i) for i in range(3)]
+    diffs, _ = gpu_stages.resume_run(ctx, tiny(), "fp32", batches, 1, 2)
     assert all(p["bitwise"] for p in diffs.values()), diffs
     monkeypatch.setattr(gpu_stages, "restore", without_optimizers)
-    diffs, _ = gpu_stages.resume_run(ctx, _tiny_cfg(), "fp32", batches, 1, 2)
+    diffs, _ = gpu_stages.resume_run(ctx, tiny(), "fp32", batches, 1, 2)
     assert diffs["G"]["max_abs"] > 0 and not diffs["G"]["bitwise"] and diffs["G"]["worst"]
     assert diffs["opt_G"]["max_rel"] > 0 and not diffs["D"]["bitwise"]
 
 
-def test_p1_check_fails_for_an_ema_copy_with_the_autocast_wrapper(tmp_path, fresh_accelerate):
+def test_p1_check_fails_for_an_ema_copy_with_the_autocast_wrapper(tmp_path, fresh_state):
     """What P1 was: a plain deepcopy of the prepared G carries Accelerate's instance
     `forward` (autocast, outputs cast to fp32: the dtype alone does not tell)."""
     import copy
@@ -347,14 +321,14 @@ def test_p1_check_fails_for_an_ema_copy_with_the_autocast_wrapper(tmp_path, fres
     from trainer.train import build_gan
 
     accelerator = gpu_stages._fresh_accelerator("bf16", cpu=True)
-    gan = build_gan(_tiny_cfg(), accelerator)
-    batch = _batches(1)[0]
+    gan = build_gan(tiny(), accelerator)
+    one = batch()
     ctx = gpu_stages.Context(tmp_path, tmp_path, "cpu", tiny=True)
-    gpu_stages.ema_forward_checks(ctx, gan, batch, "bf16")
+    gpu_stages.ema_forward_checks(ctx, gan, one, "bf16")
     assert [c["ok"] for c in ctx.checks] == [True, True, True]
     gan.ema.model = copy.deepcopy(gan.backend.unwrap(gan.G)).eval().requires_grad_(False)
     ctx = gpu_stages.Context(tmp_path, tmp_path, "cpu", tiny=True)
-    figures = gpu_stages.ema_forward_checks(ctx, gan, batch, "bf16")
+    figures = gpu_stages.ema_forward_checks(ctx, gan, one, "bf16")
     assert [c["ok"] for c in ctx.checks] == [False, True, True], ctx.checks
     assert figures["ema_instance_attributes"] == ["_original_forward", "forward"]
 
@@ -368,7 +342,7 @@ def test_nondeterministic_op_names_the_op():
 
 
 def test_deterministic_mode_unavailable_is_reported_not_failed(tiny_shards, tmp_path,
-                                                               monkeypatch, fresh_accelerate):
+                                                               monkeypatch, fresh_state):
     """Where an op raises under torch.use_deterministic_algorithms(True) (CUDA's bilinear
     upsampling backward), the stage names it, runs again with warn_only to list every such
     op, and still passes on the default mode's figures."""

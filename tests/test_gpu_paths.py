@@ -11,7 +11,6 @@ from datetime import timedelta
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from launching import TINY
 
 from trainer import backend as backend_module
@@ -21,15 +20,6 @@ from trainer.step import train_step
 from trainer.train import build_gan
 
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
-
-
-@pytest.fixture
-def fresh_state(one_thread):
-    """Each test builds its own Accelerator (precision differs): Accelerate keeps one state per
-    process."""
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
 
 
 def tiny(*extra: str):

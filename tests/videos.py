@@ -1,10 +1,11 @@
-"""Small synthetic videos for the tests, encoded with PyAV (nothing is downloaded)."""
+"""Small synthetic videos for the tests, encoded with PyAV (nothing is downloaded). PyAV is
+imported by the functions that encode or decode: the frames alone need only numpy (the GPU
+host's stages use them without PyAV: bench/gpu_stages.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import av
 import numpy as np
 
 
@@ -23,6 +24,8 @@ def textured_frames(n: int, width: int, height: int, seed: int, tint=(1.0, 1.0, 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: int = 25, faststart=False) -> Path:
     """Encode RGB frames as H.264 in MP4 (moov atom at the end unless `faststart`)."""
+    import av
+
     height, width = frames[0].shape[:2]
     options = {"movflags": "faststart"} if faststart else {}
     with av.open(str(path), "w", options=options) as container:
@@ -51,6 +54,8 @@ def scene_video(path: Path, scene_lengths: list[int], width=96, height=64, **kw)
 def decode_all(path: Path, width: int, height: int) -> np.ndarray:
     """Every frame of `path` as RGB, resized to (width, height): an independent reference
     decode for the tests (plain PyAV, default scaler)."""
+    import av
+
     with av.open(str(path)) as container:
         return np.stack(
             [
@@ -64,6 +69,8 @@ def rotated_video(path: Path, upright: list[np.ndarray], degrees: int, fps: int 
     """A video as a phone records it: the frames stored turned (clockwise by `degrees`) and a
     display matrix that tells players to turn them back (`degrees` counter-clockwise), so
     what a player shows is `upright`."""
+    import av
+
     stored = [np.ascontiguousarray(np.rot90(f, -(degrees // 90))) for f in upright]
     height, width = stored[0].shape[:2]
     with av.open(str(path), "w") as container:
@@ -84,6 +91,8 @@ def size_change_video(path: Path, segments: list[tuple[int, int, int]]) -> Path:
     (frames, width, height), each encoded on its own and concatenated byte for byte (as
     FFmpeg's concat protocol joins transport streams); the decoder meets a new SPS with
     the new size at each join."""
+    import av
+
     data = b""
     for i, (n, width, height) in enumerate(segments):
         part = path.with_name(f"{path.stem}.part{i}.ts")
