@@ -8,6 +8,7 @@ accept these dataclasses or the DictConfig made from them, and check every value
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -108,9 +109,10 @@ def check_model_config(cfg: ModelConfig) -> None:
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise ValueError(f"{key}: a probability, must lie in [0, 1], got {getattr(cfg, key)}")
     if cfg.p_drop + cfg.scheduled_sampling > 1.0:
+        # the two are exclusive per-sample choices, so their sum is a probability too
         raise ValueError(
-            f"p_drop + scheduled_sampling = {cfg.p_drop + cfg.scheduled_sampling} > 1: they are "
-            "exclusive per-sample probabilities; lower one of them"
+            f"scheduled_sampling: must be <= 1 - p_drop = {1.0 - cfg.p_drop:g}, got "
+            f"{cfg.scheduled_sampling:g}"
         )
 
 
@@ -118,8 +120,9 @@ def check_loss_config(cfg: LossConfig) -> None:
     choice(AdvLoss, cfg.adversarial, "adversarial")
     choice(PixelLoss, cfg.pixel, "pixel")
     for key in ("lambda_pixel", "lambda_adv", "lambda_chroma", "lambda_temporal"):
-        if not getattr(cfg, key) >= 0:  # written so that nan fails too
-            raise ValueError(f"{key}: a loss weight, must be >= 0, got {getattr(cfg, key)}")
+        value = getattr(cfg, key)
+        if not (value >= 0 and math.isfinite(value)):  # written so that nan fails too
+            raise ValueError(f"{key}: a loss weight, must be finite and >= 0, got {value}")
     if cfg.adv_start_step < 0:
         raise ValueError(
             f"adv_start_step: a trainer step, must be >= 0 (0 = no warm-up), got "

@@ -61,6 +61,29 @@ def _linearize(net: nn.Module) -> nn.Module:
     return net.double().eval()
 
 
+def footprint(cfg: ModelConfig, side: int, batch: int) -> dict[str, int]:
+    """Parameter counts of G and D and the number of activation values one training step
+    keeps for the backward (the output of every layer of G once and of D twice: on real
+    and on G's colour), for `batch` frames of side x side. Counted on the "meta" device:
+    nothing is allocated, so a model too large for any machine is measured, not built."""
+    sizes = {}
+    for kind in ("G", "D"):
+        outputs = []
+
+        def count(_module, _inputs, out, outputs=outputs):
+            outputs.append(out.numel())
+
+        with torch.device("meta"):
+            net = build(kind, cfg)
+            for m in net.modules():
+                if not list(m.children()):
+                    m.register_forward_hook(count)
+            net(*example_inputs(kind, cfg, side))
+        sizes[f"{kind}_params"] = sum(p.numel() for p in net.parameters())
+        sizes[f"{kind}_activations"] = sum(outputs) * batch * (1 if kind == "G" else 2)
+    return sizes
+
+
 def receptive_field(kind: str, cfg: ModelConfig) -> int | None:
     """Side in pixels of the input window that one output pixel sees; None: the whole frame.
 

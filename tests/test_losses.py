@@ -98,8 +98,9 @@ def test_losses_backpropagate_to_logits():
     [
         (dict(adversarial="wgan"), "adversarial: unknown option 'wgan'; expected one of: lsgan"),
         (dict(pixel="l3"), "pixel: unknown option 'l3'; expected one of: l1, l2"),
-        (dict(lambda_pixel=-1.0), "lambda_pixel: a loss weight, must be >= 0"),
-        (dict(lambda_chroma=float("nan")), "lambda_chroma: a loss weight, must be >= 0"),
+        (dict(lambda_pixel=-1.0), "lambda_pixel: a loss weight, must be finite and >= 0"),
+        (dict(lambda_chroma=float("nan")), "lambda_chroma: a loss weight, must be finite and >= 0"),
+        (dict(lambda_adv=float("inf")), "lambda_adv: a loss weight, must be finite and >= 0"),
         (dict(adv_start_step=-1), "adv_start_step: a trainer step, must be >= 0"),
     ],
 )

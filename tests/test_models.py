@@ -448,7 +448,7 @@ def test_bad_frame_size_is_a_clear_error(mode):
         (dict(ngf=2), "ngf: must be >= 4"),
         (dict(depth=0), "depth: must be >= 1"),
         (dict(p_drop=1.5), r"p_drop: a probability, must lie in \[0, 1\]"),
-        (dict(p_drop=0.8, scheduled_sampling=0.4), "p_drop \\+ scheduled_sampling"),
+        (dict(p_drop=0.8, scheduled_sampling=0.4), "scheduled_sampling: must be <= 1 - p_drop"),
     ],
 )
 def test_unknown_or_invalid_option_is_a_clear_error(change, message):

@@ -11,6 +11,7 @@ starts, with an error that names the key and where it came from.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from enum import Enum
@@ -119,7 +120,8 @@ RANGES = [
     *[(key, lambda v: v >= 0, ">= 0") for key in (
         "train.max_steps", "train.image_every", "train.val_every", "train.checkpoint_every",
         "optim.warmup_steps", "optim.grad_clip", "data.val_samples")],
-    ("train.dist_timeout_min", lambda v: v > 0, "> 0 (minutes)"),
+    # under a second, a process group times out before gloo or NCCL can even connect
+    ("train.dist_timeout_min", lambda v: v >= 1 / 60, ">= 1/60 (minutes: one second)"),
     *[(key, lambda v: v > 0, "> 0 (a learning rate of 0 trains nothing)")
       for key in ("optim.lr_g", "optim.lr_d")],
     *[(key, lambda v: 0 <= v < 1, "in [0, 1)") for key in (
@@ -153,6 +155,11 @@ def check(cfg: DictConfig, require_data: bool = False) -> None:
             f"required keys not set: {', '.join(missing)} (set them in the YAML file or "
             "on the command line as key=value)"
         )
+    # inf (YAML .inf, or 1e999 on the command line) and nan pass most range tests and
+    # surface only later, as a non-finite loss or a zero timeout: refused here for every key
+    for key, value in _leaves(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"key '{key}': must be a finite number, got {value}")
     for section, check_section in (("model", check_model_config), ("loss", check_loss_config)):
         try:
             check_section(cfg[section])
@@ -175,13 +182,64 @@ def check(cfg: DictConfig, require_data: bool = False) -> None:
     name = Path(cfg.name)
     if not cfg.name or name.is_absolute() or ".." in name.parts or name == Path("."):
         raise ConfigError(f"key 'name': {cfg.name!r} is not a directory name inside runs_dir")
-    if not 0 <= cfg.data.canny_low < cfg.data.canny_high <= 1:
-        raise ConfigError("keys 'data.canny_low' < 'data.canny_high' must lie in [0, 1]")
+    if not 0 <= cfg.data.canny_low <= 1:
+        raise ConfigError(f"key 'data.canny_low': must lie in [0, 1], got {cfg.data.canny_low}")
+    if not cfg.data.canny_low < cfg.data.canny_high <= 1:
+        raise ConfigError(
+            f"key 'data.canny_high': must lie in (data.canny_low = {cfg.data.canny_low}, 1], "
+            f"got {cfg.data.canny_high}"
+        )
     if require_data and not (Path(cfg.data.shards) / "manifest.json").is_file():
         raise ConfigError(
             f"key 'data.shards': {cfg.data.shards} holds no manifest.json; build shards "
             "with `tricolor-shards build VIDEOS --out DIR` first"
         )
+
+
+def _leaves(node, prefix: str = ""):
+    """(dotted key, value) of every leaf of the config tree."""
+    for key, value in node.items():
+        if isinstance(value, DictConfig):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def memory_bytes() -> int:
+    """What one training process can hold: its GPU's memory, or the host's RAM without one."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(cfg: DictConfig, available: int | None = None) -> None:
+    """Refuse a model or batch that cannot fit in `available` bytes (default: memory_bytes()),
+    before anything is allocated. The estimate is a lower bound, so nothing that could run
+    is refused: 16 bytes a parameter (fp32 weight, gradient and Adam's two moments) and
+    2 bytes an activation kept for the backward (bf16, the smallest precision we train in)."""
+    from models.summary import footprint
+
+    available = memory_bytes() if available is None else available
+    model = OmegaConf.to_object(cfg.model)
+    sizes = footprint(model, cfg.data.crop_size, cfg.data.batch_size)
+    weights = 16 * (sizes["G_params"] + sizes["D_params"])
+    activations = 2 * (sizes["G_activations"] + sizes["D_activations"])
+    if weights + activations <= available:
+        return
+    gib = 2**30
+    if weights >= activations:
+        key = "model.ndf" if sizes["D_params"] > sizes["G_params"] else "model.ngf"
+        what = f"{weights / gib:,.1f} GiB for the weights, gradients and Adam state of G and D"
+    else:
+        key = "data.batch_size"
+        what = (f"{activations / gib:,.1f} GiB for the activations of a batch at "
+                f"data.crop_size={cfg.data.crop_size}")
+    raise ConfigError(
+        f"key '{key}': {OmegaConf.select(cfg, key)} needs at least {what}, more than the "
+        f"{available / gib:,.1f} GiB one process has here; lower {key}"
+    )
 
 
 def load_config(

@@ -132,10 +132,12 @@ def fail(accelerator, kind: str, error: Exception) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from trainer.config import ConfigError, load_config
+    from trainer.config import ConfigError, check_fits, load_config
 
     try:
         cfg = load_config(args.config, args.overrides, require_data=not args.dry_run)
+        if not args.dry_run:
+            check_fits(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 1
