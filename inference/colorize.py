@@ -41,8 +41,11 @@ trained:
   the input). At a keyframe the output is the keyframe's colour on the input's luminance
   (grey mode) or the keyframe itself (line art), and the memory goes on from its colour at
   the working resolution. A keyframe of the input's aspect but another size is resized (and
-  the tool says so); another aspect, a greyscale or unreadable image, an index past the
-  input's end, or keyframes for a model without memory are errors (inference/keyframes.py).
+  the tool says so); keyframe images (and input frames) are read as an image viewer shows
+  them, their EXIF orientation applied, and the tool says so. Another aspect, a greyscale,
+  transparent or unreadable image, anything but a regular file (a FIFO), an EXIF orientation
+  outside 1..8, an index past the input's end or not plain decimal digits, or keyframes for
+  a model without memory are errors (inference/keyframes.py).
 - Scene cuts: the content detector of `tricolor-shards` (`shards.scenes.SceneCuts`) on the
   working-resolution frames. At a cut the temporal context restarts: the grey-mode window
   is padded with frame t, as at a video's first and last frames ((t, t, t+1) and
@@ -60,7 +63,10 @@ header before the network is built, so absurd settings allocate nothing); an out
 cannot be written, that is the input in any spelling (relative, `..`, a symbolic or hard
 link), contains it or lies inside an input folder, or that exists and may not be replaced
 (above). Ctrl-C exits 130, SIGTERM 143. None of these leaves anything under OUT's name or a
-temporary one, and an existing OUT is untouched.
+temporary one, and an existing OUT is untouched. A run killed outright (SIGKILL, the
+out-of-memory killer) cannot clean up: its hidden `.OUT.partial-HOST-PID` is removed, and
+said, by the next run for the same OUT on the same host once that process is gone (never one
+of a running process, nor of another host: that one is left, to delete by hand).
 """
 
 from __future__ import annotations
@@ -107,6 +113,7 @@ from inference.video_io import (
     check_not_input,
     check_output,
     output_kind,
+    remove_stale_temporaries,
 )
 from models.colour import AB_SCALE
 from models.memory import memory_of, no_memory_like
@@ -446,9 +453,10 @@ def batch_plan(inputs: Path, out_dir: Path, suffix: str = ".mp4") -> list[tuple[
     array task computes alike. `inputs` is a folder (its videos, searched recursively;
     hidden files and anything under `out_dir` left out; the output keeps the path under the
     folder: IN/a/x.mov -> OUT/a/x.mp4) or a list file (one path per line, relative to the
-    current folder; blank lines and # comments skipped; OUT/<name>.mp4). Two different
-    inputs for one output (the same name in two folders of a list, x.mov beside x.mp4) are
-    refused (BatchError), naming them: nothing is silently overwritten or renamed."""
+    current folder; blank lines and # comments skipped; a file listed twice, in any
+    spelling, taken once; OUT/<name>.mp4). Two different inputs for one output (the same name
+    in two folders of a list, x.mov beside x.mp4) are refused (BatchError), naming them:
+    nothing is silently overwritten or renamed."""
     inputs, out_dir = Path(inputs), Path(out_dir)
     out_abs = out_dir.resolve()
     pairs: list[tuple[Path, Path]] = []
@@ -471,9 +479,12 @@ def batch_plan(inputs: Path, out_dir: Path, suffix: str = ".mp4") -> list[tuple[
             if not line or line.startswith("#"):
                 continue
             p = Path(line)
-            if p.absolute() in seen:
-                continue  # listed twice: colorized once
-            seen.add(p.absolute())
+            # One file under two spellings (relative and absolute, `..`, a symbolic link) is
+            # listed twice: colorized once, under its first spelling.
+            real = p.resolve()
+            if real in seen:
+                continue
+            seen.add(real)
             pairs.append((p, out_dir / (p.stem + suffix)))
     else:
         raise BatchError(f"{inputs}: no such folder or list file")
@@ -598,6 +609,9 @@ def resolve_size(model: Model, width: int, height: int, size: int | None) -> tup
 
 def run(args: argparse.Namespace) -> int:
     check_output(args.output, args.overwrite, args.input)
+    for tmp, pid in remove_stale_temporaries(args.output):
+        print(f"removed {tmp}: the partial output of process {pid}, which was killed before "
+              "it finished (it is no longer running)", file=sys.stderr)
     device = pick_device(args.device)
     model = load_model(args.model, device)
     if args.lineart and model.mode != "lineart":

@@ -275,6 +275,8 @@ def check_json(path: Path, videos: list[Path]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # A mistyped protocol fails at once, before the videos are opened or the model loaded.
+    keyframes = TruthKeyframes(args.keyframes) if args.keyframes != "none" else None
     try:
         paths = find_videos(args.videos)
     except FileNotFoundError as e:
@@ -288,10 +290,8 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     model = load_model(args.model, device)
     per_frame = model.with_temporal(False)
-    keyframes = None
     protocol = AUTOMATIC
-    if args.keyframes != "none":
-        keyframes = TruthKeyframes(args.keyframes)
+    if keyframes is not None:
         protocol = keyframes.describe()
         if not model.takes_keyframes:  # a control: the keyframes are in, nothing carries them
             protocol += ("; this model has no colour memory: the given frames are pasted, "

@@ -11,31 +11,44 @@ frames that have one, before the colorizers see them:
                                        scene start (the exemplar protocol of DeepExemplar and
                                        ColorMNet), or at every N-th frame
 
-A keyframe of the input's aspect but another size is resized (area averaging) to the input's
-size, and the tool says so; one of another aspect, a grey one, an unreadable one or an index
-past the input's end is a KeyframeError naming the file. Folder keyframes are all read and
+Keyframe images are read as an image viewer shows them, as input frames are: an EXIF
+orientation tag (a phone's photo stored sideways or upside down) is applied, and the tool says
+so; a tag outside 1..8 is refused, naming it. A keyframe of the input's aspect but another
+size is resized (area averaging) to the input's size, and the tool says so; one of another
+aspect, a grey one, one with transparent pixels (their colour is hidden in a viewer, but
+would be used), anything but a regular file (a FIFO would block), an unreadable one or an
+index past the input's end is a KeyframeError naming the file. Frame indices, in file names
+and in --keyframe-frames, are plain decimal digits (not `0_1`, `+1` or other scripts'
+digits, which Python's int() would take). Folder keyframes are all read and
 checked before any output is written; a video's are checked as they stream, and an error
 there aborts the output like any decoding error.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 
-from inference.video_io import IMAGE_SUFFIXES, Source
+from inference.video_io import (
+    IMAGE_SUFFIXES,
+    Source,
+    describe_orientation,
+    file_kind,
+    open_image,
+)
 from shards.build import is_grey
 from shards.video import VideoError
 
 GREY_LEVELS = 3  # a frame whose channels differ by at most this many levels is greyscale
 ASPECT_TOLERANCE = 0.01  # relative: 1920x1080 and 1280x720 match, 1440x1080 does not
-INDEX_NAME = re.compile(r"\d+")
+INDEX = re.compile(r"[0-9]+")  # ASCII digits only: int() also takes "0_1", "+1", "١"
 
 
 class KeyframeError(Exception):
@@ -47,8 +60,10 @@ def is_greyscale(rgb: np.ndarray) -> bool:
     return int(spread.max(initial=0)) <= GREY_LEVELS
 
 
-def fit_keyframe(rgb: np.ndarray, width: int, height: int, where: str) -> np.ndarray:
-    """`rgb` checked (colour, the input's aspect) and resized to width x height if needed."""
+def fit_keyframe(rgb: np.ndarray, width: int, height: int, where: str,
+                 orientation: int = 1) -> np.ndarray:
+    """`rgb` checked (colour, the input's aspect) and resized to width x height if needed;
+    `orientation`: the EXIF orientation that turned it upright, named if its aspect is off."""
     if is_grey(rgb):  # as the shards judge frames: a few levels of codec noise are grey
         raise KeyframeError(f"{where}: a greyscale keyframe gives no colour; expected a colour "
                             "image")
@@ -56,33 +71,46 @@ def fit_keyframe(rgb: np.ndarray, width: int, height: int, where: str) -> np.nda
     if (h, w) == (height, width):
         return rgb
     if abs((w / h) / (width / height) - 1) > ASPECT_TOLERANCE:
-        raise KeyframeError(f"{where}: keyframe is {w}x{h}, the input {width}x{height}: another "
-                            "aspect ratio; expected the input's (crop or pad it first)")
+        shown = (f" as shown, after its {describe_orientation(orientation)}"
+                 if orientation != 1 else "")
+        raise KeyframeError(f"{where}: keyframe is {w}x{h}{shown}, the input {width}x{height}: "
+                            "another aspect ratio; expected the input's (crop or pad it first)")
     print(f"keyframes: {where}: {w}x{h} resized to the input's {width}x{height}",
           file=sys.stderr)
     return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
 
 
-def read_image(path: Path) -> np.ndarray:
-    """RGB uint8, read as input frames are read (PIL, no EXIF rotation): a keyframe that is
-    a copy of an input frame lines up with it."""
+def read_image(path: Path) -> tuple[np.ndarray, int]:
+    """RGB uint8 as an image viewer shows it, as input frames are read (so a copy of an input
+    frame lines up with it), and the EXIF orientation applied (1: none); the tool says so
+    when one is. Transparent pixels are refused: a viewer hides their colour."""
     try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise KeyframeError(f"{path}: not a readable image ({e})") from None
+        im, orientation = open_image(path)
+    except VideoError as e:
+        raise KeyframeError(str(e)) from None
+    if im.has_transparency_data:
+        im = im.convert("RGBA")
+        alpha = np.asarray(im)[..., 3]
+        hidden = int((alpha < 255).sum())
+        if hidden:
+            raise KeyframeError(f"{path}: {hidden} of {alpha.size} pixels are not opaque: their "
+                                "colour, hidden in a viewer, would be used; expected an opaque "
+                                "image (flatten it onto a background first)")
+    if orientation != 1:
+        print(f"keyframes: {path}: {describe_orientation(orientation)} applied, as image "
+              "viewers show it", file=sys.stderr)
+    return np.array(im.convert("RGB")), orientation
 
 
 def parse_frame_list(text: str) -> list[int]:
     """'0,120,240' -> [0, 120, 240] (sorted, unique); KeyframeError for anything else."""
-    try:
-        frames = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise KeyframeError(f"--keyframe-frames {text!r}: expected frame indices such as "
-                            "0,120,240") from None
-    if not frames or frames[0] < 0:
-        raise KeyframeError(f"--keyframe-frames {text!r}: expected indices >= 0")
-    return frames
+    items = [x.strip() for x in text.split(",")]
+    for x in items:
+        if not INDEX.fullmatch(x):
+            raise KeyframeError(f"--keyframe-frames {text!r}: {x!r} is not a frame index; "
+                                "expected plain decimal indices separated by commas, such as "
+                                "0,120,240")
+    return sorted({int(x) for x in items})
 
 
 class KeyframeFolder:
@@ -102,7 +130,7 @@ class KeyframeFolder:
                                 f"named by frame index, e.g. 000120.png)")
         self.frames: dict[int, np.ndarray] = {}
         for path in images:
-            if not INDEX_NAME.fullmatch(path.stem):
+            if not INDEX.fullmatch(path.stem):
                 raise KeyframeError(f"{path}: not named by a frame index (expected e.g. "
                                     "000120.png)")
             index = int(path.stem)
@@ -111,7 +139,8 @@ class KeyframeFolder:
             if frames and index >= frames:
                 raise KeyframeError(f"{path}: frame {index} is past the input's end (it has "
                                     f"{frames} frames, 0..{frames - 1})")
-            self.frames[index] = fit_keyframe(read_image(path), width, height, str(path))
+            rgb, orientation = read_image(path)
+            self.frames[index] = fit_keyframe(rgb, width, height, str(path), orientation)
         self.last = max(self.frames)
 
     def __call__(self, items: Iterable) -> Iterator:
@@ -134,6 +163,13 @@ class KeyframeVideo:
         if (at is None) == (not at_cuts):
             raise KeyframeError(f"{path}: a keyframe video needs --keyframe-frames or "
                                 "--keyframe-at-cuts (one of them)")
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as e:
+            raise KeyframeError(f"{path}: cannot be read ({e.strerror})") from None
+        if not stat.S_ISREG(mode):  # a FIFO would block the decoder's open
+            raise KeyframeError(f"{path}: is {file_kind(mode)}, not a regular file; expected a "
+                                "colour video file")
         try:
             self.source = Source(path)
         except VideoError as e:

@@ -1,11 +1,14 @@
 """Streaming video input and output for `tricolor-colorize` and `tricolor-eval` (PyAV).
 
 Input: a video file, decoded one frame at a time and turned upright (its display rotation
-applied), or a folder of images (sorted by name, numbers compared as numbers). Output: a
-video (H.264, upright, the input's frame timestamps, its audio packets copied unchanged) or
-a folder of PNG frames marked by a FRAMES_MARKER file. Output is written under a temporary
-name in the destination folder and renamed when complete: an interrupted or failed run
-never leaves a partial file under the final name. The output is never the input, and an
+applied), or a folder of images (sorted by name, numbers compared as numbers), each read as
+an image viewer shows it (its EXIF orientation applied; only regular files are opened, so a
+FIFO named like an image cannot block). Output: a video (H.264, upright, the input's frame
+timestamps, its audio packets copied unchanged) or a folder of PNG frames marked by a
+FRAMES_MARKER file. Output is written under a temporary name in the destination folder and
+renamed when complete: an interrupted or failed run never leaves a partial file under the
+final name, and what a run killed outright (SIGKILL) left under its temporary name is removed
+by the next run for that output on the same host. The output is never the input, and an
 existing one is replaced only if it is a video file or a frames folder this module wrote.
 """
 
@@ -14,6 +17,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
+import stat
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -21,7 +27,7 @@ from pathlib import Path
 
 import av
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from shards.atomic import publish
 from shards.video import VideoError, decode_checked, open_video, quarter_turns
@@ -46,6 +52,20 @@ X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium"
 # that has it and nothing but its frames (FRAME_NAME).
 FRAMES_MARKER = ".tricolor-frames"
 FRAME_NAME = re.compile(r"frame_\d{6,}\.png")
+
+EXIF_ORIENTATION = 0x0112  # the tag a phone sets instead of turning the pixels
+# What an image viewer does to the stored pixels for each valid orientation (1: nothing).
+ORIENTATIONS = {1: "shown as stored", 2: "mirrored left-right", 3: "turned 180°",
+                4: "mirrored top-bottom",
+                5: "mirrored left-right and turned 90° counter-clockwise",
+                6: "turned 90° clockwise",
+                7: "mirrored left-right and turned 90° clockwise",
+                8: "turned 90° counter-clockwise"}
+
+# Temporary outputs carry the host and the process id: a later run can tell one whose writer
+# is gone (a process of this host no longer running) from one still being written, here or
+# by another host sharing the folder.
+HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
 
 
 class OutputError(Exception):
@@ -80,6 +100,7 @@ class Source:
         self.audio = False
         self.time_base: Fraction | None = None
         self.pix_fmt: str | None = None  # the video's pixel format, e.g. yuv420p
+        self.said_orientation = False
         if self.path.is_dir():
             self.images = sorted((p for p in self.path.iterdir()
                                   if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
@@ -110,11 +131,12 @@ class Source:
             self.width, self.height = self.height, self.width
 
     def _read_image(self, path: Path) -> np.ndarray:
-        try:
-            with Image.open(path) as im:
-                return np.array(im.convert("RGB"))  # a writable copy, for torch
-        except (OSError, ValueError) as e:
-            raise VideoError(f"{path}: not a readable image ({e})") from e
+        im, orientation = open_image(path)
+        if orientation != 1 and not self.said_orientation:
+            print(f"input: {path}: {describe_orientation(orientation)} applied, as image "
+                  "viewers show it (said for the first such frame only)", file=sys.stderr)
+            self.said_orientation = True
+        return np.array(im.convert("RGB"))  # a writable copy, for torch
 
     def read(self) -> Iterator[Frame]:
         """The frames in order, upright; a decoding error, a frame of another size or a container
@@ -138,6 +160,52 @@ class Source:
                 raise VideoError(f"{self.path}: frame {i} is {rgb.shape[1]}x{rgb.shape[0]} "
                                  f"upright, not {self.width}x{self.height}")
             yield Frame(rgb, frame.pts)
+
+
+def describe_orientation(orientation: int) -> str:
+    return f"EXIF orientation {orientation} ({ORIENTATIONS[orientation]})"
+
+
+def open_image(path: Path) -> tuple[Image.Image, int]:
+    """The image at `path`, loaded and turned as an image viewer shows it, and the EXIF
+    orientation that was applied (1: none). VideoError naming the file for anything but a
+    regular file (a FIFO would block the open), an unreadable image, or an orientation tag
+    outside 1..8 (no viewer agrees on what it means)."""
+    try:
+        # Non-blocking: a FIFO opens at once instead of waiting for a writer, to be refused.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise VideoError(f"{path}: cannot be opened ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise VideoError(f"{path}: is {file_kind(mode)}, not a regular file; expected an "
+                             "image file (move it away or rename it)")
+        try:
+            with Image.open(f) as im:
+                im.load()
+                orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+                if orientation not in ORIENTATIONS:
+                    raise VideoError(
+                        f"{path}: its EXIF orientation tag (0x0112) is {orientation!r}, not one "
+                        "of 1..8, so how it is meant to be shown is unknown; expected a valid "
+                        "tag (re-save the image upright without it)")
+                return ImageOps.exif_transpose(im), orientation
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise VideoError(f"{path}: not a readable image ({e})") from None
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, for an error message."""
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
 
 
 def output_kind(path: Path) -> str:
@@ -210,10 +278,59 @@ def check_replaceable(path: Path, kind: str) -> None:
                           f"{others[0]!r}); name another output or remove them yourself")
 
 
-def _temp_name(path: Path) -> Path:
-    # Same folder (so the final rename is atomic), hidden, unique per process, same suffix
-    # (FFmpeg picks the container format from it).
-    return path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+def temp_name(path: Path, pid: int | None = None) -> Path:
+    """Where the output `path` is written until complete: the same folder (so the final rename
+    is atomic), hidden, unique per host and process, the same suffix (FFmpeg picks the
+    container format from it)."""
+    pid = os.getpid() if pid is None else pid
+    return path.with_name(f".{path.stem}.partial-{HOST}-{pid}{path.suffix}")
+
+
+def remove_stale_temporaries(path: Path) -> list[tuple[Path, int]]:
+    """Remove the temporaries of output `path` that runs killed outright (SIGKILL, the
+    out-of-memory killer) left, and return them with their process ids. Only those of this
+    host whose process is no longer running, and only what a sink writes (a video file; a
+    folder holding nothing but the frames marker and frames): never one of a live process, of
+    another host (it cannot be checked from here) or anything else under a similar name."""
+    prefix, suffix = f".{path.stem}.partial-{HOST}-", path.suffix
+    folder = path.absolute().parent
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []  # check_output refuses an unreadable folder before this matters
+    kind, removed = output_kind(path), []
+    for name in sorted(names):
+        if not (name.startswith(prefix) and name.endswith(suffix)):
+            continue
+        pid = name[len(prefix):len(name) - len(suffix)]
+        if not re.fullmatch(r"[0-9]+", pid) or _running(int(pid)):
+            continue
+        tmp = folder / name
+        try:
+            if kind == "video" and tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink()
+            elif kind == "frames":
+                check_replaceable(tmp, "frames")  # an empty folder or our own frames only
+                shutil.rmtree(tmp)
+            else:
+                continue
+        except (OSError, OutputError):
+            continue  # not ours, or removed meanwhile by another run: left as it is
+        removed.append((tmp, int(pid)))
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` of this host may be running (True when that cannot be told)."""
+    if pid == os.getpid():
+        return False  # this run has made no temporary yet: a dead process's, pid reused
+    try:
+        os.kill(pid, 0)  # signal 0: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        return True  # another user's process, or a pid beyond any system's: left alone
+    return True
 
 
 class FrameFolderSink:
@@ -222,9 +339,12 @@ class FrameFolderSink:
 
     def __init__(self, path: Path, overwrite: bool):
         self.path, self.overwrite = Path(path), overwrite
-        self.tmp = _temp_name(self.path)
+        self.tmp = temp_name(self.path)
         try:
-            self.tmp.mkdir()
+            self.tmp.mkdir()  # fails on anything already there, which is then left alone
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot write here ({e})") from e
+        try:
             (self.tmp / FRAMES_MARKER).write_text("frames written by tricolor-colorize\n")
         except OSError as e:
             self.abort()
@@ -258,7 +378,7 @@ class VideoSink:
                  time_base: Fraction | None, audio_from: Path | None, crf: int = DEFAULT_CRF,
                  pix_fmt: str | None = None, preset: str = DEFAULT_PRESET):
         self.path = Path(path)
-        self.tmp = _temp_name(self.path)
+        self.tmp = temp_name(self.path)
         self.fps = fps
         # Timestamps: the source's, in its time base, so variable frame rates and the sync
         # with the copied audio survive; for image folders 0, 1, 2, ... frame durations.

@@ -36,7 +36,7 @@ from inference.colorize import (
     output_complete,
     prepare,
 )
-from inference.video_io import Source
+from inference.video_io import FRAMES_MARKER, HOST, Source, temp_name
 from models import build_generator
 from models.config import ModelConfig
 from models.memory import memory_of
@@ -522,6 +522,90 @@ def test_sigterm_leaves_no_partial_file(tmp_path, grey_export):
     assert [p.name for p in tmp_path.iterdir()] == ["in.mp4"]
 
 
+def dead_pid() -> int:
+    """The id of a process that has ended (and been reaped): what a killed run leaves."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_sigkilled_runs_partial_output_is_removed_by_the_next_run(tmp_path, grey_export,
+                                                                    capsys):
+    """A real process killed outright while it writes: its hidden temporary stays (it cannot
+    clean up). The next run for the same output removes it and says so, but leaves those of a
+    running process, of another host and of another output, byte for byte."""
+    src = long_clip(tmp_path / "in.mp4", 300)
+    out = tmp_path / "out.mp4"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inference.colorize", "--model", str(grey_export), "--input",
+         str(src), "--output", str(out), "--size", "240", "--preset", "ultrafast"], env=env,
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = temp_name(out, proc.pid)
+    try:
+        deadline = time.monotonic() + 60
+        while not (partial.exists() and partial.stat().st_size > 0):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.returncode
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        proc.kill()
+    assert partial.is_file() and not out.exists()  # what the killed run left
+    sleeper = subprocess.Popen(["sleep", "120"])  # a run still writing, as far as it matters
+    try:
+        kept = {temp_name(out, sleeper.pid): b"being written",
+                tmp_path / f".out.partial-{HOST}x-{dead_pid()}.mp4": b"another host's",
+                temp_name(tmp_path / "other.mp4", dead_pid()): b"another output's",
+                temp_name(tmp_path / "out.mkv", dead_pid()): b"another container's"}
+        for path, data in kept.items():
+            path.write_bytes(data)
+        capsys.readouterr()
+        assert run("--model", grey_export, "--input", long_clip(tmp_path / "short.mp4", 3),
+                   "--output", out, "--size", 32) == 0
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    err = capsys.readouterr().err
+    assert f"removed {partial}: the partial output of process {proc.pid}, which was killed " \
+           "before it finished" in err
+    assert not partial.exists() and len(decode(out)) == 3
+    assert {path: path.read_bytes() for path in kept} == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["in.mp4", "short.mp4", "out.mp4", *(p.name for p in kept)])
+
+
+def test_a_dead_runs_partial_frames_folder_is_removed_unless_it_holds_anything_else(
+        tmp_path, grey_export, clip, capsys):
+    """Frames folders left by dead processes: one holding the marker and frames (what the
+    tool writes) is removed; one holding anything else is not the tool's to remove."""
+    out = tmp_path / "frames"
+    stale, foreign = temp_name(out, dead_pid()), temp_name(out, dead_pid())
+    for folder in (stale, foreign):
+        folder.mkdir()
+        (folder / FRAMES_MARKER).write_text("frames written by tricolor-colorize\n")
+        Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(folder / "frame_000000.png")
+    (foreign / "notes.txt").write_text("mine")
+    assert run("--model", grey_export, "--input", clip, "--output", out, "--size", 32) == 0
+    assert f"removed {stale}: the partial output of process" in capsys.readouterr().err
+    assert not stale.exists() and (foreign / "notes.txt").read_text() == "mine"
+    assert len(list(out.glob("frame_*.png"))) == 24
+
+
+def test_a_fifo_among_input_frames_is_refused(tmp_path, grey_export, clip, capsys):
+    """Only regular files are opened: a FIFO named like a frame would block the read."""
+    frames = tmp_path / "in"
+    frames.mkdir()
+    for i, rgb in enumerate(decode(clip)[:2]):
+        Image.fromarray(rgb).save(frames / f"{i:06d}.png")
+    os.mkfifo(frames / "000002.png")
+    assert run("--model", grey_export, "--input", frames, "--output", tmp_path / "out.mp4",
+               "--size", 32) == 1
+    assert f"{frames / '000002.png'}: is a FIFO (named pipe), not a regular file" in \
+        capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
 # --- model settings that do not describe the weights ----------------------------------------
 
 HUGE_NGF = """
@@ -741,6 +825,14 @@ def test_batch_plan_folder_list_and_clashing_names(tmp_path, monkeypatch):
     (src / "a" / "x.mov").write_bytes(b"")  # x.mov beside x.mp4 in a folder
     with pytest.raises(BatchError, match="written by two inputs"):
         batch_plan(src, out)
+    # one file under several spellings (absolute, `..`, a symbolic link of the same name or
+    # another): one video, colorized once under its first spelling
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.mp4").symlink_to(src / "a/x.mp4")
+    (tmp_path / "link.mp4").symlink_to(src / "a/x.mp4")
+    listing.write_text(f"in/a/x.mp4\n{src / 'a/x.mp4'}\nin/b/../a/x.mp4\nelsewhere/x.mp4\n"
+                       "link.mp4\n")
+    assert batch_plan(listing, tmp_path / "o") == [(Path("in/a/x.mp4"), tmp_path / "o/x.mp4")]
     listing.write_text("# nothing\n")
     with pytest.raises(BatchError, match="lists no videos"):
         batch_plan(listing, out)

@@ -165,3 +165,23 @@ def test_a_greyscale_video_is_marked_and_left_out_of_overall(tmp_path, grey_expo
     assert colour_v["methods"]["zero_chroma"]["psnr"] < 100
     for method in METHODS:  # overall: the colour video alone
         assert report["overall"][method] == pytest.approx(colour_v["methods"][method])
+
+
+def test_a_bad_keyframes_protocol_fails_before_the_model_or_videos_are_opened(
+        tmp_path, grey_export, videos, capsys):
+    """A mistyped protocol is the one error reported, at once: not the missing video's nor
+    the damaged model's (it was loaded first); nothing is written."""
+    damaged = tmp_path / "export"
+    damaged.mkdir()
+    (damaged / "generator.json").write_bytes((grey_export / "generator.json").read_bytes())
+    (damaged / "generator.safetensors").write_bytes(b"not weights" * 10)
+    out = tmp_path / "r.json"
+    assert run("--model", damaged, "--videos", tmp_path / "missing.mp4", "--json", out,
+               "--keyframes", "every:1") == 1
+    captured = capsys.readouterr()
+    assert captured.err == ("tricolor-eval: error: --keyframes 'every:1': expected none, first "
+                            "or every:N with N >= 2\n")
+    assert captured.out == "" and not out.exists()
+    # with a good protocol and a real video, the model's error: loading it fails
+    assert run("--model", damaged, "--videos", videos[0], "--keyframes", "first") == 1
+    assert "generator.safetensors cannot be loaded" in capsys.readouterr().err

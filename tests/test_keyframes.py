@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import cv2
@@ -24,8 +25,8 @@ from inference.colorize import Colorizer, compose_grey, prepare
 from inference.colorize import main as colorize_main
 from inference.evaluate import METHODS
 from inference.evaluate import main as evaluate_main
-from inference.keyframes import KeyframeFolder, TruthKeyframes
-from inference.video_io import FRAMES_MARKER, Source
+from inference.keyframes import KeyframeError, KeyframeFolder, TruthKeyframes, parse_frame_list
+from inference.video_io import FRAMES_MARKER, ORIENTATIONS, Source
 from models.colour import AB_SCALE
 
 SIZE = 24  # --size: 64x48 frames are worked on at 32x24
@@ -78,6 +79,23 @@ def keyframe_folder(folder: Path, images: dict[int | str, np.ndarray | bytes]) -
     return folder
 
 
+# How each EXIF orientation stores an image that a viewer shows as `upright` (the viewer
+# undoes it), written out from the EXIF specification's table rather than taken from Pillow.
+STORED = {1: lambda u: u, 2: np.fliplr, 3: lambda u: np.rot90(u, 2), 4: np.flipud,
+          5: lambda u: u.swapaxes(0, 1), 6: lambda u: np.rot90(u, 1),
+          7: lambda u: np.rot90(u, 2).swapaxes(0, 1), 8: lambda u: np.rot90(u, -1)}
+
+
+def exif_jpeg(path: Path, stored: np.ndarray, orientation: int) -> Path:
+    """A JPEG as a phone writes it: the pixels as stored and an EXIF orientation tag (near
+    lossless: quality 98, no chroma subsampling)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(np.ascontiguousarray(stored)).save(path, exif=exif, quality=98,
+                                                       subsampling=0)
+    return path
+
+
 def colourfulness(rgb: np.ndarray) -> float:
     """Hasler & Suesstrunk's M of an RGB uint8 frame: sigma_rgyb + 0.3 mu_rgyb."""
     R, G, B = np.moveaxis(rgb.astype(float), -1, 0)
@@ -101,6 +119,12 @@ def snapshot(folder: Path) -> dict[str, bytes | None]:
 def memory_export(tmp_path_factory) -> Path:
     """A tiny random grey-mode generator with colour memory (model.memory=true)."""
     return tiny_export(tmp_path_factory.mktemp("memory") / "export", memory=True)
+
+
+@pytest.fixture(scope="module")
+def lineart_export(tmp_path_factory) -> Path:
+    """A tiny random line-art generator: its output at a keyframe is the keyframe itself."""
+    return tiny_export(tmp_path_factory.mktemp("lineart") / "export", mode="lineart")
 
 
 @pytest.fixture(scope="module")
@@ -258,10 +282,40 @@ def test_a_keyframe_video_at_cuts_or_at_listed_frames(tmp_path, memory_export, t
             assert diff.mean() > 10, t  # measured: 54 or more
 
 
+def test_keyframe_images_are_read_as_a_viewer_shows_them(tmp_path, lineart_export, clip,
+                                                       clip_frames, capsys):
+    """Phone JPEGs stored mirrored, upside down or sideways with their EXIF orientation tag:
+    each is used as a viewer shows it (the line-art model's output at a keyframe is the
+    keyframe itself), and the tool says so in one line per image. Stored 48x64, the sideways
+    ones are not refused as another aspect."""
+    keyframes = tmp_path / "keyframes"
+    keyframes.mkdir()
+    upright, paths = {}, {}
+    for t, orientation in enumerate([2, 3, 5, 6, 7, 8]):
+        upright[t] = retint(clip_frames[t])
+        stored = STORED[orientation](upright[t])
+        paths[t] = exif_jpeg(keyframes / f"{t:06d}.jpg", stored, orientation)
+        assert stored.shape[:2] == ((48, 64) if orientation < 5 else (64, 48))
+    out = tmp_path / "out"
+    assert colorize("--model", lineart_export, "--input", clip, "--output", out, "--size", SIZE,
+                    "--keyframes", keyframes) == 0
+    err = capsys.readouterr().err
+    frames = read_frames(out)
+    for t, orientation in enumerate([2, 3, 5, 6, 7, 8]):
+        lines = [x for x in err.splitlines() if str(paths[t]) in x]
+        assert lines == [f"keyframes: {paths[t]}: EXIF orientation {orientation} ("
+                         f"{ORIENTATIONS[orientation]}) applied, as image viewers show it"], err
+        diff = np.abs(frames[t].astype(int) - upright[t])
+        assert diff.mean() < 1 and diff.max() <= 8, (t, diff.mean(), diff.max())  # JPEG
+        if orientation < 5:  # the stored pixels, not turned: far off
+            stored = np.asarray(Image.open(paths[t]).convert("RGB")).astype(int)
+            assert np.abs(frames[t].astype(int) - stored).mean() > 20, t
+
+
 def test_a_keyframe_copied_from_an_input_frame_lines_up_whatever_its_exif(tmp_path,
-                                                                         memory_export):
-    """Input frames are read without their EXIF orientation, so keyframes are too: a copy of
-    an input frame that carries a rotation tag is that frame, not a rotated one."""
+                                                                         memory_export, capsys):
+    """Input frames are read as a viewer shows them too, so a copy of an input frame that
+    carries a rotation tag is that frame as shown: both are turned, and they line up."""
     frames_dir, keyframes, out = tmp_path / "in", tmp_path / "kf", tmp_path / "out"
     frames_dir.mkdir(), keyframes.mkdir()
     exif = Image.Exif()
@@ -271,8 +325,41 @@ def test_a_keyframe_copied_from_an_input_frame_lines_up_whatever_its_exif(tmp_pa
     (keyframes / "000000.png").write_bytes((frames_dir / "000000.png").read_bytes())
     assert colorize("--model", memory_export, "--input", frames_dir, "--output", out,
                     "--size", SIZE, "--keyframes", keyframes) == 0
-    first = np.asarray(Image.open(frames_dir / "000000.png").convert("RGB")).astype(int)
-    assert np.abs(read_frames(out)[0].astype(int) - first).max() <= 1
+    err = capsys.readouterr().err
+    assert f"input: {frames_dir / '000000.png'}: EXIF orientation 3 (turned 180°) applied" in err
+    assert f"keyframes: {keyframes / '000000.png'}: EXIF orientation 3 (turned 180°) applied" \
+        in err
+    stored = np.asarray(Image.open(frames_dir / "000000.png").convert("RGB")).astype(int)
+    assert np.abs(read_frames(out)[0].astype(int) - np.rot90(stored, 2)).max() <= 1
+
+
+def test_an_opaque_alpha_channel_is_fine(tmp_path):
+    """RGBA and palette images whose every pixel is opaque are their colour; only pixels a
+    viewer would hide are refused (see the bad keyframes)."""
+    colour = retint(textured_frames(1, 64, 48, seed=3)[0])
+    rgba = np.dstack([colour, np.full((48, 64), 255, np.uint8)])
+    palette = Image.fromarray(colour).quantize(16)
+    folder = keyframe_folder(tmp_path / "kf", {0: rgba})
+    palette.save(folder / "000001.png", transparency=255)  # an index no pixel uses
+    assert palette.getextrema()[1] < 255
+    frames = KeyframeFolder(folder, 64, 48, 6).frames
+    assert np.array_equal(frames[0], colour)
+    assert np.array_equal(frames[1], np.asarray(palette.convert("RGB")))
+
+
+@pytest.mark.parametrize("text, frames", [("0,120,240", [0, 120, 240]), ("7", [7]),
+                                          (" 3, 1 ,3", [1, 3]), ("0012", [12])])
+def test_frame_lists_of_plain_decimal_indices(text, frames):
+    assert parse_frame_list(text) == frames
+
+
+@pytest.mark.parametrize("text", ["0_1", "+1", "-1", "1.0", "0x10", "١", "１", "1,,2", "1,",
+                                  "", "1e2"])
+def test_frame_lists_refuse_anything_else(text):
+    """int() takes "0_1" (as 1), "+1", "١" and "１"; a frame list does not."""
+    with pytest.raises(KeyframeError, match="is not a frame index; expected plain decimal "
+                       "indices separated by commas"):
+        parse_frame_list(text)
 
 
 def test_at_cuts_a_scene_start_without_colour_is_skipped(tmp_path, memory_export, two_scenes,
@@ -325,7 +412,51 @@ def bad_keyframes(tmp_path_factory, clip, clip_frames) -> dict:
     grey_video = write_clip(tmp / "grey.mp4", [greyscale(f) for f in clip_frames], audio=False)
     clip_ts = write_clip(tmp / "clip.ts", clip_frames, audio=False)  # length unknown
     long_ts = write_clip(tmp / "long.ts", clip_frames + clip_frames[:2], audio=False)
+    # A phone photo tagged "turn 90°" whose stored pixels have the input's aspect: as shown,
+    # portrait; and a tag outside the specification's 1..8.
+    sideways, sideways_dir = folder("sideways", {})
+    exif_jpeg(sideways_dir / "000001.jpg", colour, 6)
+    bad_tag, bad_tag_dir = folder("bad-tag", {})
+    exif_jpeg(bad_tag_dir / "000001.jpg", colour, 9)
+    # Transparent pixels whose hidden colour is bright red: RGBA, and a palette's tRNS.
+    rgba = np.dstack([colour, np.full((48, 64), 255, np.uint8)])
+    rgba[:2, :5] = (255, 0, 0, 0)
+    transparent, transparent_dir = folder("transparent", {1: rgba})
+    palette_dir = tmp / "palette"
+    palette_dir.mkdir()
+    Image.fromarray(colour).quantize(16).save(palette_dir / "000001.png", transparency=0)
+    fifo, fifo_dir = folder("fifo", {0: colour})
+    os.mkfifo(fifo_dir / "000001.png")  # opening it to read would wait for a writer
+    fifo_video = tmp / "graded.mp4"
+    os.mkfifo(fifo_video)
+    digits, digits_dir = folder("digits", {"\u0661.png": colour})  # Arabic-Indic 1: int() takes it
     return {
+        "EXIF orientation of another aspect": (
+            "memory", clip, sideways,
+            [str(sideways_dir / "000001.jpg"), "is 48x64 as shown, after its EXIF orientation 6 "
+             "(turned 90° clockwise), the input 64x48: another aspect ratio"]),
+        "EXIF orientation outside 1..8": (
+            "memory", clip, bad_tag,
+            [str(bad_tag_dir / "000001.jpg"), "EXIF orientation tag (0x0112) is 9, not one of "
+             "1..8", "expected a valid tag"]),
+        "transparent pixels": ("memory", clip, transparent,
+                               [str(transparent_dir / "000001.png"), "10 of 3072 pixels are "
+                                "not opaque", "expected an opaque image"]),
+        "transparent palette entry": ("memory", clip, ["--keyframes", palette_dir],
+                                      [str(palette_dir / "000001.png"), "pixels are not opaque",
+                                       "expected an opaque image"]),
+        "a FIFO named like a keyframe": ("memory", clip, fifo,
+                                         [str(fifo_dir / "000001.png"), "is a FIFO (named pipe), "
+                                          "not a regular file; expected an image file"]),
+        "a FIFO as the keyframe video": ("memory", clip, ["--keyframes", fifo_video,
+                                                          "--keyframe-frames", "0"],
+                                         [str(fifo_video), "is a FIFO (named pipe), not a "
+                                          "regular file; expected a colour video file"]),
+        "frame list 0_1": ("memory", clip, ["--keyframes", clip, "--keyframe-frames", "0_1"],
+                           ["--keyframe-frames '0_1': '0_1' is not a frame index; expected "
+                            "plain decimal indices"]),
+        "index in other digits": ("memory", clip, digits,
+                                  [str(digits_dir / "\u0661.png"), "not named by a frame index"]),
         "video longer, length unknown": ("memory", clip, ["--keyframes", long_ts,
                                                           "--keyframe-at-cuts"],
                                          [f"{long_ts}: longer than the input (6 frames)",
@@ -381,9 +512,13 @@ BAD_CASES = ["another aspect", "index past the end", "index past the end, length
              "video frame past the end", "model without memory", "greyscale image",
              "greyscale video frame", "unreadable image", "video shorter",
              "video shorter, length unknown", "video longer, length unknown",
-             "not named by an index", "two for one frame", "a folder at cuts"]
+             "not named by an index", "two for one frame", "a folder at cuts",
+             "EXIF orientation of another aspect", "EXIF orientation outside 1..8",
+             "transparent pixels", "transparent palette entry", "a FIFO named like a keyframe",
+             "a FIFO as the keyframe video", "frame list 0_1", "index in other digits"]
 
 
+@pytest.mark.timeout(120)  # a FIFO opened for reading would otherwise block until the 600 s
 @pytest.mark.parametrize("output", ["out.mp4", "frames"])
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_a_bad_keyframe_is_an_error_that_leaves_no_output(

@@ -290,3 +290,32 @@ def test_colorize_array_skips_complete_outputs_and_names_failures(slurm, tmp_pat
     assert f"colorizing {videos[1]} -> {results[1]}" in logs, logs
     assert "task 1 of 2: 0 colorized, 2 skipped (already complete), 0 failed" in logs, logs
     assert "task 0 of 2: 1 colorized, 0 skipped (already complete), 1 failed" in logs, logs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_colorize_array_takes_a_video_listed_under_several_spellings_once(slurm, tmp_path):
+    """One file listed as an absolute path, through `..` and through a symbolic link of the
+    same name elsewhere: one video, not three inputs for one output name (which would fail
+    every task before any work). Colorized once, by one task; the other has nothing to do."""
+    tiny_export(tmp_path / "run" / "export")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "other").mkdir()
+    video = write_video(tmp_path / "in" / "v.mp4", textured_frames(6, 64, 48, seed=7))
+    (tmp_path / "other" / "v.mp4").symlink_to(video)
+    listing = tmp_path / "videos.txt"
+    listing.write_text(f"{video}\n{tmp_path}/other/../in/v.mp4\n{tmp_path}/other/v.mp4\n")
+    out, work = tmp_path / "out", tmp_path / "logs"
+    work.mkdir()
+    job = slurm.sbatch(
+        "--array=0-1", "--cpus-per-task=1", "--mem=1G", f"--output={work}/%x-%A_%a.log",
+        "slurm/colorize.sbatch", str(tmp_path / "run"), str(listing), str(out),
+        "--size", "32", "--preset", "ultrafast",
+        env={**BATCH_ENV, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+    tasks = {t["ArrayTaskId"]: t for t in slurm.wait_finished(job, timeout=200)}
+    logs = colorize_logs(work)
+    for t in ("0", "1"):
+        assert (tasks[t]["JobState"], tasks[t]["ExitCode"]) == ("COMPLETED", "0:0"), logs
+    assert logs.count("colorizing ") == 1 and f"colorizing {video} -> {out / 'v.mp4'}" in logs
+    assert sorted(p.name for p in out.iterdir()) == ["v.mp4"], logs
+    assert len(decode(out / "v.mp4")) == 6
