@@ -321,10 +321,14 @@ def mean_over(values: list[dict[str, float]]) -> dict[str, float]:
         not math.isnan(v[k]) for v in values) else float("nan") for k in keys}
 
 
-def copy_row(variant: str) -> str:
-    """The row of tricolor-eval's keyframe_copy baseline (the keyframe pasted on later
-    frames; no model), one per mode."""
-    return "keyframe copy (line art)" if variant in LINEART else "keyframe copy (grey)"
+# tricolor-eval's baselines under a keyframe protocol (no model): method -> row name
+KEYFRAME_BASELINES = {"keyframe_copy": "keyframe copy", "keyframe_flow": "keyframe flow"}
+
+
+def baseline_row(variant: str, method: str = "keyframe_copy") -> str:
+    """The row of one of tricolor-eval's keyframe baselines, one per mode."""
+    mode = "line art" if variant in LINEART else "grey"
+    return f"{KEYFRAME_BASELINES[method]} ({mode})"
 
 
 def eval_reports(results: list[dict]) -> Iterator[tuple[dict, str, dict]]:
@@ -339,10 +343,11 @@ def eval_reports(results: list[dict]) -> Iterator[tuple[dict, str, dict]]:
         if r.get("eval_keyframes"):
             report = json.loads(Path(r["eval_keyframes"]).read_text())
             yield r, r["variant"] + KF, report
-            row = copy_row(r["variant"])
-            if row not in copies and "keyframe_copy" in report["videos"][0]["methods"]:
-                copies.add(row)
-                yield {**r, "seed": 0}, row, as_model(report, "keyframe_copy")
+            for method in KEYFRAME_BASELINES:
+                row = baseline_row(r["variant"], method)
+                if row not in copies and method in report["videos"][0]["methods"]:
+                    copies.add(row)
+                    yield {**r, "seed": 0}, row, as_model(report, method)
 
 
 def as_model(report: dict, method: str) -> dict:
@@ -360,8 +365,8 @@ def row_names(names: list[str]) -> list[str]:
     rows = []
     for n in names:
         rows += [n, n + KF]
-        if not any(copy_row(m) == copy_row(n) for m in names[names.index(n) + 1:]):
-            rows.append(copy_row(n))
+        if not any(baseline_row(m) == baseline_row(n) for m in names[names.index(n) + 1:]):
+            rows += [baseline_row(n, method) for method in KEYFRAME_BASELINES]
     return rows
 
 
@@ -621,7 +626,7 @@ def targets(summary: dict, drifts: dict, names: list[str]) -> list[str]:
     memory_rows = [r for r in memory_rows if r.removesuffix(KF) in MEMORY]
     for n in memory_rows:
         change = mean_of(drifts[n]["change"])
-        copy = drifts.get(copy_row(n.removesuffix(KF))) if n.endswith(KF) else None
+        copy = drifts.get(baseline_row(n.removesuffix(KF))) if n.endswith(KF) else None
         beside = (f"; the keyframe copy, no model: {mean_of(copy['change']):+.2f} dB"
                   if copy else "")
         lines.append(f"- no drift, {n}: last {DRIFT_WINDOW} − first {DRIFT_WINDOW} frames of "
@@ -803,6 +808,8 @@ def write_report(results: list[dict], data: dict, args, info: dict, docs: Path) 
                   "of every scene is given, carried on by a colour memory, only pasted in by a "
                   "model without one; the given frames are left out of the per-frame scores). "
                   "`keyframe copy`: the scene's keyframe pasted on every later frame, no "
+                  "model; `keyframe flow`: the keyframe sampled through DIS flow chained back "
+                  "to it (models/anchor.py), pasted in place where the chain is lost, no "
                   "model. Unmarked rows: automatic, no colour given."]
     for proto, paths in data["protocols"].items():
         title = PROTOCOL_TITLES.get(proto, proto).format(

@@ -29,10 +29,13 @@ protocol; for a model without colour memory the given frames are only pasted in 
 nothing carries them on). A given frame is left out of the per-frame scores (PSNR, SSIM, CIEDE2000,
 colourfulness), so it does not flatter them, and kept in the temporal ones (CDC, warp), where
 a jump out of it shows. Each video's JSON has `psnr_by_frame`, per method each frame's
-PSNR (null at given frames): the drift curve. Under a keyframe protocol one more baseline,
-`keyframe_copy`: the scene's last keyframe pasted on every later frame (its a,b on the
-frame's own L in grey mode, the keyframe itself in line art): propagation that ignores
-motion.
+PSNR (null at given frames): the drift curve. Under a keyframe protocol two more baselines,
+neither using the model: `keyframe_copy`, the scene's last keyframe pasted on every later
+frame (its a,b on the frame's own L in grey mode, the keyframe itself in line art), which
+ignores motion; and `keyframe_flow`, the same keyframe sampled once through the anchor track
+(models/anchor.py: DIS flow on the input chained back to the keyframe, pasted in place where
+the chain is lost). Its flow is DIS on the input, the warp metric's is Farnebäck on the
+truth: the metric does not score a method with its own flow.
 
 A greyscale video (every scored frame grey) has no colour to score against: it is reported
 with a warning and `"greyscale": true`, its zero-chroma baseline (the truth itself) left
@@ -70,12 +73,14 @@ from inference.colorize import (
 )
 from inference.keyframes import KeyframeError, TruthKeyframes
 from inference.video_io import Frame, OutputError, Source
+from models.anchor import AnchorTrack, flow_input
 from shards.atomic import write_json_atomic
 from shards.video import VideoError, find_videos
 from trainer.metrics import VideoScores, rgb_to_cielab
 
 METHODS = ("model", "per_frame", "zero_chroma")
 KEYFRAME_COPY = "keyframe_copy"  # under a keyframe protocol: the last keyframe, pasted on
+KEYFRAME_FLOW = "keyframe_flow"  # ... and sampled through the anchor track (models/anchor.py)
 AUTOMATIC = "automatic: no colour given"
 CONVENTIONS = (
     "RGB in [0, 1] at each video's own resolution, 8-bit frames as decoded / written; "
@@ -122,11 +127,12 @@ def score_video(path: Path, model: Model, per_frame: Model, device: torch.device
         items = keyframes(items)
     items = Colorizer(model, args.batch_size)(items, "model")
     items = Colorizer(per_frame, args.batch_size)(items, "per_frame")
-    methods = [*METHODS, *([KEYFRAME_COPY] if keyframes is not None else [])]
+    methods = [*METHODS, *([KEYFRAME_COPY, KEYFRAME_FLOW] if keyframes is not None else [])]
     scores = VideoScores(methods)
     scenes, greyscale, given = 0, True, []
     zero_ab = torch.zeros(2, 1, 1, device=device)
     copied, scene = None, None  # the scene's last keyframe, as the copy baseline pastes it
+    track = AnchorTrack()  # where each pixel lies in that keyframe
     for item in tqdm(items, total=total or None, unit="frame", desc=path.name,
                      file=sys.stderr, dynamic_ncols=True):
         truth = to_tensor(item.rgb)
@@ -139,11 +145,16 @@ def score_video(path: Path, model: Model, per_frame: Model, device: torch.device
             given.append(item.index)
         if keyframes is not None:
             if item.scene != scene:
-                copied, scene = None, item.scene
+                copied, scene, track = None, item.scene, AnchorTrack()
+            grey_input = flow_input(item.cond[0].cpu().numpy(), model.mode)
             if item.keyframe is not None:  # its a,b (grey mode), or itself (line art: no L)
                 copied = (keyframe_colour(item, "grey") if model.mode == "grey"
                           else to_tensor(item.keyframe))
+                track.start(grey_input)
+            elif track.started:
+                track.step(grey_input)
             preds[KEYFRAME_COPY] = to_tensor(paste(item, copied, model.mode))
+            preds[KEYFRAME_FLOW] = to_tensor(paste(item, copied, model.mode, track))
         scores.update(truth, grey, preds, scored)
         scenes = item.scene + 1
         greyscale = greyscale and is_greyscale(item.rgb)
@@ -165,11 +176,18 @@ def score_video(path: Path, model: Model, per_frame: Model, device: torch.device
             "psnr_by_frame": scores.psnr_by_frame()}
 
 
-def paste(item, copied: torch.Tensor | None, mode: str) -> np.ndarray:
+def paste(item, copied: torch.Tensor | None, mode: str,
+          track: AnchorTrack | None = None) -> np.ndarray:
     """The copy baseline's frame: the keyframe's colour on this frame's L (grey mode) or the
-    keyframe itself (line art); before any keyframe of the scene, zero chroma / grey."""
+    keyframe itself (line art); before any keyframe of the scene, zero chroma / grey. With
+    `track`, the flow baseline's: the keyframe sampled where each pixel came from (pasted in
+    place where the track lost it)."""
     if copied is None:
         return compose_grey(item.rgb, torch.zeros(2, 1, 1))
+    if track is not None:
+        height, width = item.rgb.shape[:2]
+        colour, _ = track.sample(copied.permute(1, 2, 0).cpu().numpy(), height, width)
+        copied = torch.from_numpy(colour).permute(2, 0, 1)
     if mode == "grey":
         return compose_grey(item.rgb, copied)
     return (copied * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()

@@ -618,6 +618,20 @@ def test_eval_keyframe_copy_pastes_the_scenes_keyframe_on_its_later_frames(
     assert first["overall"]["keyframe_copy"]["psnr"] > first["overall"]["zero_chroma"]["psnr"]
 
 
+def test_eval_keyframe_flow_follows_the_motion_that_keyframe_copy_ignores(
+        tmp_path, memory_export, eval_video, capsys):
+    """The scenes drift 2 px a frame: the keyframe sampled through the chained flow lines up
+    with each later frame, the pasted one does not; both are scored the same way."""
+    report, table = eval_report(tmp_path, memory_export, eval_video, "first", capsys)
+    assert "keyframe_flow" in table
+    (video,) = report["videos"]
+    flow, copy = video["psnr_by_frame"]["keyframe_flow"], video["psnr_by_frame"]["keyframe_copy"]
+    assert [t for t, x in enumerate(flow) if x is None] == [0, 6]
+    later = [t for t in range(12) if t not in (0, 6)]
+    assert sum(flow[t] > copy[t] for t in later) >= len(later) - 1
+    assert report["overall"]["keyframe_flow"]["psnr"] > report["overall"]["keyframe_copy"]["psnr"]
+
+
 def test_eval_every_n_gives_every_n_th_frame(tmp_path, memory_export, eval_video, capsys):
     report, table = eval_report(tmp_path, memory_export, eval_video, "every:4", capsys)
     assert report["keyframes"] == "every:4" and "every 4-th frame" in report["protocol"]
