@@ -10,7 +10,7 @@ EXTRAS ?= dev,demo,bench,deepspeed$(shell [ "$$(uname -sm)" = "Linux x86_64" ] &
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 
-.PHONY: install demo test lint bench quality clean gpu-check gpu-wheels
+.PHONY: install demo test test-fast lint bench quality clean gpu-check gpu-wheels
 
 install: $(STAMP)
 
@@ -54,6 +54,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	OMP_NUM_THREADS=1 $(PY) -m pytest
+
+# The suite without the end-to-end tests marked `slow`: for the edit-test loop, not for CI.
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow"
 
 # The three benchmarks of docs/benchmarks.md, each a table on stdout (saved as .md) and JSON, in
 # $(BENCH_OUT)/. On a CPU host about 12 minutes on 2 cores; on a GPU host the full grids.
