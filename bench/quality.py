@@ -46,7 +46,7 @@ V0, DEMO, SEED = "configs/demo_v0.yaml", "configs/demo.yaml", "configs/seed_reci
 # name: (preset, overrides, what it is). One line per variant; the recipe options are each
 # tried alone on top of today's recipe (demo_v0), so each row measures one change.
 VARIANTS: dict[str, tuple[str, list[str], str]] = {
-    "demo_v0": (V0, [], "today's recipe (configs/demo.yaml before issue 15), frozen"),
+    "demo_v0": (V0, [], "the demo recipe before the zero-initialized head and EMA, frozen"),
     "default": (DEMO, [], "configs/demo.yaml as it is now (demo_v0 + zero_init_head)"),
     "per_frame": (DEMO, ["model.temporal=false", "model.memory=false"],
                   "default recipe, G sees frame t only (no neighbours, no memory)"),
@@ -96,8 +96,8 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
                         "line-art control: G never gets a previous colour"),
 }
 MULTI_SEED = {"no_memory", "memory"}  # trained --seeds times; the others once (seed 0)
-# What `make quality` runs: the rows issue 16 asks for (colour memory or not, line art with
-# memory and its control; each memory row also under the keyframe protocol). Issue 15's rows
+# What `make quality` runs: colour memory or not, line art with memory and its control; each
+# memory row also under the keyframe protocol. The recipe options' rows
 # (demo_v0, seed_recipe, adv_warmup, chroma_loss, crop_x2) and the other candidates are run
 # with `--variants`; their figures: docs/quality-explored.md.
 DEFAULT_VARIANTS = ["no_memory", "memory", "per_frame", "temporal", "temporal_memory",
@@ -756,7 +756,7 @@ def write_report(results: list[dict], data: dict, args, info: dict, docs: Path) 
                   "30 of the recurrence (G gets its own previous output; no memory at frame 0)"
                   f"{notes[-1]}.*", ""]
     lines += [
-        "Variants measured outside this run (issue 15's recipe options and candidates, the "
+        "Variants measured outside this run (the recipe options and candidates, the "
         "colour-memory designs that did not hold up): "
         "[quality-explored.md](quality-explored.md).",
         "",

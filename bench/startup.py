@@ -1,4 +1,4 @@
-"""Start-up time of the data loaders against the number of shards (issue 18, finding X1).
+"""Start-up time of the data loaders against the number of shards.
 
     python -m bench.startup [--shards 10 1000] [--samples-per-shard 2] [--rounds 3]
                             [--code before=/tmp/before] [--json PATH] [--keep DIR]

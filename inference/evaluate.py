@@ -14,7 +14,7 @@ against the original at the original's resolution, next to two baselines made th
   (`temporal=False`: GreyUNet sees frame t in place of t-1 and t+1; LineartUNet never gets a
   colour hint), the ablation that shows what the temporal input buys.
 
-Metrics (`trainer.metrics.VideoScores`; definitions in shared/docs/metrics.md), per video:
+Metrics (`trainer.metrics.VideoScores`, where each is defined), per video:
 PSNR and SSIM on RGB in [0, 1]; CDC (dilations {1, 2, 4}) with the ground truth's own CDC as
 the floor; the Farnebäck warp error (flow on the original's L, the same flows for every
 method) with the ground truth's as the floor, and the excess over it; colourfulness

@@ -1,7 +1,7 @@
 """A throw-away Slurm cluster on this machine, for tests/test_slurm.py.
 
 Debian's `slurmctld slurmd slurm-client munge` (installed with apt-get when missing), run as
-root from one temporary directory, following ../shared/docs/slurm-ci-recipe.md: a private
+root from one temporary directory: a private
 munged (never the system one, which another cluster on the machine may share), no cgroups
 (proctrack/linuxproc, task/none), emulated nodes n1..nN as one slurmd each on this host, free
 ports, and `cred_expire=10` so a requeued job may start again after seconds instead of two

@@ -791,7 +791,7 @@ def test_a_line_art_export_from_before_the_memory_generator_is_refused_by_name(t
 
     export = tiny_export(tmp_path / "export", mode="lineart")
     meta = json.loads((export / "generator.json").read_text())
-    del meta["model"]["memory"]  # what exports made before issue 16 hold
+    del meta["model"]["memory"]  # what exports made before colour memory hold
     (export / "generator.json").write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="line-art export made before the colour-memory"):
         load_model(export, torch.device("cpu"))

@@ -137,7 +137,7 @@ def test_the_loop_reads_the_device_only_at_log_and_stop_agreement_steps(counted)
 
 
 def test_train_step_reads_nothing_from_the_device(counted):
-    """The step's skip decision stays on the device (issue 18, H1: trainer/step.py)."""
+    """The step's skip decision stays on the device (trainer/step.py)."""
     inside = {step: reads["step"] for step, reads in enumerate(counted, start=1)}
     assert all(reads == [] for reads in inside.values()), inside
 

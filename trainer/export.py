@@ -20,7 +20,7 @@ from torch import nn
 from models import build_generator, has_memory
 from models.config import ModelConfig
 
-# /2: the generator with the first seed's widths (2026-11-30); a /1 export holds the earlier
+# /2: the generator with the 3-frame GAN's widths; a /1 export holds the earlier, narrower
 # generator, whose weights do not fit it, and is refused by name.
 EXPORT_FORMAT = "tricolor-generator/2"
 # Frame sides must be multiples of 2**depth: beyond 16 (65536 pixels) no frame fits, and a
@@ -50,7 +50,7 @@ def load_generator(export_dir: Path) -> tuple[nn.Module, dict]:
         raise ValueError(f"{export_dir / 'generator.json'}: not a {EXPORT_FORMAT} export")
     if meta["model"].get("mode") == "lineart" and "memory" not in meta["model"]:
         raise ValueError(f"{export_dir / 'generator.json'}: a line-art export made before the "
-                         "colour-memory generator (issue 16): its weights do not fit this "
+                         "colour-memory generator: its weights do not fit this "
                          "version's line-art G; export it with that version, or retrain")
     cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), meta["model"])
     weights = export_dir / "generator.safetensors"

@@ -1,7 +1,7 @@
 """Colorization metrics: PSNR, SSIM, CDC and warp error (validation, reduced across ranks by
 torchmetrics), colourfulness and CIEDE2000, and whole-video scores for `tricolor-eval`.
 
-The definitions are those of `../shared/docs/metrics.md`; the conventions it leaves open:
+The definitions follow the papers named at each metric; the conventions they leave open:
 
 - A *clip* is one batch item: T consecutive frames [T, 3, H, W] (T = 3 in validation). Every
   metric is computed per clip, then averaged over clips. Only sums and counts are kept as state
@@ -212,7 +212,7 @@ class ColorizationMetrics(Metric):
     clips).
 
     Farnebäck flow (when no stored flow is given) is computed on the CPU, the slow part of a
-    validation at large crops (../shared/docs/gpu-review.md X5). Given `keys` (the batch's
+    validation at large crops. Given `keys` (the batch's
     sample keys), the flows of each sample are computed once and kept, on the host, for later
     updates and validations: they depend only on the sample's grey frames, which are the same
     at every validation (centre crop, no flip or jitter: trainer/validate.py). A sample costs

@@ -2,7 +2,7 @@
 
 `torch.nn.SyncBatchNorm` all-gathers per-rank statistics and then filters out empty ranks with
 `count_all[mask]`, a boolean index that blocks the host until the GPU catches up: 14 host syncs
-per step in our generator (../shared/docs/gpu-review.md S1/S2). It also refuses CPU tensors, so
+per step in our generator. It also refuses CPU tensors, so
 CPU ranks would normalize per rank. `SyncBatchNorm2d` instead all-reduces one small stacked
 tensor per call and never reads a value on the host.
 

@@ -29,7 +29,7 @@ def rgb_to_lab_triplets(frames: Tensor) -> Tensor:
 # Canny's hysteresis rounds: a weak edge pixel joins the line when one of its 8 neighbours is on
 # it, so each round reaches one pixel further along a weak chain from its strong pixels. kornia
 # repeats rounds until nothing changes, reading `.any()` on the host each round (tens to hundreds
-# of syncs per batch, ../shared/docs/gpu-review.md D1); a fixed count needs none. 64 rounds equal
+# of syncs per batch, each a stall of the GPU queue); a fixed count needs none. 64 rounds equal
 # kornia on every frame sampled from the bundled clips at 128^2 (84 frames of bunny, bikes and
 # carphone: 0 pixels differ; the longest chain needed 46 rounds). At 480^2 (33 frames) chains
 # run up to 139 rounds: bunny 0 pixels differ, carphone 1.9e-5 of the pixels, bikes 7.5e-5 (at
