@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import os
 import signal
@@ -84,7 +83,6 @@ from pathlib import Path
 
 import av
 import cv2
-import kornia
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -115,19 +113,23 @@ from inference.video_io import (
     output_kind,
     remove_stale_temporaries,
 )
-from models.colour import AB_SCALE
+from models.colour import (
+    CANNY_HIGH,
+    CANNY_LOW,
+    compose_grey,
+    lab_to_uint8,
+    line_art,
+    resize,
+    rgb_to_lab_triplets,
+    to_uint8,
+)
 from models.memory import memory_of, no_memory_like
 from shards.scenes import SceneCuts
 from shards.video import VIDEO_SUFFIXES, VideoError, open_video
-from trainer.config import DataConfig
-from trainer.data.transforms import line_art, rgb_to_lab_triplets
 from trainer.export import load_generator
-from trainer.validate import lab_to_rgb
 
 DEFAULT_SHORT_SIDE = 256  # when the run does not say: `tricolor-shards build`'s default
 SCENE_THRESHOLD = 27.0  # `tricolor-shards build --scene-threshold` default
-# The Y row of kornia's sRGB (D65) -> XYZ matrix: luminance from linear RGB.
-LUMINANCE = (0.212671, 0.715160, 0.072169)
 
 
 class ModelError(Exception):
@@ -176,7 +178,7 @@ def find_export(path: Path) -> Path:
 def training_settings(export_dir: Path) -> tuple[int | None, str, tuple[float, float]]:
     """(short side of the training frames, where it came from, Canny thresholds), read from
     the run's resolved `config.yaml` beside `export/` and its shards' `manifest.json`."""
-    canny = (DataConfig.canny_low, DataConfig.canny_high)
+    canny = (CANNY_LOW, CANNY_HIGH)
     cfg_path = export_dir.parent / "config.yaml"
     if not cfg_path.is_file():
         return None, f"no run config.yaml beside {export_dir}", canny
@@ -269,68 +271,13 @@ def prepare(frames: Iterable, size: tuple[int, int], model: Model, device: torch
         yield Item(index, frame.rgb, frame.pts, scene, cond)
 
 
-def _to_uint8(rgb: Tensor) -> np.ndarray:
-    """RGB [3, H, W] in [0, 1] -> uint8 [H, W, 3] on the host."""
-    return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-
-
-def _resize(x: Tensor, height: int, width: int) -> Tensor:
-    """[C, h, w] -> [C, height, width], bilinear (area-weighted where it shrinks)."""
-    if x.shape[-2:] == (height, width):
-        return x.float()
-    return F.interpolate(x[None].float(), (height, width), mode="bilinear",
-                         align_corners=False, antialias=True)[0]
-
-
-@functools.lru_cache(maxsize=4)
-def _srgb_to_linear_lut(device: torch.device) -> Tensor:
-    """kornia's sRGB -> linear RGB of the 256 8-bit levels, to index with uint8 frames."""
-    levels = (torch.arange(256, device=device, dtype=torch.float32) / 255).view(1, 256, 1)
-    return kornia.color.rgb_to_linear_rgb(levels.expand(3, -1, -1))[0, :, 0]
-
-
-@torch.inference_mode()
-def compose_grey(rgb: np.ndarray, ab: Tensor) -> np.ndarray:
-    """The input frame's full-resolution luminance with G's chroma.
-
-    rgb: uint8 [H, W, 3] (its L is kept); ab: normalized a,b [2, h, w] at the working
-    resolution (zeros: the greyscale frame itself). The colour (L, a, b) goes to XYZ as
-    kornia's `lab_to_rgb` takes it (same constants), except that Y is the input's own
-    luminance rather than one recomputed from L. Out-of-gamut colours are then pulled
-    towards the grey of the same luminance along a line in linear RGB, Y + s (c - Y), with
-    the largest s in [0, 1] that fits: Y, hence L, is unchanged.
-    """
-    device = ab.device
-    lin = _srgb_to_linear_lut(device)[torch.from_numpy(rgb).to(device).long()]  # [H, W, 3]
-    Y = lin @ torch.tensor(LUMINANCE, device=device)  # [H, W]
-    H, W = Y.shape
-    a, b = (_resize(ab, H, W) * AB_SCALE).unbind(0)
-    # kornia's Lab: f(t) = t^(1/3) above 0.008856, else 7.787 t + 4/29; L = 116 f(Y) - 16.
-    fy = torch.where(Y > 0.008856, Y.clamp(min=0.008856).pow(1 / 3), 7.787 * Y + 4 / 29)
-    fxz = torch.stack([fy + a / 500, (fy - b / 200).clamp(min=0)])
-    x, z = torch.where(fxz > 0.2068966, fxz.pow(3), (fxz - 4 / 29) / 7.787).unbind(0)
-    xyz = torch.stack([x * 0.95047, Y, z * 1.08883])
-    d = kornia.color.xyz_to_rgb(xyz) - Y  # [3, H, W], linear RGB minus the grey
-    inf = torch.full_like(d, float("inf"))
-    room = torch.where(d > 0, (1 - Y) / d.clamp(min=1e-12),
-                       torch.where(d < 0, Y / (-d).clamp(min=1e-12), inf))
-    s = room.amin(dim=0).clamp(max=1)
-    return _to_uint8(kornia.color.linear_rgb_to_rgb((Y + s * d).clamp(0, 1)))
-
-
-@torch.inference_mode()
-def lab_to_uint8(lab: Tensor, height: int, width: int) -> np.ndarray:
-    """G's normalized Lab [3, h, w] -> RGB uint8 [height, width, 3] (line-art mode)."""
-    return _to_uint8(lab_to_rgb(_resize(lab, height, width)))
-
-
 def condition_image(item: Item, mode: str) -> np.ndarray:
     """What G was given, at full resolution, for --side-by-side: the greyscale frame, or the
     line art (upsampled)."""
     if mode == "grey":
         return compose_grey(item.rgb, torch.zeros(2, 1, 1, device=item.cond.device))
     H, W = item.rgb.shape[:2]
-    return _to_uint8(((_resize(item.cond, H, W) + 1) / 2).expand(3, -1, -1))
+    return to_uint8(((resize(item.cond, H, W) + 1) / 2).expand(3, -1, -1))
 
 
 class Colorizer:

@@ -63,7 +63,6 @@ from inference.colorize import (
     Colorizer,
     Model,
     ModelError,
-    compose_grey,
     is_greyscale,
     keyframe_colour,
     load_model,
@@ -74,9 +73,10 @@ from inference.colorize import (
 from inference.keyframes import KeyframeError, TruthKeyframes
 from inference.video_io import Frame, OutputError, Source
 from models.anchor import AnchorTrack, flow_input
+from models.colour import compose_grey, rgb_to_cielab
 from shards.atomic import write_json_atomic
 from shards.video import VideoError, find_videos
-from trainer.metrics import VideoScores, rgb_to_cielab
+from trainer.metrics import VideoScores
 
 METHODS = ("model", "per_frame", "zero_chroma")
 KEYFRAME_COPY = "keyframe_copy"  # under a keyframe protocol: the last keyframe, pasted on

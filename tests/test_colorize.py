@@ -30,7 +30,6 @@ from inference.colorize import (
     Model,
     batch_plan,
     batch_task,
-    compose_grey,
     load_model,
     main,
     output_complete,
@@ -38,6 +37,7 @@ from inference.colorize import (
 )
 from inference.video_io import FRAMES_MARKER, HOST, Source, temp_name
 from models import build_generator
+from models.colour import compose_grey
 from models.config import ModelConfig
 from models.memory import memory_of
 from shards.cli import main as shards_main

@@ -21,13 +21,13 @@ from test_colorize import decode, stub, tiny_export, write_clip
 from torch import nn
 from videos import scene_video, textured_frames
 
-from inference.colorize import Colorizer, compose_grey, prepare
+from inference.colorize import Colorizer, prepare
 from inference.colorize import main as colorize_main
 from inference.evaluate import METHODS
 from inference.evaluate import main as evaluate_main
 from inference.keyframes import KeyframeError, KeyframeFolder, TruthKeyframes, parse_frame_list
 from inference.video_io import FRAMES_MARKER, ORIENTATIONS, Source
-from models.colour import AB_SCALE
+from models.colour import AB_SCALE, compose_grey
 
 SIZE = 24  # --size: 64x48 frames are worked on at 32x24
 

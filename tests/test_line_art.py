@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from models.colour import HYSTERESIS_ROUNDS, line_art, rgb_to_lab_triplets
 from shards.video import sample_video
-from trainer.data.transforms import HYSTERESIS_ROUNDS, line_art, rgb_to_lab_triplets
 
 LOW, HIGH = 0.1, 0.2  # DataConfig's defaults
 # Measured over 84 frames at 128^2 (0 differ) and 33 at 480^2 (at most 7.5e-5 of the pixels

@@ -20,6 +20,7 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
+from models.colour import rgb_to_cielab
 from trainer.metrics import (
     PSNR_CAP_DB,
     ColorizationMetrics,
@@ -35,7 +36,6 @@ from trainer.metrics import (
     js_divergence,
     mean_ciede2000,
     non_occlusion_mask,
-    rgb_to_cielab,
 )
 
 LUMA = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)

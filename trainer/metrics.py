@@ -45,7 +45,6 @@ import functools
 import os
 
 import cv2
-import kornia
 import numpy as np
 import torch
 from torch import Tensor
@@ -55,6 +54,7 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
+from models.colour import rgb_to_cielab
 from models.losses import warp  # one warp for the warp error and the temporal loss
 
 PSNR_CAP_DB = 100.0
@@ -377,13 +377,6 @@ def ciede2000(lab1: Tensor, lab2: Tensor) -> Tensor:
     R_T = -torch.sin(torch.deg2rad(2 * d_theta)) * R_C
     tL, tC, tH = dL / S_L, dC / S_C, dH / S_H
     return (tL.square() + tC.square() + tH.square() + R_T * tC * tH).clamp(min=0).sqrt()
-
-
-def rgb_to_cielab(rgb: Tensor) -> Tensor:
-    """sRGB in [0, 1] [..., 3, H, W] -> CIELAB (D65) in CIE units, fp32 (kornia, as the data
-    pipeline converts)."""
-    with torch.autocast(device_type=rgb.device.type, enabled=False):
-        return kornia.color.rgb_to_lab(rgb.float().clamp(0, 1))
 
 
 def mean_ciede2000(pred: Tensor, truth: Tensor) -> Tensor:

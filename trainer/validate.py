@@ -25,20 +25,12 @@ baseline, but needs a pass over the train split before the first validation.
 
 from __future__ import annotations
 
-import kornia
 import torch
 from torch import Tensor, nn
 
-from models.colour import denormalize_lab
+from models.colour import lab_to_rgb
 from models.memory import memory_of, no_memory_like
 from trainer.data import Batch
-
-
-def lab_to_rgb(lab: Tensor) -> Tensor:
-    """Normalized Lab [..., 3, H, W] -> RGB in [0, 1], fp32."""
-    shape = lab.shape
-    rgb = kornia.color.lab_to_rgb(denormalize_lab(lab.float().reshape(-1, *shape[-3:])))
-    return rgb.clamp(0, 1).reshape(shape)
 
 
 @torch.no_grad()
