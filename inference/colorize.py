@@ -123,10 +123,10 @@ from models.colour import (
     rgb_to_lab_triplets,
     to_uint8,
 )
+from models.export import load_generator
 from models.memory import memory_of, no_memory_like
 from shards.scenes import SceneCuts
 from shards.video import VIDEO_SUFFIXES, VideoError, open_video
-from trainer.export import load_generator
 
 DEFAULT_SHORT_SIDE = 256  # when the run does not say: `tricolor-shards build`'s default
 SCENE_THRESHOLD = 27.0  # `tricolor-shards build --scene-threshold` default

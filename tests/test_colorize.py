@@ -39,10 +39,10 @@ from inference.video_io import FRAMES_MARKER, HOST, Source, temp_name
 from models import build_generator
 from models.colour import compose_grey
 from models.config import ModelConfig
+from models.export import export_generator
 from models.memory import memory_of
 from shards.cli import main as shards_main
 from shards.video import VideoError, decode_frames
-from trainer.export import export_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 LUMINANCE = torch.tensor([0.212671, 0.715160, 0.072169]).view(3, 1, 1)

@@ -17,9 +17,9 @@ from accelerate import Accelerator
 from launching import ROOT, TINY, free_port, launch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from models.export import load_generator
 from trainer.config import load_config
 from trainer.data import Batch
-from trainer.export import load_generator
 from trainer.main import main
 from trainer.train import build_gan, make_val_loader
 

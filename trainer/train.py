@@ -14,13 +14,13 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from models import build_discriminator, build_generator, build_loss
+from models.export import export_generator
 from shards.atomic import write_text_atomic
 from shards.manifest import ManifestError
 from trainer.backend import make_backend
 from trainer.checkpoint import Checkpointer
 from trainer.data import NoSamplesError, TripletLoader, select_samples_once
 from trainer.ema import EMA
-from trainer.export import export_generator
 from trainer.metrics import ColorizationMetrics
 from trainer.run_log import RunLog, Window
 from trainer.sn_sync import broadcast_spectral_norm, spectral_norm_sigmas

@@ -8,7 +8,6 @@ everything `tricolor-colorize` needs.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 
 from models import build_generator, has_memory
 from models.config import ModelConfig
+from shards.atomic import PARTIAL_SUFFIX, publish, write_json_atomic
 
 # /2: the generator with the 3-frame GAN's widths; a /1 export holds the earlier, narrower
 # generator, whose weights do not fit it, and is refused by name.
@@ -33,12 +33,15 @@ def export_generator(G: nn.Module, model_cfg, out_dir: Path, step: int) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in G.state_dict().items()}
     config = OmegaConf.to_container(OmegaConf.structured(model_cfg), resolve=True, enum_to_str=True)
     meta = {"format": EXPORT_FORMAT, "step": step, "model": config}
-    # Written under temporary names, then renamed: a reader never sees half an export.
-    weights, settings = out_dir / "generator.safetensors", out_dir / "generator.json"
-    save_file(tensors, str(weights) + ".partial", metadata={"format": EXPORT_FORMAT})
-    Path(str(settings) + ".partial").write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(str(weights) + ".partial", weights)
-    os.replace(str(settings) + ".partial", settings)
+    # Written under temporary names, flushed, then renamed: a reader never sees half an export.
+    weights = out_dir / "generator.safetensors"
+    partial = weights.with_name(weights.name + PARTIAL_SUFFIX)
+    try:
+        save_file(tensors, str(partial), metadata={"format": EXPORT_FORMAT})
+        publish(partial, weights)
+    finally:
+        partial.unlink(missing_ok=True)
+    write_json_atomic(out_dir / "generator.json", meta)
 
 
 def load_generator(export_dir: Path) -> tuple[nn.Module, dict]:
