@@ -72,29 +72,29 @@ bench: $(STAMP)
 	$(PY) -m bench.scaling --json $(BENCH_OUT)/scaling.json > $(BENCH_OUT)/scaling.md
 	cat $(BENCH_OUT)/scaling.md
 
-# Colour quality: every recipe variant of bench/quality.py trained on the first 70 % of the
-# sample clips' frames, scored with tricolor-eval on the later frames (and on carphone) next to
-# the grey input; writes docs/quality.md and docs/quality/*.png. About 25 minutes on 2 CPU
-# cores; bigger hosts: QUALITY_ARGS="--steps 3000 --crop 128 --seeds 3".
+# Colour quality: every recipe variant of experiments/quality/recipes.py trained on the first
+# 70 % of the sample clips' frames, scored with tricolor-eval on the later frames (and on
+# carphone) next to the grey input; writes docs/quality.md and docs/quality/*.png. About 25
+# minutes on 2 CPU cores; bigger hosts: QUALITY_ARGS="--steps 3000 --crop 128 --seeds 3".
 QUALITY_OUT ?= $(BENCH_OUT)/quality
 QUALITY_ARGS ?=
 quality: $(STAMP)
-	$(PY) -m bench.quality --out $(QUALITY_OUT) $(QUALITY_ARGS)
+	$(PY) -m experiments.quality --out $(QUALITY_OUT) $(QUALITY_ARGS)
 
 # One command on a GPU host (docs/gpu-check.md): installs the carried wheels (.gpu-wheels/, made
-# by gpu-wheels here), runs the stages of bench/gpu_stages.py under their own time limits (8 min
+# by gpu-wheels here), runs the stages of gpu/stages.py under their own time limits (8 min
 # in all) and writes $(BENCH_OUT)/gpu_check.{md,json,log}; exit 1 if a stage failed. Without
 # CUDA it prints one line and exits 2. No install from an index: the host has none (its
 # python3 and preinstalled torch are used when this checkout has no $(VENV)).
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
-	@$(GPU_PY) -m bench.gpu_check run --out $(BENCH_OUT)
+	@$(GPU_PY) -m gpu.check run --out $(BENCH_OUT)
 
 # On this side (PyPI reachable): every wheel the GPU host lacks (cp312 manylinux x86_64), the
 # stage shards, parts of at most 50 MB and a sha256 manifest, packed into carry folders in
 # .gpu-wheels/ (ignored): base (one call) and dali-N (see docs/gpu-check.md).
 gpu-wheels: $(STAMP)
-	$(PY) -m bench.gpu_check wheels --dest .gpu-wheels
+	$(PY) -m tools.wheels pack --dest .gpu-wheels
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

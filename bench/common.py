@@ -1,12 +1,32 @@
-"""Helpers shared by bench/step.py and bench/scaling.py: machine facts, memory, statistics."""
+"""Helpers shared by the benchmarks (and gpu/ stages): torch threads, machine facts, memory,
+statistics, the device. No torch import at module level: a benchmark sets OMP_NUM_THREADS
+from its arguments before torch loads (`set_threads_from_argv`), and imports this first."""
 
 from __future__ import annotations
 
 import os
 import platform
+import resource
 import statistics
 import subprocess
+import sys
 from pathlib import Path
+
+
+def threads_from_argv(argv: list[str], flag: str, default: int = 1) -> int:
+    """The value of `flag N` or `flag=N` in argv, read before argparse runs."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if arg.startswith(flag + "="):
+            return int(arg.split("=", 1)[1])
+    return default
+
+
+def set_threads_from_argv(flag: str) -> None:
+    """OMP_NUM_THREADS from the command line's `flag`: it only takes effect if set before
+    torch is imported, so a benchmark calls this above its torch import."""
+    os.environ["OMP_NUM_THREADS"] = str(threads_from_argv(sys.argv[1:], flag))
 
 
 def cpu_model() -> str:
@@ -86,6 +106,40 @@ def reset_peak_rss() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# CPU time of this process and its children (Linux /proc): what other load on a host barely
+# changes, unlike wall-clock time.
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_stat(pid: int | str) -> tuple[int, float]:
+    """(parent pid, user + system CPU seconds) of one process, all its threads included."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process + its live children (DataLoader workers) + reaped children."""
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    me = os.getpid()
+    try:
+        total = _proc_stat(me)[1]
+    except OSError:  # no /proc (not Linux): this process only, reaped children below
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != me:
+            try:
+                ppid, seconds = _proc_stat(entry)
+            except (OSError, ValueError, IndexError):
+                continue  # exited meanwhile
+            if ppid == me:
+                total += seconds
+    return total + reaped.ru_utime + reaped.ru_stime
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def median(values) -> float | None:
@@ -95,3 +149,22 @@ def median(values) -> float | None:
 
 def fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
     return "-" if x is None else f"{x:{spec}}{suffix}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The device (torch imported when called: see the module docstring).
+
+
+def torch_device(name: str):
+    """The first GPU for "cuda", else the CPU."""
+    import torch
+
+    return torch.device("cuda", 0) if name == "cuda" else torch.device("cpu")
+
+
+def sync(device) -> None:
+    """Wait for the device's queued work, so that a wall-clock time covers it."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)

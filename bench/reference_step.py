@@ -1,13 +1,13 @@
-"""The first seed's training step, reimplemented as its README describes it: the reference point
-that `bench/step.py` times side by side with ours.
+"""The 3-frame GAN's training step, reimplemented as its README describes it: the reference
+point that `bench/step.py` times side by side with ours.
 
-Seed: "Video-Colorization-with-GANs" (cs282-video-colorization-team), README and its published
-training command
+The 3-frame GAN: "Video-Colorization-with-GANs" (cs282-video-colorization-team), README and its
+published training command
 
     python gan_main_time.py --batch_size 8 --lr 1e-3 --lamb 20 --ngf 64 --ndf 32
                             --patchGAN --use_lsgan
 
-What the README says, and how it is done here (written plainly, the way the seed does it: no
+What the README says, and how it is done here (written plainly, the way that code does it: no
 fusion of the three frame passes, no mixed precision, no compile, no channels_last):
 
 - G, an encoder-decoder with skip connections (U-Net). The L channels of frames t-1, t, t+1 go
@@ -17,23 +17,23 @@ fusion of the three frame passes, no mixed precision, no compile, no channels_la
   `gan_model_time.py`). "Each block contains Conv (transpose Conv) layer, BatchNormalization
   and Leaky ReLU"; the final activation of G is tanh and G outputs 3-channel RGB.
   Widths ngf, 2 ngf, 4 ngf, 8 ngf, 8 ngf at 1/2 ... 1/32 of the frame side (3x3 stride-2 convs,
-  as in the seed's `ConvGenTime`).
+  as in its `ConvGenTime`).
 - D, `--patchGAN`: 4x4 convs (stride 2, 2, 2, 1, 1; widths ndf, 2, 4, 8 ndf, 1) with spectral
   normalization, LeakyReLU, and a sigmoid at the end ("for discriminator its sigmoid"). It sees
   the RGB frame t alone (real, or G's output).
 - Losses, `--use_lsgan --lamb 20`: least squares on D's sigmoid outputs (alpha = 1) plus 20 times
   the L1 pixel loss averaged over the RGB channels.
-- Adam, lr 1e-3 for both networks, betas (0.5, 0.999) (from the seed's script); fp32; eager.
-- The step, as the seed's `train()` runs it: D on the real frame (backward), G forward, D on the
+- Adam, lr 1e-3 for both networks, betas (0.5, 0.999) (from its script); fp32; eager.
+- The step, as its `train()` runs it: D on the real frame (backward), G forward, D on the
   detached fake (backward), D step; then G forward *again*, D on the fake, G loss, backward,
   G step. `one_g_forward=True` reuses the first G forward instead (the bench reports both).
-- Data, as the seed's `MovieTime` dataset: PIL opens each of the three frames, resizes it to a
-  square (the seed's `IMAGE_RESIZE`), converts it to greyscale in [0, 1] (torchvision
-  `Grayscale` + `ToTensor`); frame t also as RGB normalized to [-1, 1]. The seed read PNG files
+- Data, as its `MovieTime` dataset: PIL opens each of the three frames, resizes it to a
+  square (its `IMAGE_RESIZE`), converts it to greyscale in [0, 1] (torchvision
+  `Grayscale` + `ToTensor`); frame t also as RGB normalized to [-1, 1]. It read PNG files
   from a folder; here the JPEG frames of the same triplet shards the trainer reads, through
   `tarfile`, in a torch `DataLoader` with worker processes.
 
-    python -m bench.seed_reference --shards DIR [--size 128] [--steps 3]   # a few steps
+    python -m bench.reference_step --shards DIR [--size 128] [--steps 3]   # a few steps
 """
 
 from __future__ import annotations
@@ -61,14 +61,14 @@ FRAMES = ("prev", "cur", "next")  # members <key>.prev.jpg, .cur.jpg, .next.jpg 
 
 
 def _init(module: nn.Module) -> None:
-    # The seed's initialization: N(0, sqrt(2 / (k * k * c_out))) for every (transposed) conv.
+    # Its initialization: N(0, sqrt(2 / (k * k * c_out))) for every (transposed) conv.
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
             m.weight.data.normal_(0, math.sqrt(2.0 / n))
 
 
-class SeedGenerator(nn.Module):
+class ThreeFrameGenerator(nn.Module):
     """G(now, prev, next), each [B, 1, H, W] greyscale in [0, 1] -> RGB of now [B, 3, H, W]."""
 
     def __init__(self, ngf: int = 64):
@@ -122,7 +122,7 @@ class SeedGenerator(nn.Module):
         return torch.tanh(self.to_rgb(h))
 
 
-class SeedPatchD(nn.Module):
+class ThreeFramePatchD(nn.Module):
     """D(RGB [B, 3, H, W]) -> per-patch probabilities [B, 1, H/8 - 2, W/8 - 2]."""
 
     def __init__(self, ndf: int = 32):
@@ -147,12 +147,12 @@ class SeedPatchD(nn.Module):
 # The training step.
 
 
-class SeedGAN:
+class ThreeFrameGAN:
     def __init__(self, ngf: int = 64, ndf: int = 32, lr: float = 1e-3, lamb: float = 20.0,
                  device: str | torch.device = "cpu"):
         self.device = torch.device(device)
-        self.G = SeedGenerator(ngf).to(self.device).train()
-        self.D = SeedPatchD(ndf).to(self.device).train()
+        self.G = ThreeFrameGenerator(ngf).to(self.device).train()
+        self.D = ThreeFramePatchD(ndf).to(self.device).train()
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=lr, betas=(0.5, 0.999), eps=1e-8)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=lr, betas=(0.5, 0.999), eps=1e-8)
         self.lamb = lamb
@@ -175,7 +175,7 @@ class SeedGAN:
         err_d_fake.backward()
         self.opt_D.step()
 
-        # update G: the seed runs G forward again
+        # update G: the published step runs G forward again
         if not one_g_forward:
             fake = self.G(now, prev, next)
         self.G.zero_grad()
@@ -189,10 +189,10 @@ class SeedGAN:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: PIL per frame, the seed's way.
+# Data: PIL per frame, the way the 3-frame GAN loads it.
 
 
-class SeedFrames(Dataset):
+class ThreeFrameTriplets(Dataset):
     """Triplet i of the shards -> (now, prev, next) greyscale [1, S, S], target RGB [3, S, S]."""
 
     def __init__(self, shards: Path, size: int, split: str = "train"):
@@ -235,8 +235,9 @@ class SeedFrames(Dataset):
         return self._grey(now), self._grey(prev), self._grey(next), self._colour(now)
 
 
-def seed_loader(shards: Path, size: int, batch_size: int = 8, workers: int = 2) -> DataLoader:
-    return DataLoader(SeedFrames(shards, size), batch_size=batch_size, shuffle=True,
+def three_frame_loader(shards: Path, size: int, batch_size: int = 8,
+                       workers: int = 2) -> DataLoader:
+    return DataLoader(ThreeFrameTriplets(shards, size), batch_size=batch_size, shuffle=True,
                       num_workers=workers, drop_last=True)
 
 
@@ -244,8 +245,8 @@ def seed_loader(shards: Path, size: int, batch_size: int = 8, workers: int = 2) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.seed_reference",
-                                description="a few training steps of the seed reference")
+    p = argparse.ArgumentParser(prog="python -m bench.reference_step",
+                                description="a few training steps of the 3-frame GAN, as published")
     p.add_argument("--shards", type=Path, required=True)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
@@ -255,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    gan = SeedGAN(args.ngf, args.ndf)
-    batches = iter(seed_loader(args.shards, args.size, args.batch_size, args.workers))
+    gan = ThreeFrameGAN(args.ngf, args.ndf)
+    batches = iter(three_frame_loader(args.shards, args.size, args.batch_size, args.workers))
     for i in range(args.steps):
         t0 = time.perf_counter()
         losses = gan.step(*next(batches))

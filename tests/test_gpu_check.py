@@ -1,9 +1,9 @@
-"""`make gpu-check` on the CPU side (bench/gpu_check.py, bench/gpu_stages.py): the one-line
+"""`make gpu-check` on the CPU side (gpu/check.py, gpu/stages.py, tools/wheels.py): the one-line
 refusal without CUDA, the report and its exit status, the wheel parts and their checksums,
 the install from carried folders, the sync census's counting, the trainer stage command lines,
 the stage limits against docs/gpu-check.md, the resume-exactness stage (bitwise on the CPU; an
 incomplete restore seen; deterministic mode unavailable reported) and its check of the EMA
-copy's forward (P1), and the stages themselves rehearsed on the CPU at tiny shapes. Nothing
+copy's forward, and the stages themselves rehearsed on the CPU at tiny shapes. Nothing
 here needs a GPU, and nothing depends on one being there (CUDA is hidden from the
 subprocesses)."""
 
@@ -23,18 +23,17 @@ from pathlib import Path
 import pytest
 from test_gpu_paths import batch, tiny
 
-from bench import gpu_check, gpu_stages
-from bench.gpu_check import (
-    exit_status,
-    install,
-    join_parts,
-    pack,
-    run_stage_process,
-    split_file,
-    write_report,
-)
-from bench.gpu_stages import SYNC_MESSAGE, SyncCensus, count_sync_warnings, train_commands
+import gpu.check as gpu_check
+import gpu.resume as gpu_resume
+import gpu.stages as gpu_stages
+import tools.wheels as gpu_wheels
+from gpu.census import SYNC_MESSAGE, SyncCensus, count_sync_warnings
+from gpu.check import exit_status, run_stage_process, write_report
+from gpu.context import Context
+from gpu.shards import SHARD_SETS, build_stage_shards
+from gpu.train import TRAIN_PLANS, train_commands
 from shards.tario import sha256_file
+from tools.wheels import install, join_parts, pack, split_file
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_CUDA = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
@@ -47,7 +46,7 @@ def _lines(text: str) -> list[str]:
 
 def test_no_cuda_prints_one_line_and_exits_2(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "run", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "gpu.check", "run", "--out", str(out),
                            "--work", str(tmp_path / "work")], cwd=ROOT, env=NO_CUDA,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
@@ -138,7 +137,7 @@ def test_install_joins_parts_across_calls_and_skips_incomplete_sets(tmp_path, mo
     src, wheels, stash = tmp_path / "src", tmp_path / ".gpu-wheels", tmp_path / "stash"
     for d in (src, wheels / "base", wheels / "dali-2", stash / "dali-1"):
         d.mkdir(parents=True)
-    monkeypatch.setattr(gpu_check, "STASH", stash)
+    monkeypatch.setattr(gpu_wheels, "STASH", stash)
     good = _fake_wheel(src, "tricolor_fake_good")
     parts = split_file(good, wheels / "base", part_bytes=300)
     assert len(parts) >= 2
@@ -165,8 +164,8 @@ def test_wheel_requirements_against_the_host(tmp_path):
     w = _fake_wheel(tmp_path, "tricolor_fake_req", "Requires-Dist: numpy\n"
                     "Requires-Dist: braceexpand\nRequires-Dist: tomli; python_version < '3.11'\n"
                     "Requires-Dist: pytest; extra == 'dev'\n")
-    assert gpu_check.unmet([w]) == ["tricolor_fake_req-1.0-py3-none-any.whl: braceexpand"]
-    assert gpu_check.unmet([w, _fake_wheel(tmp_path, "braceexpand")]) == []
+    assert gpu_wheels.unmet([w]) == ["tricolor_fake_req-1.0-py3-none-any.whl: braceexpand"]
+    assert gpu_wheels.unmet([w, _fake_wheel(tmp_path, "braceexpand")]) == []
 
 
 def test_count_sync_warnings_counts_only_sync_debug_warnings():
@@ -189,10 +188,10 @@ def test_count_sync_warnings_counts_only_sync_debug_warnings():
     assert sum(census.sites.values()) == 2
 
 
-@pytest.mark.parametrize("plan", sorted(gpu_stages.TRAIN_PLANS))
+@pytest.mark.parametrize("plan", sorted(TRAIN_PLANS))
 def test_train_stage_command_lines_parse(plan, tmp_path):
     first, second = train_commands(plan, tmp_path / "shards", tmp_path / "runs")
-    launch, steps, more, _ = gpu_stages.TRAIN_PLANS[plan]
+    launch, steps, more, _ = TRAIN_PLANS[plan]
     for argv in (first, second):
         assert argv[argv.index("--config_file") + 1] == launch
         assert argv[argv.index("--num_processes") + 1] == "1"
@@ -210,7 +209,7 @@ def test_train_stage_command_lines_parse(plan, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-shards")
-    sizes = gpu_stages.build_stage_shards(out, scale=0.5)
+    sizes = build_stage_shards(out, scale=0.5)
     assert set(sizes) == {"small", "large"} and all(v > 0 for v in sizes.values())
     return out
 
@@ -221,7 +220,7 @@ def test_stage_shards_have_what_the_stages_need(tiny_shards):
     assert small["train"]["samples"] >= 16 and small["val"]["samples"] >= 4
     assert min(large["train"]["frame_sizes"][0]) >= 64 and large["train"]["samples"] >= 16
     # full size (make gpu-wheels): 480 crops from 512x512 frames
-    clips, short, _ = gpu_stages.SHARD_SETS["large"]
+    clips, short, _ = SHARD_SETS["large"]
     assert short >= 480 and all(min(w, h) >= 480 for _, w, h in clips)
 
 
@@ -231,7 +230,7 @@ def test_stages_rehearsed_on_cpu(tiny_shards, tmp_path):
     trainer stage through `accelerate launch` (one CPU rank, fp32) with its resume checks."""
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.gpu_check", "run", "--cpu-rehearsal", "--no-install",
+        [sys.executable, "-m", "gpu.check", "run", "--cpu-rehearsal", "--no-install",
          "--shards", str(tiny_shards), "--only",
          "env,census_fp32,resume_exactness,train_fp16,step_480",
          "--out", str(out), "--work", str(tmp_path / "work")],
@@ -258,7 +257,7 @@ def test_a_stage_past_its_limit_is_killed_and_reported(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# resume_exactness: the in-memory snapshot/restore, and the EMA copy's forward (P1).
+# resume_exactness: the in-memory snapshot/restore, and the EMA copy's forward.
 
 
 def test_stage_limits_add_up_and_match_the_doc():
@@ -275,7 +274,7 @@ def test_resume_exactness_rehearsed_on_cpu_is_bitwise(tiny_shards, tmp_path, fre
     """CPU: a resume from the in-memory snapshot repeats the same steps bitwise (the repo's
     claim), in bf16 and fp32, with and without deterministic algorithms; the bf16 EMA copy
     runs the class's forward in fp32 while the training G has Accelerate's wrapper."""
-    ctx = gpu_stages.Context(tmp_path, tiny_shards, "cpu", tiny=True)
+    ctx = Context(tmp_path, tiny_shards, "cpu", tiny=True)
     result = gpu_stages.run_stage("resume_exactness", ctx)
     assert result["status"] == "pass", result
     assert all(c["ok"] for c in result["checks"]) and len(result["checks"]) == 7
@@ -288,7 +287,7 @@ def test_resume_exactness_rehearsed_on_cpu_is_bitwise(tiny_shards, tmp_path, fre
             for part in diffs.values():
                 assert part["max_abs"] == 0.0 and part["max_rel"] == 0.0 and part["bitwise"]
     p1 = figures["p1_ema_forward"]
-    assert p1["training_G_has_instance_forward"]  # else the P1 check would prove nothing
+    assert p1["training_G_has_instance_forward"]  # else the EMA check would prove nothing
     assert p1["ema_instance_attributes"] == [] and p1["ema_output_dtype"] == "torch.float32"
     import torch
 
@@ -298,37 +297,37 @@ def test_resume_exactness_rehearsed_on_cpu_is_bitwise(tiny_shards, tmp_path, fre
 def test_resume_exactness_sees_an_incomplete_restore(tmp_path, fresh_state, monkeypatch):
     """The zeros above are not vacuous: a restore that leaves the optimizers' moments as they
     were after run A makes run B differ."""
-    full = gpu_stages.restore
+    full = gpu_resume.restore
 
     def without_optimizers(gan, state):
         full(gan, {**state, "opt_G": gan.opt_G.state_dict(), "opt_D": gan.opt_D.state_dict()})
 
-    ctx = gpu_stages.Context(tmp_path, tmp_path, "cpu", tiny=True)
+    ctx = Context(tmp_path, tmp_path, "cpu", tiny=True)
     batches = [batch(seed=i) for i in range(3)]
-    diffs, _ = gpu_stages.resume_run(ctx, tiny(), "fp32", batches, 1, 2)
+    diffs, _ = gpu_resume.resume_run(ctx, tiny(), "fp32", batches, 1, 2)
     assert all(p["bitwise"] for p in diffs.values()), diffs
-    monkeypatch.setattr(gpu_stages, "restore", without_optimizers)
-    diffs, _ = gpu_stages.resume_run(ctx, tiny(), "fp32", batches, 1, 2)
+    monkeypatch.setattr(gpu_resume, "restore", without_optimizers)
+    diffs, _ = gpu_resume.resume_run(ctx, tiny(), "fp32", batches, 1, 2)
     assert diffs["G"]["max_abs"] > 0 and not diffs["G"]["bitwise"] and diffs["G"]["worst"]
     assert diffs["opt_G"]["max_rel"] > 0 and not diffs["D"]["bitwise"]
 
 
 def test_p1_check_fails_for_an_ema_copy_with_the_autocast_wrapper(tmp_path, fresh_state):
-    """What P1 was: a plain deepcopy of the prepared G carries Accelerate's instance
-    `forward` (autocast, outputs cast to fp32: the dtype alone does not tell)."""
+    """What the EMA check catches: a plain deepcopy of the prepared G carries Accelerate's
+    instance `forward` (autocast, outputs cast to fp32: the dtype alone does not tell)."""
     import copy
 
     from trainer.train import build_gan
 
-    accelerator = gpu_stages._fresh_accelerator("bf16", cpu=True)
+    accelerator = gpu_resume.fresh_accelerator("bf16", cpu=True)
     gan = build_gan(tiny(), accelerator)
     one = batch()
-    ctx = gpu_stages.Context(tmp_path, tmp_path, "cpu", tiny=True)
-    gpu_stages.ema_forward_checks(ctx, gan, one, "bf16")
+    ctx = Context(tmp_path, tmp_path, "cpu", tiny=True)
+    gpu_resume.ema_forward_checks(ctx, gan, one, "bf16")
     assert [c["ok"] for c in ctx.checks] == [True, True, True]
     gan.ema.model = copy.deepcopy(gan.backend.unwrap(gan.G)).eval().requires_grad_(False)
-    ctx = gpu_stages.Context(tmp_path, tmp_path, "cpu", tiny=True)
-    figures = gpu_stages.ema_forward_checks(ctx, gan, one, "bf16")
+    ctx = Context(tmp_path, tmp_path, "cpu", tiny=True)
+    figures = gpu_resume.ema_forward_checks(ctx, gan, one, "bf16")
     assert [c["ok"] for c in ctx.checks] == [False, True, True], ctx.checks
     assert figures["ema_instance_attributes"] == ["_original_forward", "forward"]
 
@@ -337,8 +336,8 @@ def test_nondeterministic_op_names_the_op():
     message = ("upsample_bilinear2d_backward_out_cuda does not have a deterministic "
                "implementation, but you set 'torch.use_deterministic_algorithms(True)'. You can "
                "turn off determinism just for this operation, ...")
-    assert gpu_stages.nondeterministic_op(message) == "upsample_bilinear2d_backward_out_cuda"
-    assert gpu_stages.nondeterministic_op("other\nlines") == "other"
+    assert gpu_resume.nondeterministic_op(message) == "upsample_bilinear2d_backward_out_cuda"
+    assert gpu_resume.nondeterministic_op("other\nlines") == "other"
 
 
 def test_deterministic_mode_unavailable_is_reported_not_failed(tiny_shards, tmp_path,
@@ -352,7 +351,7 @@ def test_deterministic_mode_unavailable_is_reported_not_failed(tiny_shards, tmp_
                "implementation, but you set 'torch.use_deterministic_algorithms(True)'.")
     zero = {"max_abs": 0.0, "max_rel": 0.0, "bitwise": True, "worst": ""}
 
-    def fake_run(ctx, cfg, precision, batches, warmup, steps, p1=False):
+    def fake_run(ctx, cfg, precision, batches, warmup, steps, ema_check=False):
         assert len(batches) == warmup + steps
         if torch.are_deterministic_algorithms_enabled():
             if not torch.is_deterministic_algorithms_warn_only_enabled():
@@ -362,8 +361,8 @@ def test_deterministic_mode_unavailable_is_reported_not_failed(tiny_shards, tmp_
                           UserWarning, stacklevel=1)
         return {n: dict(zero) for n in ("G", "D", "G_ema", "opt_G", "opt_D")}, {}
 
-    monkeypatch.setattr(gpu_stages, "resume_run", fake_run)
-    ctx = gpu_stages.Context(tmp_path, tiny_shards, "cpu", tiny=True)
+    monkeypatch.setattr(gpu_resume, "resume_run", fake_run)
+    ctx = Context(tmp_path, tiny_shards, "cpu", tiny=True)
     result = gpu_stages.run_stage("resume_exactness", ctx)
     assert result["status"] == "pass", result
     det = result["figures"]["fp32"]["deterministic"]

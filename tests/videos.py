@@ -1,6 +1,6 @@
 """Small synthetic videos for the tests, encoded with PyAV (nothing is downloaded). PyAV is
 imported by the functions that encode or decode: the frames alone need only numpy (the GPU
-host's stages use them without PyAV: bench/gpu_stages.py)."""
+host's stages use them without PyAV: gpu/)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""`make gpu-check`: the GPU acceptance stages (gpu/stages.py) and their runner (gpu/check.py)."""
