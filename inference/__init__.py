@@ -1,6 +1,9 @@
 """tricolor inference: a trained generator applied to whole videos.
 
     colorize.py   `tricolor-colorize`: a video (or frames) in, the colored video out
+    model.py      the trained generator: its export, training settings, working size, device
+    colorizer.py  frames through G (models/rollout.py) and back to full-resolution RGB
+    batch.py      many videos as a Slurm array (slurm/colorize.sbatch): which task does which
     evaluate.py   `tricolor-eval`: score a model against the grey and per-frame baselines
     keyframes.py  colour keyframes (a user's images, or the truth's frames in eval)
     video_io.py   decoding and encoding: frames, timestamps, audio, atomic outputs

@@ -67,42 +67,47 @@ temporary one, and an existing OUT is untouched. A run killed outright (SIGKILL,
 out-of-memory killer) cannot clean up: its hidden `.OUT.partial-HOST-PID` is removed, and
 said, by the next run for the same OUT on the same host once that process is gone (never one
 of a running process, nor of another host: that one is left, to delete by hand).
+
+This module is the command; the model and its settings are inference/model.py, the frames'
+way through G inference/colorizer.py (what G is given per frame: models/rollout.py), a Slurm
+array's plan over many videos inference/batch.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import os
 import signal
 import sys
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import av
-import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-from safetensors import SafetensorError
-from torch import Tensor, nn
 from tqdm import tqdm
 
+from inference.batch import (
+    BatchError,
+    batch_plan,
+    batch_task,
+    batch_task_main,
+    output_complete,
+)
+from inference.colorizer import SCENE_THRESHOLD, Colorizer, condition_image, prepare
 from inference.keyframes import (
     KeyframeError,
     KeyframeFolder,
     KeyframeVideo,
-    is_greyscale,
     parse_frame_list,
+)
+from inference.model import (
+    DEFAULT_SHORT_SIDE,
+    Model,
+    ModelError,
+    load_model,
+    pick_device,
+    resolve_size,
 )
 from inference.video_io import (
     DEFAULT_CRF,
     DEFAULT_PRESET,
-    FRAMES_MARKER,
     X264_PRESETS,
     FrameFolderSink,
     OutputError,
@@ -113,377 +118,13 @@ from inference.video_io import (
     output_kind,
     remove_stale_temporaries,
 )
-from models.colour import (
-    CANNY_HIGH,
-    CANNY_LOW,
-    compose_grey,
-    lab_to_uint8,
-    line_art,
-    resize,
-    rgb_to_lab_triplets,
-    to_uint8,
-)
-from models.export import load_generator
-from models.memory import memory_of, no_memory_like
-from shards.scenes import SceneCuts
-from shards.video import VIDEO_SUFFIXES, VideoError, open_video
+from models.colour import compose_grey
+from shards.video import VideoError
 
-DEFAULT_SHORT_SIDE = 256  # when the run does not say: `tricolor-shards build`'s default
-SCENE_THRESHOLD = 27.0  # `tricolor-shards build --scene-threshold` default
-
-
-class ModelError(Exception):
-    """A model directory that cannot be used; the message names the file and why."""
-
-
-# --- the model and its training settings ---------------------------------------------------
-
-
-@dataclass
-class Model:
-    G: nn.Module
-    mode: str  # "grey" or "lineart"
-    depth: int
-    export_dir: Path
-    step: int
-    short_side: int | None  # of the training frames, None when the run does not say
-    short_side_from: str  # where short_side came from, or why it is unknown
-    canny: tuple[float, float]  # line-art mode: the Canny thresholds of training
-    memory: bool = False  # G takes the previous colour (line-art mode; grey with memory)
-
-    @property
-    def takes_keyframes(self) -> bool:
-        """Whether a keyframe's colour can carry on: G has a memory and uses it."""
-        return self.memory and getattr(self.G, "temporal", True)
-
-    def with_temporal(self, temporal: bool) -> Model:
-        """The same weights with `temporal` set: False is the per-frame ablation (grey: frame
-        t stands in for its neighbours; line art: never a colour hint)."""
-        G = copy.copy(self.G)  # a shallow copy: the same modules and weights
-        G.temporal = temporal
-        return replace(self, G=G)
-
-
-def find_export(path: Path) -> Path:
-    """The export folder of RUN_OR_EXPORT_DIR: itself, or the run's `export/`."""
-    for candidate in (path, path / "export"):
-        if (candidate / "generator.json").is_file():
-            return candidate
-    if not path.exists():
-        raise ModelError(f"{path}: no such folder")
-    raise ModelError(f"{path}: no model export here (expected generator.json and "
-                     "generator.safetensors, or a run folder with export/)")
-
-
-def training_settings(export_dir: Path) -> tuple[int | None, str, tuple[float, float]]:
-    """(short side of the training frames, where it came from, Canny thresholds), read from
-    the run's resolved `config.yaml` beside `export/` and its shards' `manifest.json`."""
-    canny = (CANNY_LOW, CANNY_HIGH)
-    cfg_path = export_dir.parent / "config.yaml"
-    if not cfg_path.is_file():
-        return None, f"no run config.yaml beside {export_dir}", canny
-    try:
-        cfg = OmegaConf.load(cfg_path)
-        canny = (float(OmegaConf.select(cfg, "data.canny_low", default=canny[0])),
-                 float(OmegaConf.select(cfg, "data.canny_high", default=canny[1])))
-        shards = OmegaConf.select(cfg, "data.shards", default=None)
-    except (OmegaConfBaseException, ValueError, TypeError) as e:
-        raise ModelError(f"{cfg_path}: not a readable run config ({e})") from e
-    if not shards:
-        return None, f"{cfg_path} names no shards", canny
-    manifest = Path(shards) / "manifest.json"  # as the trainer saw it: relative to its cwd
-    try:
-        short = int(json.loads(manifest.read_text())["params"]["short_side"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None, f"{manifest} not readable", canny
-    return short, str(manifest), canny
-
-
-def load_model(path: Path, device: torch.device) -> Model:
-    export_dir = find_export(Path(path))
-    try:
-        G, meta = load_generator(export_dir)
-        mode, depth = str(meta["model"]["mode"]), int(meta["model"]["depth"])
-        memory = mode == "lineart" or bool(meta["model"].get("memory", False))
-    except (ValueError, RuntimeError, KeyError, TypeError, OSError, SafetensorError,
-            OmegaConfBaseException) as e:
-        # Wrong format, weights of another architecture, a damaged or missing file.
-        reason = " ".join(str(e).split())[:400] or type(e).__name__
-        raise ModelError(f"{export_dir / 'generator.safetensors'} cannot be loaded with "
-                         f"{export_dir / 'generator.json'} by this version of tricolor: "
-                         f"{reason}") from e
-    short, short_from, canny = training_settings(export_dir)
-    return Model(G.to(device).eval(), mode, depth, export_dir, int(meta.get("step", 0)),
-                 short, short_from, canny, memory)
-
-
-def working_size(width: int, height: int, short_side: int, depth: int) -> tuple[int, int]:
-    """(w, h): short side `short_side`, aspect kept, each rounded to a multiple of 2**depth."""
-    m = 2**depth
-    scale = short_side / min(width, height)
-    return tuple(max(m, int(round(x * scale / m)) * m) for x in (width, height))
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ModelError("--device cuda: no CUDA device is available (use --device cpu)")
-    return torch.device(name)
-
-
-# --- frames in, frames out -----------------------------------------------------------------
-
-
-@dataclass
-class Item:
-    """One frame on its way through: the full-resolution input, its scene and G's condition
-    at the working resolution ([1, h, w] in [-1, 1]: L, or line art), what the colorizers
-    made of it (name -> RGB uint8 [H, W, 3]) and, if one is given, its colour keyframe (RGB
-    uint8 at the input's size)."""
-
-    index: int
-    rgb: np.ndarray
-    pts: int | None
-    scene: int
-    cond: Tensor
-    outputs: dict[str, np.ndarray] = field(default_factory=dict)
-    keyframe: np.ndarray | None = None  # its colour is given (inference/keyframes.py)
-
-
-@torch.inference_mode()
-def prepare(frames: Iterable, size: tuple[int, int], model: Model, device: torch.device,
-            fps: float, threshold: float = SCENE_THRESHOLD,
-            lineart_input: bool = False) -> Iterator[Item]:
-    """Decoded frames (`video_io.Frame`) -> Items: resized to `size` (w, h), scene ids,
-    and the condition computed exactly as in training (`rgb_to_lab_triplets`, `line_art`)."""
-    cuts = None
-    for index, frame in enumerate(frames):
-        small = cv2.resize(frame.rgb, size, interpolation=cv2.INTER_AREA)
-        if cuts is None:
-            cuts = SceneCuts(fps, threshold / 3 if is_greyscale(small) else threshold)
-        scene = cuts.push(small)
-        lab = rgb_to_lab_triplets(torch.from_numpy(small).to(device)[None, None])[0, 0]
-        if model.mode == "grey" or lineart_input:
-            cond = lab[:1]
-        else:
-            cond = line_art(lab[None], *model.canny)[0]
-        yield Item(index, frame.rgb, frame.pts, scene, cond)
-
-
-def condition_image(item: Item, mode: str) -> np.ndarray:
-    """What G was given, at full resolution, for --side-by-side: the greyscale frame, or the
-    line art (upsampled)."""
-    if mode == "grey":
-        return compose_grey(item.rgb, torch.zeros(2, 1, 1, device=item.cond.device))
-    H, W = item.rgb.shape[:2]
-    return to_uint8(((resize(item.cond, H, W) + 1) / 2).expand(3, -1, -1))
-
-
-class Colorizer:
-    """Colours a stream of Items with G, as the model was trained (see the module doc).
-
-    `colorizer(items, key)` yields the same Items in order, each with `outputs[key]` set;
-    a generator, so the next stage can consume frames while later ones are still decoding.
-    A G with colour memory runs recurrently, one frame at a time: its memory is its own
-    previous output, a keyframe's colour, or none at a scene's first frame. At a keyframe the
-    output is the keyframe's colour on the input's luminance (grey mode) or the keyframe
-    itself (line-art mode).
-    """
-
-    def __init__(self, model: Model, batch_size: int = 8):
-        if batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        self.model, self.batch_size = model, batch_size
-
-    def __call__(self, items: Iterable[Item], key: str) -> Iterator[Item]:
-        frames = self._windows(items) if self.model.mode == "grey" else (
-            (item, item.cond[None]) for item in items)
-        if self.model.memory:
-            return self._recurrent(frames, key)
-        return self._batched(frames, key)
-
-    @staticmethod
-    def _window(prev: Item | None, cur: Item, nxt: Item | None) -> Tensor:
-        """L of (t-1, t, t+1) [1, 3, 1, h, w], padded with t at the ends and across cuts."""
-        p = prev if prev is not None and prev.scene == cur.scene else cur
-        n = nxt if nxt is not None and nxt.scene == cur.scene else cur
-        return torch.stack([p.cond, cur.cond, n.cond])[None]
-
-    def _windows(self, items: Iterable[Item]) -> Iterator[tuple[Item, Tensor]]:
-        prev = cur = None
-        for nxt in items:
-            if cur is not None:  # frame t is ready once t+1 (and its scene) is known
-                yield cur, self._window(prev, cur, nxt)
-            prev, cur = cur, nxt
-        if cur is not None:
-            yield cur, self._window(prev, cur, None)
-
-    def _batched(self, frames: Iterable[tuple[Item, Tensor]], key: str) -> Iterator[Item]:
-        batch: list[tuple[Item, Tensor]] = []
-        for frame in frames:
-            batch.append(frame)
-            if len(batch) == self.batch_size:
-                yield from self._run_batch(batch, key)
-                batch = []
-        yield from self._run_batch(batch, key)
-
-    @torch.inference_mode()
-    def _run_batch(self, batch: list[tuple[Item, Tensor]], key: str) -> Iterator[Item]:
-        if not batch:
-            return
-        ab = self.model.G(torch.cat([w for _, w in batch])).float()  # [B, 2, h, w]
-        for (item, _), item_ab in zip(batch, ab):
-            given = keyframe_colour(item, self.model.mode)
-            item.outputs[key] = compose_grey(item.rgb, item_ab if given is None else given)
-            yield item
-
-    @torch.inference_mode()
-    def _recurrent(self, frames: Iterable[tuple[Item, Tensor]], key: str) -> Iterator[Item]:
-        mode, memory, scene = self.model.mode, None, None
-        for item, frame in frames:
-            given = keyframe_colour(item, self.model.mode)
-            if given is not None:  # the keyframe's colour, and the memory goes on from it
-                colour = F.interpolate(given[None], frame.shape[-2:], mode="area")
-            else:
-                if memory is None or item.scene != scene:  # a scene's first frame
-                    memory = no_memory_like(item.cond[None], mode)
-                colour = self.model.G(frame, memory).float()  # a,b or Lab [1, C, h, w]
-            memory, scene = memory_of(colour, item.cond[None]), item.scene
-            if mode == "grey":
-                item.outputs[key] = compose_grey(item.rgb, colour[0] if given is None else given)
-            elif item.keyframe is not None:
-                item.outputs[key] = item.keyframe
-            else:
-                item.outputs[key] = lab_to_uint8(colour[0], *item.rgb.shape[:2])
-            yield item
-
-
-def keyframe_colour(item: Item, mode: str) -> Tensor | None:
-    """The item's keyframe as G's colour at the input's size: normalized a,b [2, H, W]
-    (grey mode) or Lab [3, H, W], on the item's device; None without a keyframe."""
-    if item.keyframe is None:
-        return None
-    rgb = torch.from_numpy(item.keyframe).to(item.cond.device)[None, None]
-    lab = rgb_to_lab_triplets(rgb)[0, 0]
-    return lab[1:] if mode == "grey" else lab
-
-
-# --- many videos: slurm/colorize.sbatch ---------------------------------------------------
-
-
-class BatchError(Exception):
-    """A batch that cannot be planned (no inputs, two inputs for one output); says why."""
-
-
-def output_complete(path: Path) -> bool:
-    """Whether `path` holds a finished output of this tool. Outputs appear under their name
-    only when complete (written under a temporary name, then renamed), so this is False only
-    for something else put there: a video file that does not open as a video with frames, or
-    a folder without the frames marker and frames. False when nothing is there."""
-    path = Path(path)
-    if path.is_dir():
-        names = set(os.listdir(path))
-        return FRAMES_MARKER in names and any(n.startswith("frame_") for n in names)
-    if not path.is_file():
-        return False
-    try:
-        container, stream = open_video(path)
-        with container:
-            return stream.frames > 0 or next(container.decode(stream), None) is not None
-    except (VideoError, av.error.FFmpegError, OSError, UnicodeDecodeError):
-        return False
-
-
-def batch_plan(inputs: Path, out_dir: Path, suffix: str = ".mp4") -> list[tuple[Path, Path]]:
-    """(input video, output path) for every video of `inputs`, in a fixed order that every
-    array task computes alike. `inputs` is a folder (its videos, searched recursively;
-    hidden files and anything under `out_dir` left out; the output keeps the path under the
-    folder: IN/a/x.mov -> OUT/a/x.mp4) or a list file (one path per line, relative to the
-    current folder; blank lines and # comments skipped; a file listed twice, in any
-    spelling, taken once; OUT/<name>.mp4). Two different inputs for one output (the same name
-    in two folders of a list, x.mov beside x.mp4) are refused (BatchError), naming them:
-    nothing is silently overwritten or renamed."""
-    inputs, out_dir = Path(inputs), Path(out_dir)
-    out_abs = out_dir.resolve()
-    pairs: list[tuple[Path, Path]] = []
-    if inputs.is_dir():
-        for p in sorted(inputs.rglob("*")):
-            rel = p.relative_to(inputs)
-            if (p.suffix.lower() not in VIDEO_SUFFIXES or p.is_dir()
-                    or any(part.startswith(".") for part in rel.parts)
-                    or p.resolve() == out_abs or out_abs in p.resolve().parents):
-                continue
-            pairs.append((p, out_dir / rel.with_suffix(suffix)))
-    elif inputs.is_file():
-        try:
-            lines = inputs.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise BatchError(f"{inputs}: cannot read the list ({e})") from e
-        seen: set[Path] = set()
-        for line in lines:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            p = Path(line)
-            # One file under two spellings (relative and absolute, `..`, a symbolic link) is
-            # listed twice: colorized once, under its first spelling.
-            real = p.resolve()
-            if real in seen:
-                continue
-            seen.add(real)
-            pairs.append((p, out_dir / (p.stem + suffix)))
-    else:
-        raise BatchError(f"{inputs}: no such folder or list file")
-    if not pairs:
-        raise BatchError(f"{inputs}: no videos ({', '.join(sorted(VIDEO_SUFFIXES))})"
-                         if inputs.is_dir() else f"{inputs}: lists no videos")
-    by_output: dict[Path, list[Path]] = {}
-    for src, out in pairs:
-        by_output.setdefault(out, []).append(src)
-    clashes = [(out, srcs) for out, srcs in by_output.items() if len(srcs) > 1]
-    if clashes:
-        shown = "; ".join(f"{' and '.join(map(str, srcs))} -> {out}" for out, srcs in clashes[:5])
-        more = f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""
-        raise BatchError(f"{len(clashes)} output name(s) would be written by two inputs: "
-                         f"{shown}{more}. Rename the inputs, or colorize them in separate "
-                         "batches with separate output folders")
-    return pairs
-
-
-def batch_task(inputs: Path, out_dir: Path, task: int, tasks: int,
-               suffix: str = ".mp4") -> list[tuple[str, Path, Path]]:
-    """Array task `task` of `tasks`: videos task, task + tasks, ... of `batch_plan`, each as
-    (status, input, output): "todo", "done" (a complete output exists: skipped) or
-    "blocked" (something that is not a complete output is in the way: left alone)."""
-    if not 0 <= task < tasks:
-        raise BatchError(f"task {task} of {tasks}: not a task of this array")
-    result = []
-    for src, out in batch_plan(inputs, out_dir, suffix)[task::tasks]:
-        if output_complete(out):
-            status = "done"
-        elif out.exists() or out.is_symlink():
-            status = "blocked"
-        else:
-            status = "todo"
-        result.append((status, src, out))
-    return result
-
-
-def batch_task_main(argv: list[str]) -> int:
-    """`python -c 'from inference.colorize import batch_task_main as m; m([...])'` for
-    slurm/colorize.sbatch: argv INPUTS OUT_DIR TASK TASKS; writes status, input and output of
-    each video of the task to stdout, NUL-terminated; exit 2 with a message on a BatchError."""
-    inputs, out_dir, task, tasks = argv
-    try:
-        rows = batch_task(Path(inputs), Path(out_dir), int(task), int(tasks))
-    except BatchError as e:
-        print(f"tricolor-colorize: error: {e}", file=sys.stderr)
-        return 2
-    for status, src, out in rows:
-        sys.stdout.write(f"{status}\0{src}\0{out}\0")
-    sys.stdout.flush()
-    return 0
+# Importable from here too, though defined elsewhere: slurm/colorize.sbatch calls
+# batch_task_main, and experiments/quality/run.py imports compose_grey.
+__all__ = ["BatchError", "batch_plan", "batch_task", "batch_task_main", "compose_grey", "main",
+           "output_complete"]
 
 
 # --- the command ---------------------------------------------------------------------------
@@ -540,18 +181,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not 0 <= args.crf <= 51:
         p.error(f"--crf must lie in [0, 51], got {args.crf}")
     return args
-
-
-def resolve_size(model: Model, width: int, height: int, size: int | None) -> tuple[
-        tuple[int, int], str]:
-    """The working (w, h) and a line saying where its short side came from."""
-    if size is not None:
-        short, why = size, "--size"
-    elif model.short_side is not None:
-        short, why = model.short_side, f"training frames, {model.short_side_from}"
-    else:
-        short, why = DEFAULT_SHORT_SIDE, f"default; {model.short_side_from}"
-    return working_size(width, height, short, model.depth), f"short side {short} ({why})"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -58,19 +58,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from inference.colorize import (
-    SCENE_THRESHOLD,
-    Colorizer,
-    Model,
-    ModelError,
-    is_greyscale,
-    keyframe_colour,
-    load_model,
-    pick_device,
-    prepare,
-    resolve_size,
-)
-from inference.keyframes import KeyframeError, TruthKeyframes
+from inference.colorizer import SCENE_THRESHOLD, Colorizer, keyframe_colour, prepare
+from inference.keyframes import KeyframeError, TruthKeyframes, is_greyscale
+from inference.model import Model, ModelError, load_model, pick_device, resolve_size
 from inference.video_io import Frame, OutputError, Source
 from models.anchor import AnchorTrack, flow_input
 from models.colour import compose_grey, rgb_to_cielab

@@ -6,9 +6,9 @@ input of user-guided colorization, Zhang et al. 2017: a black or grey memory sta
 distinguishable from none, which is all zeros) and frame t-1's condition (L or line art), by
 which G finds where each colour moved (models/generator.py, `MemoryGate`).
 
-At inference the memory is G's own previous output, a keyframe's colour, or none at a scene's
-first frame. In training, per sample:
-    none                        with probability p_drop (the second seed's scheme, 0.5)
+At inference (and validation) the memory is G's own previous output, a keyframe's colour, or
+none at a scene's first frame (models/rollout.py, `rollout`). In training, per sample:
+    none                        with probability p_drop (TCVC's scheme, 0.5)
     G's own prediction of t-1   with probability scheduled_sampling (what inference feeds)
     ground truth of t-1         otherwise (what a keyframe gives)
 G's prediction of t-1 would need the colour of t-2, which a triplet lacks: it is made from no
@@ -16,8 +16,6 @@ memory, as at a shot's first frame.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -37,23 +35,7 @@ def no_memory_like(like: Tensor, mode: Mode | str) -> Tensor:
     return like.new_zeros(like.shape[0], c + 2, *like.shape[-2:])
 
 
-def first_frame_input(condition: Tensor, mode: Mode | str) -> Tensor:
-    """G's frame input for frame t-1 of a triplet [B, 3, 1, H, W], as at a shot's first
-    frame: the grey window (t-1, t-1, t), or the line art of t-1."""
-    return condition[:, [0, 0, 1]] if choice(Mode, mode, "mode") == Mode.grey else condition[:, 0]
-
-
-@torch.no_grad()
-def first_frame_colour(G: Callable[..., Tensor], condition: Tensor, mode: Mode | str,
-                       memory: bool) -> Tensor:
-    """G's colour of frame t-1 of a triplet, made as at a shot's first frame (no memory: a
-    triplet has no t-2), without gradient. `memory`: whether G takes a memory input."""
-    frame = first_frame_input(condition, mode)
-    return G(frame, no_memory_like(condition[:, 0], mode)) if memory else G(frame)
-
-
 def previous_colour(
-    G: Callable[[Tensor, Tensor], Tensor] | None,
     condition: Tensor,
     target: Tensor,
     cfg: ModelConfig,
@@ -64,18 +46,19 @@ def previous_colour(
     prediction or the truth (module doc).
 
     condition [B, 3, 1, H, W] (L, or line art) and target [B, 3, C, H, W] (a,b or Lab) of the
-    triplet. The own prediction (`own`, or made here by G) is computed for the whole batch
-    whenever scheduled_sampling > 0, never for a random subset: with SyncBatchNorm every rank
-    must run the same forwards.
+    triplet; `own`, G's colour of frame t-1 (models/rollout.py, `first_frame_colour`), is
+    needed whenever scheduled_sampling > 0 and is made for the whole batch, never for a
+    random subset: with SyncBatchNorm every rank must run the same forwards. (Made by the
+    caller, not here, because the rollout builds on this module.)
     """
-    mode = choice(Mode, cfg.mode, "mode")
     truth = memory_of(target[:, 0], condition[:, 0])
     none = torch.zeros_like(truth)
     u = torch.rand(truth.shape[0], 1, 1, 1, generator=generator, device=truth.device)
     memory = torch.where(u < cfg.p_drop, none, truth)
     if cfg.scheduled_sampling > 0 and cfg.temporal:  # the per-frame control ignores it
-        if own is None:  # the step may have made it
-            own = first_frame_colour(G, condition, mode, memory=True)
+        if own is None:
+            raise ValueError("scheduled_sampling > 0: previous_colour needs G's own colour of "
+                             "frame t-1 (models.rollout.first_frame_colour)")
         own = memory_of(own.to(truth.dtype), condition[:, 0])
         pick = (u >= cfg.p_drop) & (u < cfg.p_drop + cfg.scheduled_sampling)
         memory = torch.where(pick, own, memory)

@@ -23,18 +23,10 @@ from PIL import Image
 from torch import nn
 from videos import rotated_video, scene_video, size_change_video, textured_frames
 
-from inference import colorize
-from inference.colorize import (
-    BatchError,
-    Colorizer,
-    Model,
-    batch_plan,
-    batch_task,
-    load_model,
-    main,
-    output_complete,
-    prepare,
-)
+from inference.batch import BatchError, batch_plan, batch_task, output_complete
+from inference.colorize import main
+from inference.colorizer import Colorizer, prepare
+from inference.model import Model, ModelError, load_model, resolve_size
 from inference.video_io import FRAMES_MARKER, HOST, Source, temp_name
 from models import build_generator
 from models.colour import compose_grey
@@ -271,9 +263,9 @@ def test_the_run_config_sets_working_size_and_canny(tmp_path):
         "  canny_high: 0.4\n")
     model = load_model(run_dir, torch.device("cpu"))  # a run folder: its export/
     assert (model.short_side, model.canny, model.mode) == (48, (0.3, 0.4), "lineart")
-    size, why = colorize.resolve_size(model, 320, 180, None)
+    size, why = resolve_size(model, 320, 180, None)
     assert size == (84, 48) and "manifest.json" in why  # 85.3 -> a multiple of 4
-    assert colorize.resolve_size(model, 320, 180, 64)[0] == (112, 64)
+    assert resolve_size(model, 320, 180, 64)[0] == (112, 64)
 
 
 # --- other inputs and outputs ---------------------------------------------------------------
@@ -611,7 +603,7 @@ def test_a_fifo_among_input_frames_is_refused(tmp_path, grey_export, clip, capsy
 HUGE_NGF = """
 import resource, sys
 import torch
-from inference.colorize import ModelError, load_model
+from inference.model import ModelError, load_model
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     load_model(sys.argv[1], torch.device("cpu"))
@@ -647,8 +639,6 @@ def test_huge_ngf_is_refused_before_anything_is_built(tmp_path):
 def test_an_absurd_depth_is_refused_before_anything_is_built(tmp_path, depth):
     """generator.json says depth=100000 (the meta-device build alone would take minutes):
     refused from the settings at once; a plausible wrong depth by the weights' shapes."""
-    from inference.colorize import ModelError
-
     export = tiny_export(tmp_path / "export")
     meta = json.loads((export / "generator.json").read_text())
     meta["model"]["depth"] = depth
@@ -772,8 +762,6 @@ def test_shards_build_stores_phone_video_upright_and_skips_a_size_change(tmp_pat
 def test_an_export_whose_memory_setting_contradicts_its_weights_is_refused(tmp_path, memory):
     """generator.json records model.memory; settings that say the opposite of the weights are
     refused, saying which way round."""
-    from inference.colorize import ModelError
-
     export = tiny_export(tmp_path / "export", memory=memory)
     assert load_model(export, torch.device("cpu")).memory is memory
     meta = json.loads((export / "generator.json").read_text())
@@ -787,8 +775,6 @@ def test_an_export_whose_memory_setting_contradicts_its_weights_is_refused(tmp_p
 
 
 def test_a_line_art_export_from_before_the_memory_generator_is_refused_by_name(tmp_path):
-    from inference.colorize import ModelError
-
     export = tiny_export(tmp_path / "export", mode="lineart")
     meta = json.loads((export / "generator.json").read_text())
     del meta["model"]["memory"]  # what exports made before colour memory hold

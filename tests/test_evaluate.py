@@ -185,3 +185,13 @@ def test_a_bad_keyframes_protocol_fails_before_the_model_or_videos_are_opened(
     # with a good protocol and a real video, the model's error: loading it fails
     assert run("--model", damaged, "--videos", videos[0], "--keyframes", "first") == 1
     assert "generator.safetensors cannot be loaded" in capsys.readouterr().err
+
+
+def test_evaluate_needs_the_model_and_colorizer_modules_not_the_colorize_cli():
+    import subprocess
+    import sys
+
+    code = ("import sys, inference.evaluate; "
+            "sys.exit('inference.colorize' in sys.modules)")
+    root = Path(__file__).parents[1]
+    assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0

@@ -21,8 +21,8 @@ from test_colorize import decode, stub, tiny_export, write_clip
 from torch import nn
 from videos import scene_video, textured_frames
 
-from inference.colorize import Colorizer, prepare
 from inference.colorize import main as colorize_main
+from inference.colorizer import Colorizer, prepare
 from inference.evaluate import METHODS
 from inference.evaluate import main as evaluate_main
 from inference.keyframes import KeyframeError, KeyframeFolder, TruthKeyframes, parse_frame_list

@@ -27,6 +27,7 @@ from models import (
     previous_colour,
 )
 from models.generator import GreyUNet, LineartUNet
+from models.rollout import ClipFrame, clip_frames, first_frame_colour, rollout, window
 from models.summary import main as summary_main
 from models.summary import receptive_field
 
@@ -201,8 +202,10 @@ def test_previous_colour_none_truth_and_own_prediction(mode):
     assert torch.equal(truth, torch.cat([target[:, 0], torch.ones(64, 1, 32, 32), cond[:, 0]],
                                         dim=1))
 
+    made = first_frame_colour(G, cond, mode, memory=True)  # G's own colour of t-1
+
     def pick(**kw):
-        return previous_colour(G, cond, target, replace(cfg, **kw))
+        return previous_colour(cond, target, replace(cfg, **kw), own=made)
 
     assert torch.equal(pick(p_drop=1.0), none)
     assert torch.equal(pick(p_drop=0.0), truth)
@@ -212,8 +215,8 @@ def test_previous_colour_none_truth_and_own_prediction(mode):
     torch.testing.assert_close(pick(p_drop=0.0, scheduled_sampling=1.0), own)
     # a mixture: every sample is exactly one of the three, in about the right proportions
     gen = torch.Generator().manual_seed(1)
-    out = previous_colour(G, cond, target, replace(cfg, p_drop=0.5, scheduled_sampling=0.25),
-                          gen)
+    out = previous_colour(cond, target, replace(cfg, p_drop=0.5, scheduled_sampling=0.25),
+                          gen, own=made)
     kinds = [next(i for i, ref in enumerate((none, truth, own)) if torch.equal(o, ref[j]))
              for j, o in enumerate(out)]
     counts = [kinds.count(i) for i in range(3)]
@@ -330,6 +333,78 @@ def test_the_memory_is_blended_never_amplified(mode):
         high = torch.maximum(auto.amax(per_channel), keyframe.amax(per_channel))
         assert (out >= low[..., None, None] - 1e-5).all()
         assert (out <= high[..., None, None] + 1e-5).all()
+
+
+# --- G over a clip (models/rollout.py) -------------------------------------------------------
+
+
+class Recording(nn.Module):
+    """Stands in for G: records each call's inputs; frame input in, a distinct colour out."""
+
+    def __init__(self, colours: int):
+        super().__init__()
+        self.calls, self.colours = [], colours
+
+    def forward(self, frame, memory=None):
+        self.calls.append((frame.clone(), None if memory is None else memory.clone()))
+        return torch.full((frame.shape[0], self.colours, *frame.shape[-2:]),
+                          0.1 * len(self.calls))
+
+
+def frames_of(scenes: list[int], b: int = 2) -> list[ClipFrame]:
+    torch.manual_seed(0)
+    return [ClipFrame(torch.rand(b, 1, 8, 8), scene, tag=t) for t, scene in enumerate(scenes)]
+
+
+def test_grey_windows_are_padded_at_a_clip_s_ends_and_at_scene_cuts_and_batched_in_time():
+    frames, G = frames_of([0, 0, 1, 1, 1]), Recording(2)
+    out = list(rollout(G, frames, Mode.grey, memory=False, batch=2))
+    assert [f.tag for f, _ in out] == list(range(5))  # in order, all of them
+    assert [call[0].shape[0] for call in G.calls] == [4, 4, 2]  # 2 frames of B = 2 per call
+    windows = torch.cat([call[0] for call in G.calls]).split(2)
+    c = [f.cond for f in frames]
+    expected = [(c[0], c[0], c[1]), (c[0], c[1], c[1]), (c[2], c[2], c[3]), (c[2], c[3], c[4]),
+                (c[3], c[4], c[4])]  # frame t stands in for a neighbour of another scene
+    for t, (got, (p, x, n)) in enumerate(zip(windows, expected)):
+        assert torch.equal(got, torch.stack([p, x, n], dim=1)), t
+    assert torch.equal(window(None, c[0], c[1]), torch.stack([c[0], c[0], c[1]], dim=1))
+    assert torch.equal(out[3][1], torch.full((2, 2, 8, 8), 0.2))  # its part of the 2nd call
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_the_memory_restarts_at_a_scene_and_goes_on_from_a_given_colour(mode):
+    c = 2 if mode == Mode.grey else 3
+    frames, G = frames_of([0, 0, 0, 1, 1]), Recording(c)
+    given = torch.full((2, c, 8, 8), -0.5)
+    frames[1] = frames[1]._replace(given=given)
+    out = list(rollout(G, frames, mode, memory=True, batch=4))  # recurrent: one frame a call
+    assert out[1][1] is given and len(G.calls) == 4  # no G call for the given frame
+    memories = [memory for _, memory in G.calls]  # frames 0, 2, 3, 4
+    none = no_memory_like(frames[0].cond, mode)
+    assert torch.equal(memories[0], none)
+    assert torch.equal(memories[1], memory_of(given, frames[1].cond))
+    assert torch.equal(memories[2], none)  # frame 3: a scene's first frame
+    assert torch.equal(memories[3], memory_of(out[3][1], frames[3].cond))
+    inputs = [frame for frame, _ in G.calls]
+    assert inputs[0].shape == ((2, 3, 1, 8, 8) if mode == Mode.grey else (2, 1, 8, 8))
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_first_frame_colour_is_frame_t_minus_1_of_the_triplet_as_a_clip(mode):
+    """G's colour of t-1 for the step: the triplet's first frame from no memory, G run once."""
+    torch.manual_seed(0)
+    cfg, cond, _ = memory_model(mode)
+    cond = cond[:2]
+    G = build_generator(cfg).eval()
+    calls = []
+    G.register_forward_hook(lambda *_: calls.append(1))
+    own = first_frame_colour(G, cond, mode, memory=True)
+    assert len(calls) == 1 and not own.requires_grad
+    frame = cond[:, [0, 0, 1]] if mode == Mode.grey else cond[:, 0]
+    with torch.no_grad():
+        assert torch.equal(own, G(frame, no_memory_like(cond[:, 0], mode)))
+        clip = [colour for _, colour in rollout(G, clip_frames(cond), mode, memory=True)]
+    assert torch.equal(clip[0], own) and len(clip) == 3
 
 
 # --- discriminators -------------------------------------------------------------------------
@@ -485,7 +560,8 @@ def test_overfit_one_batch_trains_g_and_d(mode):
     real = target[:, 1]
     pixel = []
     for _ in range(300):
-        fake = G(cond) if grey else G(cond[:, 1], previous_colour(G, cond, target, cfg))
+        own = None if grey else first_frame_colour(G, cond, mode, memory=True)
+        fake = G(cond) if grey else G(cond[:, 1], previous_colour(cond, target, cfg, own=own))
         real_logits = D(assemble_d_input(cfg, cond, real, target))
         d = loss.d_loss(real_logits, D(assemble_d_input(cfg, cond, fake.detach(), target)))
         opt_d.zero_grad(set_to_none=True)

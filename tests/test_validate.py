@@ -12,13 +12,13 @@ from accelerate import Accelerator
 from PIL import Image
 from test_data import best_placement, lab_to_rgb, read_tar_samples
 
-from models import build_generator
+from models import build_generator, memory_of, no_memory_like
 from models.config import ModelConfig
 from trainer.config import load_config
 from trainer.data import TripletLoader, dali_available
 from trainer.metrics import ColorizationMetrics
 from trainer.train import make_val_loader
-from trainer.validate import validate
+from trainer.validate import colorize_triplet, validate
 
 BACKENDS = [
     pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="no DALI wheel")),
@@ -145,3 +145,24 @@ def test_farneback_runs_once_per_sample_across_validations(shards, monkeypatch, 
     again, _ = validate(G, loader, metrics, "grey")
     assert len(calls) == len(samples) * 2 * 2 and len(metrics.flow_cache) == len(samples)
     assert again == first and np.isfinite(first["warp_excess"])
+
+
+@pytest.mark.parametrize("mode, memory", [("grey", False), ("grey", True), ("lineart", True)])
+def test_a_triplet_is_colorized_as_inference_colours_a_clip_of_three_frames(mode, memory):
+    """Grey windows padded at the clip's ends; with colour memory, recurrently from none."""
+    torch.manual_seed(0)
+    G = build_generator(ModelConfig(mode=mode, ngf=4, depth=2, norm="group",
+                                    zero_init_head=False, memory=memory)).eval()
+    cond = torch.rand(2, 3, 1, 16, 16) * 2 - 1
+    pred = colorize_triplet(G, cond, mode)
+    with torch.no_grad():
+        inputs = ((cond[:, [0, 0, 1]], cond, cond[:, [1, 2, 2]]) if mode == "grey"
+                  else cond.unbind(1))
+        memory_in, expected = no_memory_like(cond[:, 0], mode), []
+        for t, x in enumerate(inputs):
+            expected.append(G(x, memory_in) if memory else G(x))
+            memory_in = memory_of(expected[-1], cond[:, t])
+    expected = torch.stack(expected, dim=1)
+    if mode == "grey":
+        expected = torch.cat([cond, expected], dim=2)
+    assert torch.equal(pred, expected)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from models import assemble_d_input, has_memory, previous_colour
 from models.losses import GANLoss, temporal_loss
-from models.memory import first_frame_colour
+from models.rollout import centre_input, first_frame_colour
 from trainer.data import Batch
 from trainer.ema import EMA
 from trainer.sn_sync import broadcast_spectral_norm
@@ -77,15 +77,14 @@ def generate(gan: GAN, G: nn.Module, batch: Batch) -> tuple[Tensor, Tensor | Non
     colour memory; and G's own colour for frame t-1 (no gradient; from no memory, as at a
     shot's first frame) when the step needs it, else None."""
     cfg = gan.model_cfg
-    mode = str(getattr(cfg.mode, "value", cfg.mode))
     own = None
     if wants_previous(gan, batch):
         G_raw = getattr(G, "module", G)  # the extra no-grad call must not go through DDP
-        own = first_frame_colour(G_raw, batch.cond, mode, memory=has_memory(cfg))
+        own = first_frame_colour(G_raw, batch.cond, cfg.mode, memory=has_memory(cfg))
     if not has_memory(cfg):
         return G(batch.cond), own
-    memory = previous_colour(None, batch.cond, batch.target, cfg, own=own)
-    return G(batch.cond if mode == "grey" else batch.cond[:, 1], memory), own
+    memory = previous_colour(batch.cond, batch.target, cfg, own=own)
+    return G(centre_input(batch.cond, cfg.mode), memory), own
 
 
 def train_step(accelerator: Accelerator, gan: GAN, batch: Batch,

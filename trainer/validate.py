@@ -1,10 +1,11 @@
 """Validation: the EMA generator colorizes the val split, every rank a slice, metrics reduced.
 
 G predicts the centre frame of a window; to score temporal consistency we need all three
-frames of a triplet colorized, so each is predicted the way inference does it at a clip's
-edges: grey mode from the windows (t-1, t-1, t), (t-1, t, t+1), (t, t+1, t+1); a G with
-colour memory (line-art mode; grey mode with `model.memory`) recurrently, from no memory at
-frame t-1, then from its own previous output.
+frames of a triplet colorized, so the triplet is run as a clip of its own, the way inference
+runs a video (models/rollout.py): grey mode from the windows (t-1, t-1, t), (t-1, t, t+1),
+(t, t+1, t+1), padded at the clip's ends; a G with colour memory (line-art mode; grey mode
+with `model.memory`) recurrently, from no memory at frame t-1, then from its own previous
+output.
 
 The pixels are the same at every validation: the val loader reads its split in order, each
 rank its own slice, and takes the centre crop of `data.crop_size` with no flip or jitter
@@ -29,24 +30,17 @@ import torch
 from torch import Tensor, nn
 
 from models.colour import lab_to_rgb
-from models.memory import memory_of, no_memory_like
+from models.rollout import clip_frames, rollout
 from trainer.data import Batch
 
 
 @torch.no_grad()
 def colorize_triplet(G: nn.Module, cond: Tensor, mode: str) -> Tensor:
-    """Normalized Lab of all three frames [B, 3, 3, H, W] from the condition [B, 3, 1, H, W].
-    A G with colour memory runs recurrently, from no memory at frame t-1."""
-    windows = (cond[:, [0, 0, 1]], cond, cond[:, [1, 2, 2]]) if mode == "grey" else cond.unbind(1)
-    if mode == "grey" and not getattr(G, "memory", False):
-        ab = torch.stack([G(w).float() for w in windows], dim=1)
-        return torch.cat([cond.float(), ab], dim=2)
-    frames, memory = [], no_memory_like(cond[:, 0], mode)
-    for t, window in enumerate(windows):
-        colour = G(window, memory).float()
-        memory = memory_of(colour, cond[:, t])
-        frames.append(colour)
-    out = torch.stack(frames, dim=1)
+    """Normalized Lab of all three frames [B, 3, 3, H, W] from the condition [B, 3, 1, H, W],
+    each frame as inference colours it (models/rollout.py): one clip of one scene."""
+    memory = mode != "grey" or getattr(G, "memory", False)
+    out = torch.stack([colour.float() for _, colour in rollout(G, clip_frames(cond), mode,
+                                                               memory)], dim=1)
     return torch.cat([cond.float(), out], dim=2) if mode == "grey" else out
 
 
