@@ -14,7 +14,7 @@ against the original at the original's resolution, next to two baselines made th
   (`temporal=False`: GreyUNet sees frame t in place of t-1 and t+1; LineartUNet never gets a
   colour hint), the ablation that shows what the temporal input buys.
 
-Metrics (`trainer.metrics.VideoScores`, where each is defined), per video:
+Metrics (`metrics.VideoScores`; each defined in `metrics/`), per video:
 PSNR and SSIM on RGB in [0, 1]; CDC (dilations {1, 2, 4}) with the ground truth's own CDC as
 the floor; the Farnebäck warp error (flow on the original's L, the same flows for every
 method) with the ground truth's as the floor, and the excess over it; colourfulness
@@ -62,11 +62,11 @@ from inference.colorizer import SCENE_THRESHOLD, Colorizer, keyframe_colour, pre
 from inference.keyframes import KeyframeError, TruthKeyframes, is_greyscale
 from inference.model import Model, ModelError, load_model, pick_device, resolve_size
 from inference.video_io import Frame, OutputError, Source
+from metrics import VideoScores
 from models.anchor import AnchorTrack, flow_input
 from models.colour import compose_grey, rgb_to_cielab
 from shards.atomic import write_json_atomic
 from shards.video import VideoError, find_videos
-from trainer.metrics import VideoScores
 
 METHODS = ("model", "per_frame", "zero_chroma")
 KEYFRAME_COPY = "keyframe_copy"  # under a keyframe protocol: the last keyframe, pasted on

@@ -130,7 +130,7 @@ class GANLoss:
 def warp(x: Tensor, flow: Tensor) -> Tensor:
     """Frame x [N, C, H, W] seen from the frame a flow [N, 2, H, W] starts in: x sampled
     bilinearly at pixel + flow (x then y, in pixels), the border pixel beyond the edge. The
-    temporal loss and the warp error of `trainer.metrics` both use it."""
+    temporal loss and the warp error of `metrics/` both use it."""
     _, _, H, W = x.shape
     ys, xs = torch.meshgrid(torch.arange(H, device=x.device, dtype=x.dtype),
                             torch.arange(W, device=x.device, dtype=x.dtype), indexing="ij")

@@ -8,7 +8,7 @@ Computed once, at sharding time, on the frames at shard resolution (a flow netwo
 downloaded, and a classical flow is too slow for a GPU training loop): OpenCV's DIS (dense
 inverse search, preset MEDIUM) on the frames' grey levels, both directions; a pixel is
 occluded where the two disagree (forward-backward check, Sundaram et al. 2010, as
-`trainer.metrics.non_occlusion_mask`).
+`metrics.non_occlusion_mask`).
 
 Stored as 8-bit RGB PNG, losslessly: R, G = 128 + 4 flow (x, y): quarter-pixel steps, within
 +-31.75 px per frame; B = 255 where visible, 0 where occluded or the flow is out of range.

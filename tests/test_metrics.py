@@ -1,4 +1,4 @@
-"""Validation metrics: the definitions of metrics.md, and the reduction over two real ranks."""
+"""Validation metrics: their published definitions, and the reduction over two real ranks."""
 
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
-from models.colour import rgb_to_cielab
-from trainer.metrics import (
+from metrics import (
     PSNR_CAP_DB,
     ColorizationMetrics,
     VideoScores,
@@ -37,6 +36,7 @@ from trainer.metrics import (
     mean_ciede2000,
     non_occlusion_mask,
 )
+from models.colour import rgb_to_cielab
 
 LUMA = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
 
@@ -147,7 +147,7 @@ def test_the_flow_cache_keeps_the_first_samples_within_its_budget(farneback_call
 def test_opencv_threads_are_shared_by_the_ranks_of_a_node(monkeypatch):
     import cv2
 
-    from trainer import metrics
+    from metrics import flow as metrics
 
     before = cv2.getNumThreads()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")

@@ -12,11 +12,11 @@ from accelerate import Accelerator
 from PIL import Image
 from test_data import best_placement, lab_to_rgb, read_tar_samples
 
+from metrics import ColorizationMetrics
 from models import build_generator, memory_of, no_memory_like
 from models.config import ModelConfig
 from trainer.config import load_config
 from trainer.data import TripletLoader, dali_available
-from trainer.metrics import ColorizationMetrics
 from trainer.train import make_val_loader
 from trainer.validate import colorize_triplet, validate
 

@@ -13,6 +13,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
+from metrics import ColorizationMetrics
 from models import build_discriminator, build_generator, build_loss
 from models.export import export_generator
 from shards.atomic import write_text_atomic
@@ -21,7 +22,6 @@ from trainer.backend import make_backend
 from trainer.checkpoint import Checkpointer
 from trainer.data import NoSamplesError, TripletLoader, select_samples_once
 from trainer.ema import EMA
-from trainer.metrics import ColorizationMetrics
 from trainer.run_log import RunLog, Window
 from trainer.sn_sync import broadcast_spectral_norm, spectral_norm_sigmas
 from trainer.step import GAN, train_step

@@ -11,7 +11,7 @@ The pixels are the same at every validation: the val loader reads its split in o
 rank its own slice, and takes the centre crop of `data.crop_size` with no flip or jitter
 (`TripletLoader(augment=False)`). So the warp error's Farnebäck flows, when the shards store no
 flow, are computed once per sample and cached by its key, up to a memory budget per process
-(`ColorizationMetrics`, `trainer.metrics.FLOW_CACHE_BYTES`).
+(`ColorizationMetrics`, `metrics.FLOW_CACHE_BYTES`).
 
 Beside the model, the same clips are scored for zero chroma (`zero_chroma`: the truth's L with
 a = b = 0, i.e. the grey frame itself), giving `psnr_grey`, `ssim_grey` and
