@@ -11,6 +11,7 @@ vanilla is BCE with logits (softplus(-x) = -log sigmoid(x)): D has no sigmoid, s
 saturates in low precision. G's loss
 
     lambda_adv * adversarial + lambda_pixel * pixel + lambda_chroma * chroma
+        + lambda_temporal * temporal
 
 with the pixel loss the mean |pred - target| (l1) or (pred - target)^2 (l2) over a,b (grey
 mode) or Lab (line-art mode), all in [-1, 1].
@@ -51,10 +52,14 @@ class DLoss(NamedTuple):
 
 
 class GLoss(NamedTuple):
-    total: Tensor  # what G minimizes: adv_weight * adv + lambda_pixel * pixel (+ chroma term)
+    """G's loss and its terms, each logged by the trainer as Loss/G/<field> (a term that is
+    None was not computed this step and is not logged)."""
+
+    total: Tensor  # what G minimizes: the weighted sum of the terms below
     adv: Tensor  # unweighted
     pixel: Tensor  # unweighted
     chroma: Tensor  # unweighted
+    temporal: Tensor | None = None  # unweighted; only with lambda_temporal and flow
 
 
 class GANLoss:
@@ -112,9 +117,12 @@ class GANLoss:
             return (chroma(pred.float()) - chroma(target.float())).abs().mean()
 
     def g_loss(self, fake_logits: Tensor, pred: Tensor, target: Tensor,
-               adv_weight: float | None = None) -> GLoss:
+               adv_weight: float | None = None,
+               previous: tuple[Tensor, Tensor, Tensor] | None = None) -> GLoss:
         """`adv_weight`: the adversarial term's weight (default lambda_adv; see
-        `adv_weight()`). A term of weight 0 is left out of the total, not multiplied by 0."""
+        `adv_weight()`). `previous`: G's colour of frame t-1 with the flow t -> t-1 and its
+        mask (`temporal_loss`), for the temporal term. A term of weight 0 is left out of the
+        total, not multiplied by 0."""
         adv_weight = self.lambda_adv if adv_weight is None else adv_weight
         adv, pixel = self.g_adv(fake_logits), self.pixel(pred, target)
         # the chroma term is logged even when off; only then does it build a graph
@@ -124,7 +132,11 @@ class GANLoss:
             total = adv_weight * adv + total
         if self.lambda_chroma:
             total = total + self.lambda_chroma * chroma
-        return GLoss(total, adv, pixel, chroma)
+        temporal = None
+        if self.lambda_temporal and previous is not None:
+            temporal = temporal_loss(pred, *previous)
+            total = total + self.lambda_temporal * temporal
+        return GLoss(total, adv, pixel, chroma, temporal)
 
 
 def warp(x: Tensor, flow: Tensor) -> Tensor:

@@ -79,6 +79,9 @@ def test_losses_are_fp32_under_autocast(kind):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         d, g = L.d_loss(real, fake), L.g_loss(fake, pred, target)
     for got, want in zip((*d, *g), (*reference[0], *reference[1])):
+        if want is None:  # the temporal term: off
+            assert got is None
+            continue
         assert got.dtype == torch.float32
         assert torch.equal(got, want)
 
@@ -162,3 +165,19 @@ def test_chroma_term_is_off_by_default_but_logged():
     g = loss().g_loss(FAKE, 0.3 * truth, truth)
     assert g.chroma.item() > 0
     assert g.total.item() == pytest.approx(2.125 + 20 * g.pixel.item())
+
+
+def test_the_temporal_term_is_one_more_slot_of_gs_loss():
+    """Given G's colour of t-1 with the flow and mask, g_loss adds lambda_temporal * the
+    masked L1 to its warped colour; without them, or at weight 0, the slot is None."""
+    from models.losses import temporal_loss
+
+    torch.manual_seed(0)
+    pred, target, prev = torch.rand(2, 2, 8, 8), torch.rand(2, 2, 8, 8), torch.rand(2, 2, 8, 8)
+    flow, mask = torch.zeros(2, 2, 8, 8), torch.ones(2, 1, 8, 8)
+    off = loss(lambda_temporal=0.0).g_loss(FAKE, pred, target, previous=(prev, flow, mask))
+    on = loss(lambda_temporal=10.0).g_loss(FAKE, pred, target, previous=(prev, flow, mask))
+    assert off.temporal is None and loss(lambda_temporal=10.0).g_loss(
+        FAKE, pred, target).temporal is None
+    assert torch.equal(on.temporal, temporal_loss(pred, prev, flow, mask))
+    assert torch.allclose(on.total, off.total + 10.0 * on.temporal)

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from models import assemble_d_input, has_memory, previous_colour
-from models.losses import GANLoss, temporal_loss
+from models.losses import GANLoss
 from models.rollout import centre_input, first_frame_colour
 from trainer.data import Batch
 from trainer.ema import EMA
@@ -124,13 +124,10 @@ def train_step(accelerator: Accelerator, gan: GAN, batch: Batch,
         # In the warm-up D's opinion of the fake is only logged: no graph through D for it.
         with backend.autocast(), torch.set_grad_enabled(adv_weight > 0):
             fake_logits = D_raw(assemble_d_input(cfg, batch.cond, fake, batch.target))
-        g = gan.loss.g_loss(fake_logits, fake, real, adv_weight)
-        g_total = g.total
-        if gan.loss.lambda_temporal > 0 and batch.flow is not None:
-            temporal = temporal_loss(fake, fake_prev, batch.flow[:, 0], batch.flow_mask[:, 0])
-            g_total = g_total + gan.loss.lambda_temporal * temporal
-            out["Loss/G/temporal"] = temporal.detach()
-        optimize(backend, g_total, gan.G, gan.opt_G, gan.grad_clip, "G", out)
+        previous = None if batch.flow is None or fake_prev is None else (
+            fake_prev, batch.flow[:, 0], batch.flow_mask[:, 0])  # t -> t-1
+        g = gan.loss.g_loss(fake_logits, fake, real, adv_weight, previous)
+        optimize(backend, g.total, gan.G, gan.opt_G, gan.grad_clip, "G", out)
         D_raw.requires_grad_(True)
 
     backend.end_step()
@@ -143,10 +140,8 @@ def train_step(accelerator: Accelerator, gan: GAN, batch: Batch,
         "Loss/D/total": d.total.detach(),
         "Loss/D/real": d.real.detach(),
         "Loss/D/fake": d.fake.detach(),
-        "Loss/G/total": g_total.detach(),
-        "Loss/G/adv": g.adv.detach(),
-        "Loss/G/pixel": g.pixel.detach(),
-        "Loss/G/chroma": g.chroma.detach(),
+        **{f"Loss/G/{name}": term.detach() for name, term in g._asdict().items()
+           if term is not None},
         "Loss/G/adv_weight": g.total.new_full((), adv_weight),  # a fill, no host copy
     }
     return out
