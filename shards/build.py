@@ -18,8 +18,9 @@ Rebuilding (`--overwrite`) never takes the old data set apart before the new one
 each build names its shards with its own build id (`train-<id>-000000.tar`), writes them
 beside the old ones, publishes its manifest with one atomic rename, and only then deletes
 the files the old manifest(s) listed. A crash, Ctrl-C or full disk at any point leaves the
-old or the new data set whole. Files this tool did not write (no manifest lists them and
-they do not carry its names) are never removed.
+old or the new data set whole. Only files that a manifest in the folder lists, or the record
+a build writes before its first file (`.tricolor-build-<id>.json`, for what a killed build
+left), are ever removed: never a file for its name alone.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from shards import flow
-from shards.atomic import PARTIAL_SUFFIX, fsync_dir, write_json_partial
+from shards.atomic import PARTIAL_SUFFIX, fsync_dir, write_json_atomic, write_json_partial
 from shards.manifest import (
     FORMAT,
     MANIFEST,
@@ -55,6 +56,7 @@ from shards.manifest import (
     tool_file_slice,
     tricolor_version,
 )
+from shards.scan import GOOD_SAMPLES, write_good_samples
 from shards.scenes import SceneCuts
 from shards.tario import ShardWriter
 from shards.video import VideoError, VideoInfo, decode_frames
@@ -272,9 +274,10 @@ class OldDataSet:
     """What `out_dir` holds of earlier builds that this build replaces (see `find_old`)."""
 
     blocking: list[Path]  # entries that make a build without --overwrite refuse
-    leftovers: list[Path]  # this tool's files no manifest lists: removed before building
+    leftovers: list[Path]  # files of killed builds their records name: removed before building
     manifests: list[Path]  # manifests replaced or removed once the new one is published
     listed: set[str]  # shard files those manifests list: deleted after them
+    records: int = 0  # manifests and build records found: 0 means no data set is here
 
 
 def listed_files(manifest_path: Path, log) -> set[str] | None:
@@ -288,32 +291,83 @@ def listed_files(manifest_path: Path, log) -> set[str] | None:
             for k in ("tar", "index")}
 
 
+# A build's record of the files it is writing (`.tricolor-build-<id>.json`), written before
+# the first of them and removed once its manifest lists them: what a build killed before it
+# could clean up leaves behind is found through it, never through its names alone.
+JOURNAL_FORMAT = "tricolor-build/1"
+
+
+def journal_path(out_dir: Path, tag: str) -> Path:
+    return out_dir / f".tricolor-build-{tag[:-1]}.json"
+
+
+def write_journal(out_dir: Path, tag: str, names: list[str]) -> Path:
+    """Record that the build `tag` writes `names` and files named `train-<tag>...` and
+    `val-<tag>...` in `out_dir`."""
+    path = journal_path(out_dir, tag)
+    write_json_atomic(path, {"format": JOURNAL_FORMAT, "names": names,
+                             "prefixes": [f"{split}-{tag}" for split in SPLITS]})
+    return path
+
+
+def journal_files(out_dir: Path, slice_: str | None = None) -> set[Path]:
+    """The files in `out_dir` that build records (of slice `slice_`: "" a whole build, "sKofN"
+    a slice; None: any) name, the records included. A record that cannot be read names
+    nothing but itself."""
+    found: set[Path] = set()
+    if not out_dir.is_dir():
+        return found
+    entries = list(out_dir.iterdir())
+    for journal in entries:
+        if not journal.name.startswith(".tricolor-build-"):
+            continue
+        which = tool_file_slice(journal.name)
+        if which is None or (slice_ is not None and which != slice_):
+            continue
+        found.add(journal)
+        try:
+            record = json.loads(journal.read_text())
+            names, prefixes = set(record["names"]), tuple(record["prefixes"])
+            if record["format"] != JOURNAL_FORMAT or not all(
+                    isinstance(x, str) and x for x in (*names, *prefixes)):
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        found.update(p for p in entries if tool_file_slice(p.name) is not None
+                     and (p.name in names or p.name.startswith(prefixes)))
+    return found
+
+
 def find_old(out_dir: Path, slice_: tuple[int, int] | None, log) -> OldDataSet:
     """The earlier data set(s) in `out_dir` that a build of `slice_` (None: a whole build)
     replaces. A whole build replaces every manifest and the files they list; a slice K/N
     replaces its own `manifest-sKofN.json` and its files, and invalidates the merged
-    `manifest.json` (it lists them too). Only names this tool writes are candidates."""
+    `manifest.json` (it lists them too). Only files that a manifest or a build record
+    (`journal_files`) lists are ever removed: a file that merely carries this tool's names
+    (a user's `train-000000.tar`) is kept."""
     if not out_dir.is_dir():
         return OldDataSet([], [], [], set())
     entries = sorted(out_dir.iterdir())
     manifests = [p for p in entries if p.name == MANIFEST or SLICE_MANIFEST.match(p.name)]
     lists = [listed_files(m, log) for m in manifests]
     listed_anywhere = set().union(*(names for names in lists if names is not None))
-    unreadable = None in lists  # then any unlisted shard may be one it lists: keep them all
+    unreadable = None in lists  # then any shard may be one it lists: keep them all
     mine = "" if slice_ is None else f"s{slice_[0]}of{slice_[1]}"
+    recorded = journal_files(out_dir, None if slice_ is None else mine)
     if slice_ is None:
-        ours = [p for p in entries if tool_file_slice(p.name) is not None]
         listed, blocking = listed_anywhere, entries
     else:
         own = out_dir / manifest_name(slice_)
         manifests = [m for m in manifests if m in (own, out_dir / MANIFEST)]
-        ours = [p for p in entries if tool_file_slice(p.name) == mine]
         # This slice's shards by their names: those its own and the merged manifest list.
         listed = {name for name in listed_anywhere if tool_file_slice(name) == mine}
-        blocking = manifests + ours
-    leftovers = [p for p in ours if p.name not in listed_anywhere
-                 and not (unreadable and p.suffix in (".tar", ".idx"))]
-    return OldDataSet(blocking, leftovers, manifests, listed)
+        blocking = manifests + [p for p in entries if tool_file_slice(p.name) == mine]
+    # A record outlives its build's publication when killed right after it: what the
+    # manifest lists stays.
+    leftovers = sorted(p for p in recorded if p.name not in listed_anywhere
+                       and not (unreadable and p.suffix in (".tar", ".idx")))
+    records = len(manifests) + sum(p.name.startswith(".tricolor-build-") for p in recorded)
+    return OldDataSet(blocking, leftovers, manifests, listed, records)
 
 
 def remove_quietly(paths) -> None:
@@ -366,11 +420,17 @@ def build(
         videos = videos[k::n]
     old = find_old(out_dir, params.slice, log)
     if old.blocking and not overwrite:
+        first = old.blocking[0].name
+        if not old.records:
+            raise FileExistsError(
+                f"{out_dir} already holds {len(old.blocking)} entries (e.g. {first}) and no "
+                "tricolor data set: choose an empty folder, or pass --overwrite to build beside "
+                "them (only files a tricolor manifest lists are ever removed)")
         raise FileExistsError(
-            f"{out_dir} already holds {len(old.blocking)} entries (e.g. {old.blocking[0].name}); "
+            f"{out_dir} already holds {len(old.blocking)} entries (e.g. {first}); "
             "pass --overwrite to replace the data set built there"
         )
-    remove_quietly(old.leftovers)  # of killed builds: partial files, spools, unlisted shards
+    remove_quietly(old.leftovers)  # of killed builds, as their records list them
     out_dir.mkdir(parents=True, exist_ok=True)
     # Unique per build: the new shards never take the old ones' names.
     prefix = f"s{params.slice[0]}of{params.slice[1]}-" if params.slice else ""
@@ -378,7 +438,10 @@ def build(
     spool_dir = out_dir / f".spool-{tag[:-1]}{PARTIAL_SUFFIX}"
     manifest_path = out_dir / manifest_name(params.slice)
     published = None
+    journal = None
     try:
+        journal = write_journal(out_dir, tag, [spool_dir.name,
+                                               manifest_path.name + PARTIAL_SUFFIX])
         spool_dir.mkdir()
         skipped = [dict(s) for s in skipped_inputs]
         for s in skipped:
@@ -391,6 +454,7 @@ def build(
     except BaseException as e:
         if not _is_published(manifest_path, published):
             remove_quietly(_files_of_build(out_dir, tag, manifest_path))
+            remove_quietly([journal] if journal else [])
         if isinstance(e, OSError) and e.filename is None:  # name the folder being written
             raise OSError(e.errno, e.strerror or str(e), str(out_dir)) from e
         raise
@@ -398,19 +462,19 @@ def build(
         remove_quietly([spool_dir])
     fsync_dir(out_dir)
     retire(old, manifest_path, log)
+    remove_quietly([journal])  # the manifest lists this build's files now
     if not params.slice:  # a slice's shards are indexed by `merge`, with the others
         index_good_samples(out_dir, log)
     return BuildResult(manifest, skipped)
 
 
-def index_good_samples(out_dir: Path, log=print) -> Path | None:
+def index_good_samples(out_dir: Path, log=print, records=None) -> Path | None:
     """Scan the shards once, as every loader would at start-up, and write the result beside
-    the manifest (`trainer.data.samples.write_good_samples`): loaders then read that one file
-    instead of every shard. Optional: where it cannot be written, loaders scan (and say so)."""
-    from trainer.data.samples import GOOD_SAMPLES, write_good_samples
-
+    the manifest (`shards.scan.write_good_samples`): loaders then read that one file
+    instead of every shard. `records`: the result of `verify`'s scan, written as it is.
+    Optional: where it cannot be written, loaders scan (and say so)."""
     try:
-        return write_good_samples(out_dir)
+        return write_good_samples(out_dir, records=records)
     except ManifestError:  # no sound manifest: `verify` names what is wrong with it
         return None
     except OSError as e:

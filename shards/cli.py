@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from shards.build import MAX_SHORT_SIDE, BuildParams, build, index_good_samples
-from shards.manifest import MANIFEST, ManifestError, merge
+from shards.manifest import ManifestError, merge
 from shards.verify import verify
 from shards.video import find_videos, sample_video
 
@@ -54,12 +54,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the data set in --out (a slice: its own, and remove the merged "
                         "manifest.json until `merge`); the old one stays whole until the new "
-                        "one is complete; files no manifest lists are kept")
+                        "one is complete; files no tricolor manifest or build record lists "
+                        "are kept, whatever their names")
 
     p = sub.add_parser("verify", help="re-read every shard and check it against the manifest",
-                       description="Re-read every shard and check it against the manifest; "
-                                   "then (re)write good-samples.json, the readable samples the "
-                                   "training loaders read instead of scanning every shard.")
+                       description="Re-read every shard and check it against the manifest "
+                                   "(every member's format, size, CRC-32 and decoding); then "
+                                   "(re)write good-samples.json, the readable samples the "
+                                   "training loaders read instead of scanning every shard: "
+                                   "every sample named here is left out of it.")
     p.add_argument("dir", type=Path)
 
     p = sub.add_parser("merge", help="merge the manifests of a sliced build")
@@ -110,13 +113,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out}")
             print(summarize(result.manifest))
         elif args.command == "verify":
-            problems = verify(args.dir)
+            records: dict = {}
+            problems = verify(args.dir, records)
             for problem in problems:
                 print(f"error: {problem}", file=sys.stderr)
-            # What the loaders will read: written even when problems were found (they
-            # skip what is damaged, and the index records what they skip).
-            if (args.dir / MANIFEST).is_file() and (index := index_good_samples(args.dir)):
-                print(f"wrote {index}")
+            # What the loaders will read: written even when problems were found; it leaves
+            # out every sample named above (verify's own scan), and records what it skips.
+            if records and (index := index_good_samples(args.dir, records=records)):
+                left_out = " (without the samples named above)" if problems else ""
+                print(f"wrote {index}{left_out}")
             if problems:
                 print(f"{args.dir}: {len(problems)} problems", file=sys.stderr)
                 return 1

@@ -14,12 +14,15 @@ MANIFEST = "manifest.json"
 SLICE_MANIFEST = re.compile(r"^manifest-s(\d+)of(\d+)\.json$")
 # The names this tool gives what it writes, with the slice (`s0of8`) as group 1 when sliced:
 # shards (`train-[sKofN-][<build id>-]000000.tar`, with their `.idx`; names without a build id
-# are from earlier versions), their `.partial` forms, manifests being written, spool folders.
+# are from earlier versions), their `.partial` forms, manifests being written, spool folders,
+# build records.
 _TOOL_NAMES = (
     re.compile(r"^(?:train|val)-(?:(s\d+of\d+)-)?(?:[0-9a-f]{8}-)?\d{6}\.(?:tar|idx)(?:\.partial)?$"),
     re.compile(r"^manifest(?:-(s\d+of\d+))?\.json\.partial$"),
     # spool folders: `.spool-[sKofN-]<build id>.partial`, earlier `.spool-{all,sKofN}-partial`
     re.compile(r"^\.spool-(?:all-partial|(?:(s\d+of\d+)-)?(?:[0-9a-f]{8}\.)?partial)$"),
+    # a build's record of the files it writes (`shards.build.write_journal`)
+    re.compile(r"^\.tricolor-build-(?:(s\d+of\d+)-)?[0-9a-f]{8}\.json(?:\.partial)?$"),
 )
 
 

@@ -301,9 +301,10 @@ def test_frames_whose_crc32_differs_are_skipped_named_and_counted(tmp_path, shar
     keys = [split_member_name(s["cur.jpg"][2])[0] for s in (first, second)]
     with caplog.at_level(logging.WARNING):
         loader = make_loader(bad)
-    assert dict(loader.skipped) == {"checksum mismatch": 2}  # the markers passed
+    # the markers passed
+    assert dict(loader.skipped) == {"checksum mismatch": 1, "unreadable json": 1}
     assert f"{tar}: sample {keys[0]}: checksum mismatch (cur.jpg: CRC-32" in caplog.text
-    assert f"{tar}: sample {keys[1]}: checksum mismatch (json member unreadable" in caplog.text
+    assert f"{tar}: sample {keys[1]}: unreadable json (Expecting" in caplog.text
     assert "cannot be detected" not in caplog.text
     seen = [k for b in loader for k in b.keys]  # the real pipeline never gets them
     readable = train_samples(shards) - 2
@@ -555,17 +556,18 @@ def test_one_process_selects_the_samples_for_every_rank(tmp_path, shards):
     assert "scan_shard" not in ranks[0]["reads"]  # the index holds: no shard opened
 
 
-def count_jpeg_checks(monkeypatch) -> list[int]:
-    from trainer.data import samples
+def count_sample_checks(monkeypatch) -> list[int]:
+    """How often the scan checks a sample (`shards.check.sample_problem`)."""
+    from shards import scan
 
     calls = [0]
-    real = samples._jpeg_ok
+    real = scan.sample_problem
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         calls[0] += 1
-        return real(*args)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(samples, "_jpeg_ok", counted)
+    monkeypatch.setattr(scan, "sample_problem", counted)
     return calls
 
 
@@ -578,14 +580,14 @@ def test_the_good_samples_index_replaces_the_scan_until_a_shard_changes(tmp_path
 
     copy = damaged_copy(shards, tmp_path)
     assert (copy / "good-samples.json").is_file()
-    checks = count_jpeg_checks(monkeypatch)
+    checks = count_sample_checks(monkeypatch)
     with caplog.at_level(logging.WARNING):
         indexed = scan_split(copy, "train")
     assert checks[0] == 0 and not caplog.text
     (copy / "good-samples.json").rename(tmp_path / "good-samples.json")
     with caplog.at_level(logging.WARNING):
         scanned = scan_split(copy, "train")
-    assert checks[0] == 3 * len(scanned) and "no good-samples index" in caplog.text
+    assert checks[0] == len(scanned) and "no good-samples index" in caplog.text
     assert indexed.fingerprint() == scanned.fingerprint()  # the same list either way
     assert [s.lines for s in indexed.shards] == [s.lines for s in scanned.shards]
     (tmp_path / "good-samples.json").rename(copy / "good-samples.json")
@@ -598,7 +600,7 @@ def test_the_good_samples_index_replaces_the_scan_until_a_shard_changes(tmp_path
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         loader = make_loader(copy)
-    assert 0 < checks[0] <= 3 * entry["samples"]  # the cut shard alone is scanned
+    assert 0 < checks[0] <= entry["samples"]  # the cut shard alone is scanned
     assert "1 of 3 train shards changed since good-samples.json" in caplog.text
     assert entry["tar"] in caplog.text and f"{tar}: sample" in caplog.text
     lost = loader.skipped["truncated tar"]
@@ -621,7 +623,7 @@ def test_verify_rewrites_the_index_and_it_records_what_is_skipped(tmp_path, shar
     before = (copy / "good-samples.json").read_bytes()
     assert shards_main(["verify", str(copy)]) == 1  # the damage is a problem for verify
     assert (copy / "good-samples.json").read_bytes() != before
-    checks = count_jpeg_checks(monkeypatch)
+    checks = count_sample_checks(monkeypatch)
     with caplog.at_level(logging.WARNING):
         loader = make_loader(copy)
     assert checks[0] == 0

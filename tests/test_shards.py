@@ -168,7 +168,8 @@ def test_verify_accepts_a_build_and_names_each_defect(tmp_path, bunny):
     problems = verify(out)
     assert any(str(tar0) in p and "sha256" in p for p in problems)
     assert any(str(out / shards[1]["index"]) in p and "missing index" in p for p in problems)
-    assert any("train-000099.tar.partial" in p and "interrupted" in p for p in problems)
+    # no manifest or build record lists it: named, and left to its owner
+    assert any("train-000099.tar.partial" in p and "delete it yourself" in p for p in problems)
     assert not any(str(tar1) in p for p in problems)
     result = run_cli("verify", str(out))
     assert result.returncode == 1 and str(tar0) in result.stderr
@@ -218,13 +219,13 @@ def test_overwrite_replaces_only_the_old_data_set(tmp_path):
     build = ["build", str(video), "--out", str(out), "--val-fraction", "0"]
     assert main(build) == 0
     old_shards = dataset_files(out)
-    # Files this tool did not write, even with its suffixes, and leftovers it did write.
-    unrelated = {"notes.json": b"{}", "other.tar": b"x", "x.idx": b"y", "mine.partial": b"z"}
+    # Files this tool did not write, even with its suffixes or its very names: no manifest
+    # or build record lists them, so no rebuild removes them.
+    unrelated = {"notes.json": b"{}", "other.tar": b"x", "x.idx": b"y", "mine.partial": b"z",
+                 "train-000099.tar.partial": b"junk"}
     for name, data in unrelated.items():
         (out / name).write_bytes(data)
-    (out / "train-000099.tar.partial").write_bytes(b"junk")
     (out / ".spool-all-partial").mkdir()
-    (out / ".spool-s0of2-0123abcd.partial").mkdir()  # a killed slice build's
     (out / ".spool-mystuff").mkdir()  # a user's folder that merely starts like a spool
     (out / ".spool-mystuff" / "keep.txt").write_text("mine")
     result = run_cli(*build)
@@ -236,18 +237,29 @@ def test_overwrite_replaces_only_the_old_data_set(tmp_path):
     new_shards = dataset_files(out)
     assert new_shards and not new_shards & old_shards  # each build names its shards anew
     assert not any((out / name).exists() for name in old_shards)
-    assert not (out / "train-000099.tar.partial").exists()
-    assert not (out / ".spool-all-partial").exists()
-    assert not (out / ".spool-s0of2-0123abcd.partial").exists()
+    assert (out / ".spool-all-partial").is_dir()
     assert (out / ".spool-mystuff" / "keep.txt").read_text() == "mine"
-    assert verify(out) == []  # other.tar and x.idx are not this tool's names
-    # A hand-edited manifest that lists a user's file as a shard: the rebuild keeps the file.
+    # other.tar and x.idx are not this tool's names; the two that are, verify names
+    kept = verify(out)
+    assert len(kept) == 2 and all("delete it yourself" in p for p in kept), kept
+    unrelated.pop("train-000099.tar.partial")
+    (out / "train-000099.tar.partial").unlink()
+    (out / ".spool-all-partial").rmdir()
+    assert verify(out) == []
+    # A hand-edited manifest that lists a user's file as a shard: the rebuild keeps the file,
+    # and the shard the edit no longer lists too (no manifest lists it: only verify names it).
     manifest = json.loads((out / "manifest.json").read_text())
+    dropped = manifest["splits"]["train"]["shards"][0]
+    dropped = [dropped["tar"], dropped["index"]]
     manifest["splits"]["train"]["shards"][0].update(tar="other.tar", index="x.idx")
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert run_cli(*build, "--overwrite").returncode == 0
     for name, data in unrelated.items():
         assert (out / name).read_bytes() == data
+    kept = verify(out)
+    assert sorted(p.split(":")[0] for p in kept) == sorted(str(out / name) for name in dropped)
+    for name in dropped:
+        (out / name).unlink()
     assert verify(out) == []
     new_shards = dataset_files(out)
     # A manifest that cannot be read lists nothing for sure: a rebuild then removes no shard.
@@ -356,7 +368,7 @@ def test_sliced_builds_merge_into_one_manifest(tmp_path):
 def assert_indexed(out: Path) -> None:
     """`out/good-samples.json` holds every shard of the manifest, keyed by its files'
     versions, with the samples a scan finds."""
-    from trainer.data.samples import _file_version
+    from shards.scan import file_version
 
     index = json.loads((out / "good-samples.json").read_text())
     for split, info in load_manifest(out)["splits"].items():
@@ -364,8 +376,8 @@ def assert_indexed(out: Path) -> None:
         assert [r["tar"] for r in records] == [s["tar"] for s in info["shards"]]
         for record, entry in zip(records, info["shards"]):
             assert record["sha256"] == entry["sha256"] and not record["skipped"]
-            assert record["tar_version"] == _file_version(out / entry["tar"])
-            assert record["index_version"] == _file_version(out / entry["index"])
+            assert record["tar_version"] == file_version(out / entry["tar"])
+            assert record["index_version"] == file_version(out / entry["index"])
             assert len(record["lines"]) == entry["samples"]
 
 
@@ -583,9 +595,10 @@ def test_verify_names_a_sample_whose_jpeg_data_is_damaged(tmp_path):
     tar_path.write_bytes(bytes(raw))
     key = member.name.split(".")[0]
     problems = verify(out)
-    damaged = [p for p in problems if "damaged data" in p]
-    assert len(damaged) == 1 and f"sample {key!r}.cur.jpg" in damaged[0], problems
-    assert not any("not a decodable JPEG" in p for p in problems)  # it decodes: only the CRC
+    damaged = [p for p in problems if "checksum mismatch" in p]
+    assert len(damaged) == 1, problems
+    assert f"sample {key!r}: checksum mismatch (cur.jpg: CRC-32" in damaged[0]
+    assert not any("undecodable" in p for p in problems)  # it decodes: only the CRC tells
 
 
 def run_on_full_disk(cmd: list[str], out: Path, free_kb: int) -> subprocess.CompletedProcess:

@@ -20,6 +20,7 @@ from pathlib import Path
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from models.colour import CANNY_HIGH, CANNY_LOW
 from models.config import LossConfig, ModelConfig, check_loss_config, check_model_config
 
 
@@ -43,8 +44,8 @@ class DataConfig:
     crop_size: int = 128  # side of the random square crop, pixels; a multiple of 2**model.depth
     flip: bool = True  # random horizontal flip, the same for the three frames of a triplet
     brightness_jitter: float = 0.0  # max relative brightness change (same for all 3); 0 = off
-    canny_low: float = 0.1  # line-art mode: Canny hysteresis thresholds on gradients in [0, 1]
-    canny_high: float = 0.2
+    canny_low: float = CANNY_LOW  # line-art mode: Canny hysteresis thresholds on gradients
+    canny_high: float = CANNY_HIGH  # of L in [0, 1]
     num_threads: int = 2  # DALI CPU threads, or DataLoader workers, per process
     # DALI's reader maps the tar files (fast on local disks); false reads them with plain
     # reads, which most network filesystems (Lustre, NFS) serve better
@@ -52,6 +53,9 @@ class DataConfig:
     # validation reads this many samples of the val split (a fixed, evenly spaced subset:
     # the same pixels at every validation); 0 = all of them
     val_samples: int = 0
+    # samples that fail while read (damaged since the shards were indexed) are skipped and
+    # counted per loader and process; past this many the run stops, naming the last one
+    max_bad_samples: int = 100
 
 
 @dataclass
@@ -119,7 +123,8 @@ RANGES = [
         "train.keep_checkpoints", "train.stop_check_every")],
     *[(key, lambda v: v >= 0, ">= 0") for key in (
         "train.max_steps", "train.image_every", "train.val_every", "train.checkpoint_every",
-        "optim.warmup_steps", "optim.grad_clip", "data.val_samples")],
+        "optim.warmup_steps", "optim.grad_clip", "data.val_samples",
+        "data.max_bad_samples")],
     # under a second, a process group times out before gloo or NCCL can even connect
     ("train.dist_timeout_min", lambda v: v >= 1 / 60, ">= 1/60 (minutes: one second)"),
     *[(key, lambda v: v > 0, "> 0 (a learning rate of 0 trains nothing)")

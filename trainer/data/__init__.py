@@ -18,14 +18,34 @@ in the same order on the same rank, each the centre crop of `data.crop_size` (wi
 `data.val_samples` > 0: the val split reads a fixed, evenly spaced subset of that many
 samples (`select_samples`).
 
-Backends: `dali` (default wherever DALI imports: GPU decoding, or CPU without a GPU) and
-`webdataset` (torch DataLoader over the webdataset library) with the same contract.
+Samples are checked twice. Before the loader starts, its sample list leaves out every
+sample the scan finds unfit (`trainer.data.samples`, `shards.check`). While it reads, a sample
+that fails anyway (damaged since the shards were indexed: the index and the scan's cache
+trust a shard whose size and mtime are unchanged) is skipped, named with its shard and key,
+and counted (`TripletLoader.bad`, part of `skipped`); past `data.max_bad_samples` of them
+the loader stops with `BadSamplesError`. What each backend catches while reading:
+
+- webdataset: every member's bytes pass through the host, and are checked when read: CRC-32
+  against the json's, decoded, every image of the sample's size. Nothing damaged is
+  trained on (in shards built before checksums: what still decodes to the right size is).
+- DALI: its reader reads the bytes itself, so their CRC-32 cannot be checked on the host.
+  A sample DALI fails on (a damaged PNG: libpng checks its chunks' CRCs; a JPEG that will
+  not decode; an image too small for the crop window) stops the pipeline. Its shard (the
+  one DALI's error names, else every shard of the list) is scanned again on the host, every
+  checksum (`trainer.data.samples.rescan`); the damaged samples are named, counted and
+  replaced in the index by another sample of their shard, and a new pipeline gives the rest
+  of the epoch. Not caught: bytes changed in place (the tar's size and mtime kept) that
+  DALI still decodes and crops (damaged JPEG entropy data; an image swapped for another of
+  the same byte length, at least as large as the crop): they are trained on.
+  `tricolor-shards verify` finds them (it checks every CRC-32 and decodes every image,
+  whatever the index says) and rewrites the index without them.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +68,11 @@ class Batch:
     # of the crop [B, 2, 2, H, W], and where it holds (visible in both frames) [B, 2, 1, H, W]
     flow: Tensor | None = None
     flow_mask: Tensor | None = None
+
+
+class BadSamplesError(NoSamplesError):
+    """More samples failed while read than `data.max_bad_samples` allows, or DALI failed on
+    a sample that the host cannot name."""
 
 
 def dali_available() -> bool:
@@ -142,6 +167,7 @@ class TripletLoader:
                 f"{cfg.shards}: frames of size {small} are smaller than data.crop_size = "
                 f"{cfg.crop_size}; rebuild the shards with a larger --short-side"
             )
+        self.bad: dict[tuple[str, str], str] = {}  # (shard, key) -> why it failed when read
         self.samples_per_rank = len(self.samples) // world_size
         self.steps_per_epoch = self.samples_per_rank // cfg.batch_size
         if self.steps_per_epoch == 0:
@@ -161,11 +187,36 @@ class TripletLoader:
 
     @property
     def skipped(self) -> dict[str, int]:
-        return dict(self.samples.skipped)
+        """Samples left out, by reason: at the scan, and (`... while reading`) since."""
+        counts = Counter(self.samples.skipped)
+        counts.update(f"{reason.split(' (')[0]} while reading" for reason in self.bad.values())
+        return dict(counts)
 
     @property
     def skipped_total(self) -> int:
-        return sum(self.samples.skipped.values())
+        return sum(self.samples.skipped.values()) + len(self.bad)
+
+    def skip_bad(self, shard: str, key: str, reason: str) -> None:
+        """Count a sample that failed while read (once per shard and key, however often it is
+        met), and stop past `data.max_bad_samples` of them."""
+        if (shard, key) in self.bad:
+            return
+        self.bad[(shard, key)] = reason
+        limit = getattr(self.cfg, "max_bad_samples", 100)
+        log.warning("%s: sample %s: %s; skipped while reading the %s split (%d such so far)",
+                    shard, key, reason, self.split, len(self.bad))
+        if len(self.bad) > limit:
+            self.fail(f"{shard}: sample {key}: {reason}; {len(self.bad)} samples of the "
+                      f"{self.split} split failed while read, more than data.max_bad_samples "
+                      f"= {limit}: run `tricolor-shards verify {self.cfg.shards}` (it names "
+                      "them and rewrites the index without them), or raise "
+                      "data.max_bad_samples")
+
+    def fail(self, message: str) -> None:
+        """Stop reading with `BadSamplesError(message)`, raised on this rank alone."""
+        if self.rank != 0:  # the trainer prints the data errors of the main process only
+            log.error("%s", message)
+        raise BadSamplesError(message)
 
     def __len__(self) -> int:
         return self.steps_per_epoch

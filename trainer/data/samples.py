@@ -2,90 +2,70 @@
 
 Before any loader starts, the shards of its split are scanned, so that all ranks read one
 list of readable samples; the trainer scans on one process and hands the list to the others
-(`trainer.data.select_samples_once`), a loader made without one scans for itself. Shard and
-index paths come only from the manifest (`shards.manifest.shard_file`: plain names inside
-the shard folder). Per shard:
-
-- a missing, empty or unreadable shard (not a tar) is skipped with a warning and counts as
-  the manifest's number of samples for it;
-- its `.idx` must be a DALI index of this very tar: an unreadable one (a directory, no
-  permission), a malformed one (bad header, wrong field
-  count, non-integers, members listed past the end of a whole tar) or a stale one (the tar
-  header 512 bytes before a listed member does not carry its name and size) is reported
-  naming the index file, and the shard is re-indexed from the tar for this run, as when the
-  index is missing; the manifest's samples a shard no longer holds count as "truncated
-  tar" (or "missing samples" when the tar reads whole);
-- a sample with a missing frame member, one that runs past the end of a truncated tar, a
-  JPEG member without JPEG start/end markers, or (shards built with checksums) a frame whose
-  CRC-32 differs from the one recorded in the sample's `json` member, or an unreadable
-  `json` member, is skipped with a warning naming the shard and the key, and counted by
-  reason. Shards without checksums still load; one warning says that corrupted JPEG data
-  (markers intact) cannot be detected in them.
-
-Checking the checksums reads and hashes every frame byte of the split on the scanning
-process: about 0.75 s per GB of shards in the page cache, 1.3 s per GB from disk, on this
-2-core machine (the scan without it: 0.2-1 s per GB). A shard whose checksums all matched
-is remembered (`VerifiedCache`, keyed by path, size, mtime and index), so a restart hashes
-only new or changed shards.
+(`trainer.data.select_samples_once`), a loader made without one scans for itself. What the
+scan of one shard checks, and the good-samples index, live with the shard format
+(`shards.scan`, `shards.check`).
 
 The scan runs once per data set, not at every start: `tricolor-shards build` and
-`tricolor-shards verify` scan every shard as above (every checksum, no cache) and write its
-result beside the manifest (`good-samples.json`, `write_good_samples`): per shard, the
-readable samples' index lines and what was skipped, keyed by what identifies the files'
-versions (size and mtime in ns of the tar and its `.idx`, the manifest's sha256 and sample
-count, the members read). A loader reads that one file instead of opening the shards; a
-shard whose files no longer match their record (changed, truncated, replaced, lost), or that
-the index lacks, is scanned as above, with a warning naming it, and only that one. Without
-the file every shard is scanned, as before. The result is the same list either way
-(`SampleSet.fingerprint()`, also saved with the loader position). One process per job reads
-it and hands the list to the others (`trainer.data.select_samples_once`).
+`tricolor-shards verify` write its result beside the manifest (`good-samples.json`). A
+loader reads that one file instead of opening the shards; a shard whose files no longer
+match their record (changed, truncated, replaced, lost), or that the index lacks, is
+scanned, with a warning naming it, and only that one. Without the file every shard is
+scanned. The result is the same list either way (`SampleSet.fingerprint()`, also saved
+with the loader position). One process per job reads it and hands the list to the others
+(`trainer.data.select_samples_once`).
 
 The readable samples are trimmed to a multiple of the world size, so that every rank reads
 the same number of samples (uneven step counts hang DDP collectives), and the survivors are
-written as fresh `.idx` files in a private directory: DALI then never touches a bad sample,
-because it only reads what the index lists.
+written as fresh `.idx` files in a private directory: DALI then never touches a sample the
+scan left out, because it only reads what the index lists. Damage after the scan (the index
+and the cache trust a shard whose size and mtime are unchanged) is met while reading: see
+`trainer.data` for what each backend catches then, and `rescan`.
 """
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import hashlib
 import json
 import logging
-import mmap
-import os
-import tarfile
 import tempfile
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shards.atomic import write_text_atomic
+from shards.check import FRAME_MEMBERS
 from shards.flow import MEMBERS as FLOW_MEMBERS  # with --flow: t -> t-1, t -> t+1
 from shards.manifest import load_manifest, shard_file
-from shards.tario import INDEX_VERSION, read_index, split_member_name
+from shards.scan import (  # what the scan of one shard finds: re-exported for the loaders
+    GOOD_SAMPLES,
+    GOOD_SAMPLES_FORMAT,
+    ShardSamples,
+    VerifiedCache,
+    frame_sizes,
+    members_of,
+    parse_index,
+    quiet_scan,
+    scan_shard,
+    shard_key,
+    shard_record,
+)
+from shards.tario import INDEX_VERSION, split_member_name
+
+__all__ = ["FLOW_MEMBERS", "FRAME_MEMBERS", "GOOD_SAMPLES", "NoSamplesError", "SampleSet",
+           "ShardSamples", "VerifiedCache", "parse_index", "scan_shard", "scan_split"]
 
 log = logging.getLogger(__name__)
-
-FRAME_MEMBERS = ("prev.jpg", "cur.jpg", "next.jpg")  # frames t-1, t, t+1
-TAR_BLOCK = 512  # a tar header is one block, right before its member's data
-
-GOOD_SAMPLES = "good-samples.json"  # the scan's result, beside manifest.json
-GOOD_SAMPLES_FORMAT = "tricolor-good-samples/1"
-
-Member = tuple[int, int, str]  # (offset of the data, size, member name in the tar)
-Sample = dict[str, Member]  # extension (e.g. "cur.jpg") -> member
 
 
 class NoSamplesError(ValueError):
     """The shard list holds no readable sample."""
 
 
-@dataclass
-class ShardSamples:
-    tar: Path
-    lines: list[str]  # one index line per readable sample (frame and flow members only)
-    unchecked: int = 0  # readable samples whose json carries no CRC-32 (older builds)
+def line_key(line: str) -> str:
+    """The sample key of an index line (`ext offset size <key>.<ext> ...`)."""
+    return split_member_name(line.split()[3])[0]
 
 
 @dataclass
@@ -100,7 +80,7 @@ class SampleSet:
         return sum(len(s.lines) for s in self.shards)
 
     def keys(self) -> list[str]:
-        return [line.split()[3].split(".", 1)[0] for s in self.shards for line in s.lines]
+        return [line_key(line) for s in self.shards for line in s.lines]
 
     def fingerprint(self) -> str:
         """Identifies this exact sample list: a saved loader position only applies to it."""
@@ -110,6 +90,21 @@ class SampleSet:
             for line in s.lines:
                 h.update(line.encode())
         return h.hexdigest()[:16]
+
+    def replacing(self, bad: set[tuple[Path, str]]) -> SampleSet:
+        """A copy in which each sample of `bad` (shard, key) reads another sample of its shard
+        instead (the nearest sound one before it, else after it), so that every rank's slice
+        of the list keeps its length; a shard with no sound sample left loses its lines."""
+        shards = []
+        for shard in self.shards:
+            keys = [line_key(line) for line in shard.lines]
+            good = [i for i, key in enumerate(keys) if (shard.tar, key) not in bad]
+            lines = [] if not good else [
+                line if (shard.tar, key) not in bad
+                else shard.lines[good[max(bisect.bisect(good, i) - 1, 0)]]
+                for i, (line, key) in enumerate(zip(shard.lines, keys))]
+            shards.append(ShardSamples(shard.tar, lines, shard.unchecked))
+        return dataclasses.replace(self, shards=shards)
 
     def write_indexes(self, directory: Path | None = None) -> tuple[list[str], list[str]]:
         """Write one `.idx` per non-empty shard; return (tar paths, index paths) for DALI."""
@@ -123,312 +118,6 @@ class SampleSet:
             tars.append(str(s.tar))
             idxs.append(str(idx))
         return tars, idxs
-
-
-# --- the index of one shard ---------------------------------------------------------------
-
-
-def parse_index(text: str) -> list[Sample]:
-    """The samples a wds2idx-format index lists; ValueError saying what is malformed."""
-    lines = text.splitlines()
-    head = lines[0].split() if lines else []
-    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
-        first = lines[0][:40] if lines else ""
-        raise ValueError(f"header line {first!r}, expected '{INDEX_VERSION} <samples>'")
-    samples: list[Sample] = []
-    for number, line in enumerate(lines[1:], start=2):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) % 4:
-            raise ValueError(f"line {number} has {len(fields)} fields, expected 4 per member "
-                             "(ext offset size name)")
-        sample = {}
-        for i in range(0, len(fields), 4):
-            ext, offset, size, name = fields[i : i + 4]
-            if not (offset.isdigit() and size.isdigit()):
-                raise ValueError(f"line {number}: offset {offset!r} or size {size!r} is not "
-                                 "a non-negative integer")
-            sample[ext] = (int(offset), int(size), name)
-        samples.append(sample)
-    if int(head[1]) != len(samples):
-        raise ValueError(f"header says {head[1]} samples, {len(samples)} lines follow")
-    return samples
-
-
-def index_tar(tar: Path) -> tuple[list[Sample], str | None]:
-    """Index `tar` from its headers, as wds2idx does; for a tar cut short, the samples before
-    the cut and what went wrong (None when the whole tar was read)."""
-    members: list[list[tuple[str, int, int, str]]] = []
-    try:
-        read_index(tar, members)
-        error = None
-    except (tarfile.TarError, OSError, EOFError) as e:
-        error = str(e) or type(e).__name__
-    return [{ext: (offset, size, name) for ext, offset, size, name in m} for m in members], error
-
-
-def _header_holds(data: mmap.mmap, member: Member) -> bool:
-    """Whether the tar header right before `member`'s data names it with its size."""
-    offset, size, name = member
-    if offset < TAR_BLOCK:
-        return False
-    header = data[offset - TAR_BLOCK : offset]
-    stored = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-    prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
-    if header[257:262] == b"ustar" and prefix:
-        stored = f"{prefix}/{stored}"
-    try:
-        stored_size = int(header[124:136].replace(b"\0", b" ").strip() or b"0", 8)
-    except ValueError:
-        return False
-    # A long name (GNU or PAX) leaves only its first characters in the header itself.
-    named = stored == name or (len(name) >= 100 and stored != "" and name.startswith(stored))
-    return named and stored_size == size
-
-
-def _index_problem(tar: Path, samples: list[Sample], data: mmap.mmap) -> str | None:
-    """Why `samples` (read from the shard's index) do not describe `tar`, or None."""
-    past_end = False
-    for sample in samples:
-        for member in sample.values():
-            if member[0] + member[1] > len(data):
-                past_end = True  # a truncated tar, or an index of a longer one
-            elif not _header_holds(data, member):
-                return (f"stale index: {tar.name} holds no member {member[2]!r} of "
-                        f"{member[1]} bytes at offset {member[0]} (an index of another tar?)")
-    if past_end and index_tar(tar)[1] is None:
-        return f"it lists members past the end of {tar.name}, which is a whole tar"
-    return None
-
-
-def _listed_samples(tar: Path, index: Path, data: mmap.mmap) -> tuple[list[Sample], str | None]:
-    """The samples of `tar` from its index, or from the tar itself where the index is
-    missing or does not describe it; plus, when the tar is cut short, what went wrong."""
-    if not index.exists():
-        log.warning("%s: no index beside the shard; indexing it now", tar)
-        return index_tar(tar)
-    try:
-        samples = parse_index(index.read_text())
-        problem = _index_problem(tar, samples, data)
-    except ValueError as e:  # UnicodeDecodeError included
-        problem = f"malformed index ({e})"
-    except OSError as e:  # a directory, no permission: the tar itself still says it all
-        problem = f"unreadable index ({e.strerror or e})"
-    if problem is None:
-        return samples, None
-    log.warning("%s: %s; re-indexing %s from the tar for this run (rebuild the shards to "
-                "replace the file)", index, problem, tar.name)
-    return index_tar(tar)
-
-
-# --- the samples of one shard -------------------------------------------------------------
-
-
-class VerifiedCache:
-    """Shards whose frames all matched their CRC-32 at an earlier start, so that a restart
-    (a requeued job) does not read and hash every frame again: one empty file per shard in
-    `$XDG_CACHE_HOME/tricolor/verified-shards` (default `~/.cache/...`), named by a hash of
-    the shard's resolved path, size, mtime (ns) and the samples its index lists. A shard
-    damaged in place without a change of size or mtime is therefore not re-checked: delete
-    the folder to check everything again. The cache is optional: where it cannot be
-    written, every start checks every frame."""
-
-    @staticmethod
-    def directory() -> Path:
-        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        return Path(base) / "tricolor" / "verified-shards"
-
-    @classmethod
-    def marker(cls, tar: Path, samples: list[Sample]) -> Path | None:
-        try:
-            stat = tar.stat()
-            h = hashlib.sha256(f"{tar.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
-            h.update(json.dumps(samples, sort_keys=True).encode())
-            return cls.directory() / h.hexdigest()
-        except (OSError, RuntimeError):  # no home directory, or a path that will not resolve
-            return None
-
-    @staticmethod
-    def remember(marker: Path) -> None:
-        try:
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            partial = marker.with_name(f"{marker.name}.{os.getpid()}.partial")
-            partial.touch()
-            os.replace(partial, marker)  # ranks scanning the same shard write the same file
-        except OSError as e:
-            log.debug("cannot remember verified shard in %s (%s)", marker.parent, e)
-
-
-
-def _checksum_problem(sample: Sample, data: mmap.mmap,
-                      members: tuple[str, ...] = FRAME_MEMBERS) -> str | None:
-    """A frame whose CRC-32 is not the recorded one, or an unreadable json member; "" when
-    the sample records no checksums (built before they were)."""
-    if "json" not in sample:
-        return ""
-    offset, size, _ = sample["json"]
-    try:
-        meta = json.loads(data[offset : offset + size])
-    except ValueError as e:  # not JSON, or not UTF-8
-        return f"checksum mismatch (json member unreadable: {e})"
-    if not isinstance(meta, dict):
-        return "checksum mismatch (json member is not an object)"
-    if "crc32" not in meta:
-        return ""
-    recorded = meta["crc32"]
-    for m in members:
-        if not isinstance(recorded, dict) or not isinstance(recorded.get(m), int):
-            return f"checksum mismatch (json member records no CRC-32 of {m})"
-        offset, size, _ = sample[m]
-        crc = zlib.crc32(data[offset : offset + size])
-        if crc != recorded[m]:
-            return f"checksum mismatch ({m}: CRC-32 {crc:08x}, recorded {recorded[m]:08x})"
-    return None
-
-
-def _jpeg_ok(data: mmap.mmap, offset: int, size: int) -> bool:
-    # JPEG starts with SOI (FFD8) and ends with EOI (FFD9), possibly followed by a few
-    # padding bytes. Missing markers mean a cut or foreign file: the decoder would fail.
-    tail = data[max(offset, offset + size - 64) : offset + size]
-    return size > 4 and data[offset : offset + 2] == b"\xff\xd8" and b"\xff\xd9" in tail
-
-
-def _png_ok(data: mmap.mmap, offset: int, size: int) -> bool:
-    return size > 8 and data[offset : offset + 8] == b"\x89PNG\r\n\x1a\n"
-
-
-def _sample_problem(sample: Sample, data: mmap.mmap, verified: bool,
-                    members: tuple[str, ...] = FRAME_MEMBERS) -> str | None:
-    """Why this sample cannot be trained on ("" when it can but records no checksums).
-    `verified`: its shard's checksums all matched at an earlier start (see `VerifiedCache`)."""
-    missing = [m for m in members if m not in sample]
-    if missing:
-        return f"missing component {', '.join(missing)}"
-    if any(o + s > len(data) for o, s, _ in sample.values()):
-        return "truncated tar (member runs past the end of the file)"
-    bad = [m for m in FRAME_MEMBERS if not _jpeg_ok(data, *sample[m][:2])]
-    if bad:
-        return f"undecodable JPEG ({', '.join(bad)}: no JPEG markers)"
-    bad = [m for m in members if m in FLOW_MEMBERS and not _png_ok(data, *sample[m][:2])]
-    if bad:
-        return f"undecodable PNG ({', '.join(bad)}: no PNG signature)"
-    return None if verified else _checksum_problem(sample, data, members)
-
-
-def _skip_shard(tar: Path, why: str, reason: str, expected: int | None, skipped: Counter):
-    count = 1 if expected is None else expected
-    log.warning("%s: %s; its %d samples skipped", tar, why, count)
-    skipped[reason] += count
-    return ShardSamples(tar, [])
-
-
-def scan_shard(tar: Path, skipped: Counter, index: Path | None = None,
-               expected: int | None = None,
-               members: tuple[str, ...] = FRAME_MEMBERS,
-               use_cache: bool = True) -> ShardSamples:
-    """The readable samples of one shard; each unreadable one is logged and counted.
-    `expected`: the manifest's sample count of the shard (None: unknown, then a lost
-    shard counts as one). `use_cache=False`: check every checksum, whatever `VerifiedCache`
-    remembers, and remember nothing (what `write_good_samples` records)."""
-    index = index or tar.with_suffix(".idx")
-    if not tar.exists():
-        return _skip_shard(tar, "shard listed in the manifest is missing", "missing shard",
-                           expected, skipped)
-    try:
-        f = open(tar, "rb")
-    except OSError as e:
-        return _skip_shard(tar, f"cannot open ({e})", "unreadable shard", expected, skipped)
-    with f:
-        if f.seek(0, 2) == 0:
-            return _skip_shard(tar, "empty shard", "empty shard", expected, skipped)
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return _scan_samples(tar, index, data, expected, skipped, members, use_cache)
-
-
-def _scan_samples(tar, index, data, expected, skipped, members, use_cache) -> ShardSamples:
-    samples, cut = _listed_samples(tar, index, data)
-    if not samples:
-        return _skip_shard(tar, f"cannot index this shard ({cut or 'no samples'})",
-                           "unreadable shard", expected, skipped)
-    if expected is not None and len(samples) < expected:
-        lost = expected - len(samples)
-        log.warning("%s: holds %d of the manifest's %d samples (%s); %d skipped", tar,
-                    len(samples), expected, f"tar cut short: {cut}" if cut else "no more in "
-                    "the tar", lost)
-        skipped["truncated tar" if cut else "missing samples"] += lost
-    shard = ShardSamples(tar, [])
-    marker = VerifiedCache.marker(tar, samples) if use_cache else None
-    verified = marker is not None and marker.exists()
-    mismatches = 0
-    for i, sample in enumerate(samples):
-        key = split_member_name(next(iter(sample.values()))[2])[0]
-        reason = _sample_problem(sample, data, verified, members)
-        mismatches += bool(reason) and reason.startswith("checksum mismatch")
-        if reason and cut and i == len(samples) - 1 and reason.startswith("missing component"):
-            reason = f"truncated tar (the tar ends inside this sample: {cut})"
-        if reason:
-            log.warning("%s: sample %s: %s; skipped", tar, key, reason)
-            skipped[reason.split(" (")[0]] += 1
-            continue
-        shard.unchecked += reason == ""
-        shard.lines.append(" ".join(f"{m} {sample[m][0]} {sample[m][1]} {sample[m][2]}"
-                                    for m in members))
-    if marker is not None and not verified and not mismatches and not shard.unchecked:
-        VerifiedCache.remember(marker)
-    return shard
-
-
-def _members(manifest: dict) -> tuple[str, ...]:
-    # built with --flow: the flow members are read too
-    return FRAME_MEMBERS + (FLOW_MEMBERS if "flow" in manifest else ())
-
-
-def _file_version(path: Path) -> list[int] | None:
-    """What identifies this version of a file: [size, mtime in ns]; None when it is not there."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return [stat.st_size, stat.st_mtime_ns]
-
-
-def _shard_key(entry: dict, members: tuple[str, ...], tar: Path, index: Path) -> dict:
-    """What a shard's record in `good-samples.json` holds for: the manifest's entry and the
-    versions of its files (`tar`, `index`: the entry's paths, `shard_file`). Taken before the
-    shard is read: a change during the scan makes the record stale, never wrong."""
-    return {
-        "tar": entry["tar"],
-        "index": entry["index"],
-        "sha256": entry["sha256"],
-        "samples": entry["samples"],
-        "members": list(members),
-        "tar_version": _file_version(tar),
-        "index_version": _file_version(index),
-    }
-
-
-def write_good_samples(shard_dir: Path) -> Path:
-    """Scan every shard of every split of `shard_dir` (every checksum, no cache) and write the
-    result to `shard_dir/good-samples.json` in one atomic step; return its path. Run by
-    `tricolor-shards build`, `merge` and `verify`; loaders read it instead of scanning."""
-    manifest = load_manifest(shard_dir)
-    members = _members(manifest)
-    splits: dict[str, list[dict]] = {}
-    for split, info in manifest["splits"].items():
-        records = splits[split] = []
-        for entry in info["shards"]:
-            tar, index = shard_file(shard_dir, entry["tar"]), shard_file(shard_dir, entry["index"])
-            key = _shard_key(entry, members, tar, index)
-            skipped: Counter = Counter()
-            found = scan_shard(tar, skipped, index, entry["samples"], members, use_cache=False)
-            records.append({**key, "lines": found.lines, "unchecked": found.unchecked,
-                            "skipped": dict(skipped)})
-    path = shard_dir / GOOD_SAMPLES
-    # compact: at 1e6 samples this is ~200 MB of index lines, read once per start
-    write_text_atomic(path, json.dumps({"format": GOOD_SAMPLES_FORMAT, "splits": splits},
-                                       separators=(",", ":")) + "\n")
-    return path
 
 
 def read_good_samples(shard_dir: Path, split: str) -> dict[str, dict] | None:
@@ -473,6 +162,25 @@ def _from_record(tar: Path, record: dict, skipped: Counter) -> ShardSamples:
     return ShardSamples(tar, list(record["lines"]), record["unchecked"])
 
 
+def rescan(shard_dir: Path, split: str, samples: SampleSet,
+           tars: set[Path] | None = None) -> dict[tuple[Path, str], str]:
+    """The samples of `samples` that are damaged now, by (shard, key), with why: their shards
+    (those of `tars`, or all) scanned again, every checksum, whatever the index and the
+    cache say. For a reader that failed on a sample it could not check itself (DALI)."""
+    manifest = load_manifest(shard_dir)
+    info = manifest["splits"][split]
+    reading = {s.tar: {line_key(line) for line in s.lines} for s in samples.shards}
+    found = {}
+    for entry in info["shards"]:
+        tar = shard_file(shard_dir, entry["tar"])
+        if tar not in reading or (tars is not None and tar not in tars):
+            continue
+        with quiet_scan():  # the caller names each sample
+            _, shard = shard_record(shard_dir, entry, members_of(manifest), frame_sizes(info))
+        found.update({(tar, key): why for key, why in shard.bad.items() if key in reading[tar]})
+    return found
+
+
 def evenly_spaced(samples: SampleSet, n: int) -> None:
     """Keep `n` samples of `samples` (in place), evenly spaced over its order: a fixed subset
     that depends only on the sample list, not on the world size or the run."""
@@ -497,18 +205,19 @@ def scan_split(shard_dir: Path, split: str, world_size: int = 1, subset: int = 0
     info = manifest["splits"][split]
     skipped: Counter = Counter()
     flow = "flow" in manifest  # built with --flow: the flow members are read too
-    members = _members(manifest)
+    members = members_of(manifest)
     records = read_good_samples(shard_dir, split)
     shards, rescanned = [], []
     for entry in info["shards"]:
         tar, index = shard_file(shard_dir, entry["tar"]), shard_file(shard_dir, entry["index"])
         record = None if records is None else records.get(entry["tar"])
-        if records is not None and _record_holds(record, _shard_key(entry, members, tar, index)):
+        if records is not None and _record_holds(record, shard_key(entry, members, tar, index)):
             shards.append(_from_record(tar, record, skipped))
             continue
         if records is not None:
             rescanned.append(entry["tar"])
-        shards.append(scan_shard(tar, skipped, index, entry.get("samples"), members))
+        shards.append(scan_shard(tar, skipped, index, entry.get("samples"), members,
+                                 sizes=frame_sizes(info)))
     if rescanned:
         names = ", ".join(rescanned[:5]) + (f" and {len(rescanned) - 5} more"
                                             if len(rescanned) > 5 else "")
