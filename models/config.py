@@ -14,13 +14,13 @@ from enum import Enum
 
 
 class Mode(str, Enum):
-    grey = "grey"  # first seed: L of frames t-1, t, t+1 -> a,b of frame t
-    lineart = "lineart"  # second seed (TCVC): line art of t + colour of t-1 -> Lab of t
+    grey = "grey"  # the 3-frame GAN: L of frames t-1, t, t+1 -> a,b of frame t
+    lineart = "lineart"  # TCVC: line art of t + colour of t-1 -> Lab of t
 
 
 class Norm(str, Enum):
     batch = "batch"  # the seed README's; statistics over all ranks (trainer/sync_batchnorm.py)
-    instance = "instance"  # the first seed's code; per-sample, so no cross-rank sync needed
+    instance = "instance"  # the 3-frame GAN's code; per-sample, so no cross-rank sync needed
     group = "group"  # gcd(32, C) groups; per-sample, safe on CPU and with tiny batches
 
 
@@ -31,7 +31,7 @@ DHead.__doc__ = "patch: PatchGAN, one logit per 70x70 patch; global: one logit p
 
 
 class AdvLoss(str, Enum):
-    lsgan = "lsgan"  # least squares (Mao et al. 2017), the seeds' choice
+    lsgan = "lsgan"  # least squares (Mao et al. 2017), both published systems' choice
     vanilla = "vanilla"  # non-saturating GAN loss, BCE on logits
     hinge = "hinge"  # Lim & Ye 2017 / SAGAN
 
@@ -61,7 +61,7 @@ class ModelConfig:
     d_temporal: bool = False  # D sees the colour triplet t-1, t, t+1 (vid2vid-style)
     # Colour memory (models/memory.py): G also gets the colour of frame t-1 -- its own
     # previous output, or a keyframe's -- and blends it in through a learned gate. Line-art
-    # mode always has it (the second seed); grey mode when `memory` is true.
+    # mode always has it (TCVC); grey mode when `memory` is true.
     memory: bool = False
     # What G gets as the previous colour in training. Per sample, with these probabilities,
     # none (TCVC's scheme, which used 0.5) or G's own prediction of it (scheduled sampling,
@@ -74,8 +74,8 @@ class ModelConfig:
 class LossConfig:
     adversarial: AdvLoss = AdvLoss.lsgan
     pixel: PixelLoss = PixelLoss.l1  # on a,b (grey mode) or Lab (line-art mode), in [-1, 1]
-    lambda_pixel: float = 20.0  # weight of the pixel loss in G's loss (first seed: beta = 20)
-    lambda_adv: float = 1.0  # weight of the adversarial loss in G's loss (first seed: alpha)
+    lambda_pixel: float = 20.0  # weight of the pixel loss in G's loss (the 3-frame GAN: beta = 20)
+    lambda_adv: float = 1.0  # weight of the adversarial loss in G's loss (the 3-frame GAN: alpha)
     # Pixel-only warm-up (DeOldify's NoGAN, VCGAN's first stage): G's loss has no adversarial
     # term before this trainer step (the counter of train.max_steps, restored on resume); D
     # trains from step 0 all the same, so it is not a random judge when the term switches on.

@@ -81,7 +81,7 @@ class PatchDiscriminator(nn.Module):
 class GlobalDiscriminator(nn.Module):
     """One logit per frame: an encoder, a global mean, two fully connected layers.
 
-    The first seed flattened a fixed-size feature map into its FC layer, so it ran at
+    The 3-frame GAN flattened a fixed-size feature map into its FC layer, so it ran at
     224 or 480 only; the mean over positions makes it work at any supported size.
     """
 

@@ -1,10 +1,10 @@
 """Generators: one U-Net family, in the two modes of the seeds.
 
 Shapes for B clips of H x W frames; c_i = ngf * min(2**(i-1), 8) channels at scale 1/2**i,
-i = 1..depth: the first seed's widths (ngf, 2, 4, 8, 8 ngf at 1/2 .. 1/32), so `ngf 64` means
+i = 1..depth: the 3-frame GAN's widths (ngf, 2, 4, 8, 8 ngf at 1/2 .. 1/32), so `ngf 64` means
 the same network size in both codebases.
 
-Grey mode (first seed), `GreyUNet`:
+Grey mode (the 3-frame GAN), `GreyUNet`:
     condition     [B, 3, 1, H, W]       L of frames t-1, t, t+1, in [-1, 1]
     Encoder       [B, c_i, H/2**i, W/2**i], i = 1..depth, 3x3 stride-2 convs; one weight set:
                   frame t in one pass (its features are the skips), t-1 and t+1 in another
@@ -21,7 +21,7 @@ Grey mode (first seed), `GreyUNet`:
 The colour frame is the input L with these a,b (`colour.compose_lab`): luminance is kept
 exactly, G only has to find chroma.
 
-Line-art mode (second seed, TCVC), `LineartUNet`:
+Line-art mode (TCVC), `LineartUNet`:
     line art of t [B, 1, H, W]
     Encoder -> Fusion (one frame: 1x1 + 3x3) -> Decoder -> head on that input   Lab of t
 
@@ -57,7 +57,7 @@ def widths(ngf: int, depth: int) -> list[int]:
 
 # Channels upsampled to full resolution for the head. There memory traffic, not FLOPs, sets
 # the cost: G forward + backward at ngf 64, 128², batch 8, one core took 1.69 s with 64
-# channels, 1.48 s with 32, 1.37 s with 16 (the seed's G: 1.16 s). Predicting a,b at half
+# channels, 1.48 s with 32, 1.37 s with 16 (the 3-frame GAN's G: 1.16 s). Predicting a,b at half
 # resolution and refining only those at full resolution was cheaper still, but scored 27.8 dB
 # PSNR / 0.941 SSIM on the demo's validation against 29.8 dB / 0.967 for this head (one run
 # each, 600 steps; runs with other seeds spread by about 2 dB). How each figure was measured:
@@ -113,9 +113,10 @@ class Decoder(nn.Module):
     full-resolution input [B, c_in, H, W] -> the head's features; `colour` makes them
     [B, c_out, H, W], tanh, in [-1, 1] like the normalized Lab targets.
 
-    Each stage convolves before it upsamples (the cost of the seed's stride-2 transposed conv,
-    a quarter of upsample-then-convolve) and adds its skip, as the seed does. A last block at
-    half resolution processes the finest skip (the seed's output layer sees it only
+    Each stage convolves before it upsamples (the cost of the 3-frame GAN's stride-2
+    transposed conv, a quarter of upsample-then-convolve) and adds its skip, as that GAN does.
+    A last block at
+    half resolution processes the finest skip (the 3-frame GAN's output layer sees it only
     linearly); the head then sees its features upsampled next to the input itself at full
     resolution, so output edges can follow the input's edges.
     """
@@ -295,7 +296,7 @@ class LineartUNet(nn.Module):
     """G(line art of t [B, 1, H, W], memory [B, 5, H, W]) -> Lab of t [B, 3, H, W].
 
     The memory is the (L, a, b, present, line art) of frame t-1 (models/memory.py), found and
-    blended in by the `MemoryGate`; the second seed fed the previous colour into the network's
+    blended in by the `MemoryGate`; TCVC fed the previous colour into the network's
     input instead, which drifted (docs/quality-explored.md)."""
 
     def __init__(self, cfg: ModelConfig):

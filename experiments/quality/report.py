@@ -97,7 +97,7 @@ def write_report(results: list[dict], data: dict, args, info: dict, docs: Path) 
     if grey_names:
         lines += [f"![grey | variants | truth]({rel / 'strip.png'})", "",
                   f"*{STRIP_CLIP}, held-out frames {', '.join(map(str, GREY_STRIP))} (three "
-                  "consecutive frames): the grey input, each variant's first seed, the truth"
+                  "consecutive frames): the grey input, each variant's seed-0 run, the truth"
                   f"{notes[0]}.*", ""]
     if line_names:
         lines += [f"![line art | variants | truth]({rel / 'lineart_strip.png'})", "",

@@ -72,7 +72,7 @@ def train_and_score(name: str, seed: int, args, data: dict, out: Path) -> dict:
                        str(keyframe_json), "--keyframes", KEYFRAMES],
                       logs / f"{run}.eval_keyframes.log", eval_env)
     strip_s = 0.0
-    if seed == 0:  # the strip shows the first seed of each variant
+    if seed == 0:  # the strip shows each variant's seed-0 run
         strip_s = run_cmd([sys.executable, "-m", "inference.colorize", "--model",
                            str(out / "runs" / run), "--input", data["strip"], "--output",
                            str(out / "strips" / run), "--overwrite"],
