@@ -10,7 +10,7 @@ EXTRAS ?= dev,demo,bench,deepspeed$(shell [ "$$(uname -sm)" = "Linux x86_64" ] &
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 
-.PHONY: install demo test test-fast lint bench quality clean gpu-check gpu-wheels
+.PHONY: install demo test test-fast slurm-deps lint bench quality clean gpu-check gpu-wheels
 
 install: $(STAMP)
 
@@ -51,9 +51,23 @@ demo: $(STAMP)
 	@echo "TensorBoard:   $(VENV)/bin/tensorboard --logdir $(DEMO_OUT)/runs/demo/tb"
 	@echo "metrics:       $(DEMO_OUT)/runs/demo/metrics.jsonl (validation), $(DEMO_OUT)/eval.json (held-out)"
 
-test: $(STAMP)
+test: $(STAMP) slurm-deps
 	$(VENV)/bin/ruff check .
 	OMP_NUM_THREADS=1 $(PY) -m pytest
+
+# Debian's Slurm and munge for tests/test_slurm.py's throw-away cluster, when missing and
+# installable (root with apt-get); elsewhere those tests skip, saying why.
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge
+slurm-deps:
+	@if PATH="$$PATH:/usr/sbin:/sbin" command -v slurmctld >/dev/null && command -v sbatch >/dev/null \
+		&& PATH="$$PATH:/usr/sbin:/sbin" command -v munged >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=120 $(SLURM_PACKAGES) >/dev/null \
+		|| { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends \
+			-o DPkg::Lock::Timeout=120 $(SLURM_PACKAGES) >/dev/null; } \
+		|| echo "slurm-deps: apt-get could not install $(SLURM_PACKAGES): the Slurm tests will skip"; \
+	else echo "slurm-deps: no Slurm and no root apt-get: the Slurm tests will skip"; fi
 
 # The suite without the end-to-end tests marked `slow`: for the edit-test loop, not for CI.
 test-fast: $(STAMP)

@@ -1,6 +1,6 @@
 """A throw-away Slurm cluster on this machine, for tests/test_slurm.py.
 
-Debian's `slurmctld slurmd slurm-client munge` (installed with apt-get when missing), run as
+Debian's `slurmctld slurmd slurm-client munge` (installed by `make slurm-deps`), run as
 root from one temporary directory: a private
 munged (never the system one, which another cluster on the machine may share), no cgroups
 (proctrack/linuxproc, task/none), emulated nodes n1..nN as one slurmd each on this host, free
@@ -33,45 +33,20 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 
 class SlurmUnavailable(RuntimeError):
-    """Slurm is not installed and cannot be installed here (the tests skip, saying why)."""
+    """Slurm is not installed here (the tests skip, saying why)."""
 
 
 def _which(name: str) -> str | None:
     return shutil.which(name, path=f"{os.environ.get('PATH', '')}:{SBIN_PATH}")
 
 
-def ensure_installed(timeout: float = 300) -> None:
-    """Install the Debian packages when a command is missing; SlurmUnavailable if impossible."""
-    missing = [c for c in COMMANDS if _which(c) is None]
-    if not missing:
-        return
-    why = f"Slurm commands missing ({', '.join(missing)})"
-    if _which("apt-get") is None:
-        raise SlurmUnavailable(f"{why} and no apt-get to install {' '.join(PACKAGES)}")
-    if os.geteuid() != 0:
-        raise SlurmUnavailable(f"{why}; installing them needs root: "
-                               f"apt-get install --no-install-recommends {' '.join(PACKAGES)}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends",
-               "-o", "DPkg::Lock::Timeout=120", *PACKAGES]
-    deadline = time.monotonic() + timeout
-    result = None
-    for update_first in (False, True):  # the package lists may be missing or stale
-        try:
-            if update_first:
-                subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True,
-                               text=True, timeout=max(1, deadline - time.monotonic()))
-            result = subprocess.run(install, env=env, capture_output=True, text=True,
-                                    timeout=max(1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            raise SlurmUnavailable(f"{why}; apt-get did not finish in {timeout:.0f} s") from None
-        if result.returncode == 0:
-            break
+def ensure_installed() -> None:
+    """SlurmUnavailable naming what is missing; `make slurm-deps` installs it (the tests never
+    install packages themselves)."""
     missing = [c for c in COMMANDS if _which(c) is None]
     if missing:
-        tail = (result.stdout + result.stderr)[-1500:] if result else ""
-        raise SlurmUnavailable(f"{why}; `{' '.join(install)}` failed "
-                               f"(exit {result.returncode if result else '?'}):\n{tail}")
+        raise SlurmUnavailable(f"Slurm commands missing ({', '.join(missing)}); install them "
+                               f"with `make slurm-deps` (apt-get, as root: {' '.join(PACKAGES)})")
 
 
 def free_ports(n: int) -> list[int]:
