@@ -512,6 +512,97 @@ def test_ranks_agree_on_a_failed_save_and_a_checkpoint_damaged_for_one_rank(tmp_
     assert "step_000002/rank1.safetensors: unreadable" in seen[0]["explicit"]
 
 
+@pytest.mark.parametrize("entry", ["shard-link", "json-link", "fifo", "step-link"])
+def test_a_checkpoint_reads_only_files_inside_its_folder(two_checkpoints, tmp_path, caplog,
+                                                         entry):
+    """A symlink under the checkpoint folder (even to an identical copy, which would load), a
+    FIFO (reading it would block forever), or a step folder of the run that is a symlink: the
+    checkpoint is refused naming the entry, `latest` falls back, nothing is changed."""
+    cfg, gan, ckpts = two_checkpoints
+    first, second = ckpts.complete_checkpoints()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    if entry == "step-link":
+        victim, target = second, outside / second.name
+        shutil.move(second, target)
+        second.symlink_to(target)
+        expected = rf"{second}: a symbolic link to {target}; .* pass resume_from={target}$"
+    elif entry == "fifo":
+        victim = second / "rank0.json"
+        victim.unlink()
+        os.mkfifo(victim)
+        expected = rf"{victim}: not a regular file \(a FIFO, socket or device\)"
+    else:
+        victim = next(second.glob("*.distcp")) if entry == "shard-link" else second / "trainer.json"
+        target = outside / victim.name
+        shutil.move(victim, target)
+        victim.symlink_to(target)
+        expected = rf"{victim}: a symbolic link to {target}; a checkpoint is read only from " \
+                   rf"files inside its folder {second}"
+    before = sorted((p, p.lstat().st_mode) for p in ckpts.dir.rglob("*"))
+    with pytest.raises(CheckpointError, match=expected):
+        ckpts.load(second, gan, cfg.model)
+    path, (state, _, _) = ckpts.restore(gan, cfg.model)
+    assert path == first and state["step"] == 1
+    assert f"cannot resume from {second}: {victim}: " in caplog.text
+    assert sorted((p, p.lstat().st_mode) for p in ckpts.dir.rglob("*")) == before
+
+
+def confinement_rank(rank: int, world: int, port: int, root: Path) -> None:
+    """One of 2 gloo ranks: the newest checkpoint's rank-1 shard becomes a symlink to an
+    identical copy outside the checkpoint (it would load). Writes what this rank saw."""
+    import json
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    cfg, gan = tiny_gan()
+    ckpts = Checkpointer(root / "run")
+    save_tiny(ckpts, 1, gan, cfg)
+    second = save_tiny(ckpts, 2, gan, cfg)
+    if rank == 0:
+        shard = second / "__1_0.distcp"
+        (root / "elsewhere").mkdir()
+        shutil.move(shard, root / "elsewhere" / shard.name)
+        shard.symlink_to(root / "elsewhere" / shard.name)
+    dist.barrier()
+    seen = {}
+    path, (state, _, _) = ckpts.restore(gan, cfg.model)
+    seen["resumed"] = [path.name, state["step"]]
+    try:
+        ckpts.load(second, gan, cfg.model)
+        seen["explicit"] = "loaded"
+    except CheckpointError as e:
+        seen["explicit"] = str(e)
+    (root / f"rank{rank}.json").write_text(json.dumps(seen))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ranks_refuse_a_shard_outside_the_checkpoint_together(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+    from launching import free_port
+
+    context = mp.start_processes(confinement_rank, args=(2, free_port(), tmp_path), nprocs=2,
+                                 join=False, start_method="spawn")
+    deadline = time.time() + 180
+    while not context.join(timeout=5):
+        if time.time() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail("the ranks hung")
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert seen[0] == seen[1]
+    assert seen[0]["resumed"] == ["step_000001", 1]
+    shard = tmp_path / "run" / "checkpoints" / "step_000002" / "__1_0.distcp"
+    assert seen[0]["explicit"].startswith(
+        f"{shard}: a symbolic link to {tmp_path / 'elsewhere' / '__1_0.distcp'}; ")
+
+
 def test_deepspeed_files_load_weights_only(tmp_path):
     """DeepSpeed's own loader unpickles anything; the backend's stand-in admits tensors,
     plain values and the DeepSpeed classes of a ZeRO checkpoint only."""

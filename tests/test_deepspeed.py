@@ -9,6 +9,8 @@ launch/deepspeed_zero{1,2}.yaml` on 2 CPU ranks (gloo), against the DDP path on 
   skipped by both (tests/deepspeed_ranks.py); skipped at an accumulation boundary, it drops
   the window's gradients as on the DDP path (tests/skip_window.py);
 - a DeepSpeed checkpoint refuses another world size, backend or ZeRO stage by name;
+- a save whose write fails on one rank stops both with the same error naming the file
+  (tests/deepspeed_save_failure.py), instead of leaving the other in DeepSpeed's barrier;
 - DeepSpeed's native half precision (the fp16 path on GPUs, run here as native bf16 because
   DeepSpeed refuses fp16 on a CPU) trains, checkpoints and resumes.
 """
@@ -37,9 +39,9 @@ from safetensors.torch import load_file
 from test_checkpoint import assert_same, losses, wait_for, workers
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from models.export import load_generator
 from trainer.backend import DeepSpeedBackend
 from trainer.checkpoint import Checkpointer, CheckpointError, IncompatibleCheckpoint
-from trainer.export import load_generator
 
 # Equivalence: accumulation over 2 batches and a clip that is active (|grad G| ~ 20,
 # |grad D| ~ 4 at these sizes), a warm-up so the learning rate changes every step.
@@ -270,3 +272,32 @@ def test_launch_settings_that_contradict_the_config_stop_before_any_work(shards,
     assert ds["train_micro_batch_size_per_gpu"] == cfg.data.batch_size
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+
+
+@pytest.mark.slow
+def test_a_write_failure_on_one_rank_stops_every_rank_naming_the_file(tmp_path):
+    """DeepSpeed's save runs barriers between its writes: a write failing inside it on one
+    rank used to leave the other waiting in a barrier until the process-group timeout. The
+    writes now come after DeepSpeed's collectives, and the ranks agree on the outcome."""
+    proc = subprocess.Popen(ds_cmd(2, "tests/deepspeed_save_failure.py", str(tmp_path)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT, env=ds_env(), start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                               text=True).stdout.split()
+        for pid in [*map(int, ranks), proc.pid]:  # the ranks run in sessions of their own
+            os.kill(pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the ranks hung")
+    assert proc.returncode == 0, output[-4000:]
+    reports = [json.loads((tmp_path / f"report-{r}.json").read_text()) for r in range(2)]
+    for r in reports:
+        assert r["first"] == "step_000001"
+        assert r["failed"] == reports[0]["failed"]  # one error, the same on both ranks
+        assert r["left"] == ["latest", "step_000001"]  # no step_000002.tmp, latest kept
+        assert r["resumed"] == ["step_000001", 1] and r["then"] == "step_000003"
+    partition = tmp_path / "run/checkpoints/step_000002.tmp/G"
+    partition /= "zero_pp_rank_1_mp_rank_00_optim_states.pt"  # rank 1's first file
+    assert reports[0]["failed"] == f"checkpoint not saved: File too large writing {partition}"

@@ -180,3 +180,119 @@ def test_a_holder_whose_lock_was_taken_stops(tmp_path, taken):
         assert json.loads(lock.read_text())["host"] == "node-elsewhere"
     else:
         assert not lock.exists()
+
+
+def here(**record) -> bytes:
+    """A LOCK record of this host."""
+    return json.dumps({"host": socket.gethostname(), "started": "2026-01-01", **record}).encode()
+
+
+@pytest.mark.parametrize("content", [
+    b"\xff\xfe\x00 not UTF-8", b"[1, 2]", b"[" * 100_000, b"{" + b" " * 5000 + b"}",
+    here(pid=0), here(pid=-1), here(pid=True), here(pid=2**80), here(pid="4242"),
+], ids=["not-utf8", "not-an-object", "deep", "too-long", "pid-0", "pid-negative", "pid-true",
+        "pid-huge", "pid-text"])
+def test_a_lock_that_names_no_process_is_judged_by_its_heartbeat(tmp_path, caplog, content):
+    """Content no process of this host can be checked against never crashes the start (a
+    UnicodeDecodeError, a RecursionError, an OverflowError from kill()), never loops (a JSON
+    list moved aside was put back and retried forever) nor counts as alive forever (kill(0, 0)
+    signals this process group): unchanged for stale_s of watching, it is taken over."""
+    lock = tmp_path / "LOCK"
+    lock.write_bytes(content)
+    t0 = time.monotonic()
+    with RunLock(tmp_path, stale_s=0.5):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert time.monotonic() - t0 < 5
+    line = next(r.getMessage() for r in caplog.records if "taking over" in r.getMessage())
+    assert line.startswith(f"{lock}: taking over the lock of ") and "\n" not in line
+    assert "its heartbeat did not change" in line
+
+
+def test_a_live_holder_with_an_unreadable_record_is_refused_in_one_line(tmp_path):
+    lock = tmp_path / "LOCK"
+    lock.write_bytes(b"\xff\xfe\x00 not UTF-8")
+    beat = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time\n"
+        "while True:\n    os.utime(sys.argv[1]); time.sleep(0.1)\n"), str(lock)])
+    try:
+        with pytest.raises(RunLocked) as err:
+            RunLock(tmp_path, stale_s=10).acquire()
+    finally:
+        beat.kill()
+        beat.wait()
+    assert str(err.value).startswith(f"{lock}: the run directory is in use by an unreadable "
+                                     "lock record (b'\\xff\\xfe\\x00 not UTF-8')")
+    assert "delete this file" in str(err.value) and "\n" not in str(err.value)
+    assert lock.read_bytes() == b"\xff\xfe\x00 not UTF-8"  # left as it was
+
+
+def test_a_lock_that_cannot_be_read_is_refused_naming_it(tmp_path):
+    (tmp_path / "LOCK").mkdir()  # also for root, whom no file mode stops from reading
+    with pytest.raises(RunLocked, match=rf"^{tmp_path / 'LOCK'}: cannot read this run lock "
+                                        rf"\(Is a directory\); if no other run uses {tmp_path}, "
+                                        "delete it$"):
+        RunLock(tmp_path).acquire()
+    assert (tmp_path / "LOCK").is_dir()
+
+
+def test_the_decision_never_outlasts_the_other_ranks_wait(tmp_path):
+    """The other ranks wait for the lock in a collective that times out: a lock that could
+    only be judged by watching past half of that wait is refused at once, saying what to do."""
+    lock = foreign_lock(tmp_path)
+    t0 = time.monotonic()
+    with pytest.raises(RunLocked) as err:
+        RunLock(tmp_path, ranks_wait_s=30).acquire()  # watching takes 60 s
+    assert time.monotonic() - t0 < 10  # at once, not after watching
+    assert str(err.value).startswith(f"{lock}: the run directory is held by host node-elsewhere "
+                                     "pid 4242 started 2026-01-01")
+    assert "takes 60 s of watching its heartbeat, but this start may take only 15 s more" \
+        in str(err.value)
+    assert "set train.dist_timeout_min >= 2" in str(err.value)
+
+
+def test_a_lock_changing_hands_all_the_time_is_refused_within_the_wait(tmp_path):
+    """Each watch ends when the lock changes hands, and the start looks again: without a
+    bound on the whole decision that goes on for as long as the lock keeps changing."""
+    churn = subprocess.Popen([sys.executable, "-c", (
+        "import json, os, sys, time\n"
+        "for pid in range(1000, 10**6):\n"
+        "    tmp = sys.argv[1] + '.tmp'\n"
+        "    open(tmp, 'w').write(json.dumps({'host': 'node-elsewhere', 'pid': pid}))\n"
+        "    os.replace(tmp, sys.argv[1]); time.sleep(0.1)\n"), str(tmp_path / "LOCK")])
+    try:
+        while not (tmp_path / "LOCK").exists():
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        with pytest.raises(RunLocked, match="this start may take only"):
+            RunLock(tmp_path, stale_s=1, ranks_wait_s=4).acquire()
+        assert time.monotonic() - t0 < 4  # within the ranks' wait (it takes half, 2 s)
+    finally:
+        churn.kill()
+        churn.wait()
+
+
+@pytest.mark.slow
+def test_two_ranks_facing_an_unreadable_lock_with_a_short_timeout_stop_in_one_line(tmp_path):
+    """Real ranks: rank 0 used to crash on a LOCK that is not UTF-8, and to watch a lock it
+    cannot check for 60 s while the others died in gloo after train.dist_timeout_min."""
+    from launching import launch
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text("{}")  # never read: the lock comes first
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    (run / "LOCK").write_bytes(b"\xff\xfe\x00 not UTF-8")
+    result = launch("trainer/main.py", "--config", "configs/demo.yaml",
+                    f"data.shards={tmp_path / 'shards'}", f"runs_dir={tmp_path / 'runs'}",
+                    "name=x", "train.dist_timeout_min=0.5", timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    # said once by rank 0, no rank's traceback (the launcher's own report of the exit follows)
+    assert result.stderr.count("run directory error:") == 1, result.stderr[-3000:]
+    line = result.stderr.split("run directory error: ", 1)[1].splitlines()[0]
+    assert line.startswith(f"{run / 'LOCK'}: the run directory is held by an unreadable lock "
+                           "record (b'\\xff\\xfe\\x00 not UTF-8')")
+    assert line.endswith("set train.dist_timeout_min >= 2")
+    assert "UnicodeDecodeError" not in result.stderr and "Traceback" not in result.stdout
+    assert "gloo" not in result.stderr.lower() and "timed out" not in result.stderr.lower()
+    assert sorted(p.name for p in run.iterdir()) == ["LOCK"]
+    assert (run / "LOCK").read_bytes() == b"\xff\xfe\x00 not UTF-8"

@@ -45,7 +45,7 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from trainer.checkpoint import CheckpointError, IncompatibleCheckpoint
+from trainer.checkpoint import CheckpointError, IncompatibleCheckpoint, _write_failure
 from trainer.sn_sync import spectral_norm_buffers
 
 
@@ -475,6 +475,33 @@ def deepspeed_weights_only_load(path: str, map_location=None):
         reason = next((x for x in lines[1:] if "global" in x.lower()), lines[0])
         raise CheckpointError(f"{path}: refused ({reason.strip()})") from None
 
+
+@contextlib.contextmanager
+def _held_writes(engine, writes: list):
+    """While DeepSpeed saves, every file write of its save (DeepSpeed 0.19.8: the checkpoint
+    engine's `makedirs` and `save`, rank 0's copy of the recovery scripts) is appended to
+    `writes` as (write, path) instead of done; DeepSpeed's collectives run as usual. The state
+    dicts held meanwhile reference the live tensors, which nothing changes before the writes."""
+    ckpt = engine.checkpoint_engine
+    save, makedirs, copy_scripts = ckpt.save, ckpt.makedirs, engine._copy_recovery_script
+
+    def save_to_file(state_dict, path):
+        # into an open file (torch.save takes one): torch's zip writer given a path reports a
+        # failed write only as "unexpected pos", given a file it keeps the OSError as context
+        with open(path, "wb") as f:
+            save(state_dict, f)
+
+    ckpt.save = lambda state_dict, path: writes.append(
+        (lambda: save_to_file(state_dict, path), path))
+    ckpt.makedirs = lambda path, exist_ok=False: writes.append(
+        (lambda: makedirs(path, exist_ok=exist_ok), path))
+    engine._copy_recovery_script = lambda path: writes.append((lambda: copy_scripts(path), path))
+    try:
+        yield
+    finally:
+        ckpt.save, ckpt.makedirs, engine._copy_recovery_script = save, makedirs, copy_scripts
+
+
 class DeepSpeedBackend:
     """G and D as two DeepSpeed engines (ZeRO stage from the launch config). Clipping,
     accumulation, loss scaling and the optimizer step happen inside each engine; the state
@@ -600,9 +627,23 @@ class DeepSpeedBackend:
 
     # checkpoint state: DeepSpeed's own files, one tag directory per engine
     def save_state(self, gan, directory: Path) -> list[Path]:
+        """Collective. `engine.save_checkpoint` runs collectives between its file writes
+        (barriers, the tag check): a write failing inside it on one rank would take that rank
+        out while the others wait in the next barrier, a hang. So both engines save with
+        their writes held back (`_held_writes`), and this rank does them once no collective
+        is left: a failure is then an error of this rank alone, naming the file, which the
+        checkpointer's agreement turns into the same CheckpointError on every rank."""
         rank, _ = _rank_world()
+        writes: list = []
         for tag, engine in (("G", gan.G), ("D", gan.D)):
-            engine.save_checkpoint(str(directory), tag=tag, client_state={}, save_latest=False)
+            with _held_writes(engine, writes):
+                engine.save_checkpoint(str(directory), tag=tag, client_state={},
+                                       save_latest=False)
+        for write, path in writes:
+            try:
+                write()
+            except Exception as e:
+                raise CheckpointError(_write_failure(e, Path(path))) from None
         written = [f for tag in ("G", "D") for f in (directory / tag).iterdir()
                    if f"zero_pp_rank_{rank}_" in f.name or (rank == 0 and "zero_pp" not in f.name)]
         if rank == 0:

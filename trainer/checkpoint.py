@@ -25,8 +25,14 @@ backend's (trainer/backend.py); the rest is the same for both.
 Ranks decide together: each step a rank does alone (writing its files, reading and checking
 them) ends in an exchange of outcomes (`_agree`), so that all ranks go on, fall back to an
 older checkpoint, or stop with the same error naming the file; none is left waiting in a
-collective. A failed save (a full disk) removes `step_N.tmp/` and stops every rank (DDP;
-under DeepSpeed a write failing inside `engine.save_checkpoint` hangs: docs/deepspeed.md).
+collective. A failed save (a full disk) removes `step_N.tmp/` and stops every rank, under
+DeepSpeed too: its writes are done after its collective steps (DeepSpeedBackend.save_state).
+
+A checkpoint is read only from its own files: before anything in it is read, a symlink
+under its folder (a `.distcp`, `G/` or `trainer.json` pointing elsewhere), a FIFO, socket or
+device there, or a `step_N` of the run that is itself a symlink is refused naming it, and the
+ranks fall back together as for a damaged checkpoint. The folder's own path may lead anywhere
+(the user's choice); a hard link cannot be told from the file it links and is read.
 
 Loading a DDP checkpoint runs no code from it: DCP's `.metadata` goes through a restricted
 unpickler and its other entries through `torch.load(weights_only=True)`
@@ -41,6 +47,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import torch
@@ -96,10 +103,15 @@ def _raise_agreed(failure: tuple[str, str] | None) -> None:
 def _write_failure(e: BaseException, where: Path) -> str:
     """One line for a failed write: the OS error and its file when there is one. safetensors
     reports it inside a SafetensorError ("os error 28"); torch's zip writer reports a short
-    write on a full disk only as "unexpected pos A vs B": the free space tells that case."""
+    write to a path only as "unexpected pos A vs B" (the free space tells a full disk), to a
+    Python file as a RuntimeError whose context is the file's OSError."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
+    if isinstance(cause, CheckpointError):  # a backend's own, naming its file already
+        return str(cause)
+    if not isinstance(cause, OSError) and isinstance(cause.__context__, OSError):
+        cause = cause.__context__  # torch's zip writer writing to a Python file
     if isinstance(cause, OSError) and cause.strerror:
         return f"{cause.strerror} writing {cause.filename or where}"
     lines = str(cause).strip().splitlines() or [type(cause).__name__]
@@ -258,6 +270,11 @@ class Checkpointer:
         """Structural checks before any tensor is read; returns trainer.json."""
         if not (path / COMPLETE).exists():
             raise CheckpointError(f"{path}: incomplete checkpoint (no {COMPLETE} marker)")
+        if path.parent == self.dir and path.is_symlink():
+            raise CheckpointError(
+                f"{path}: a symbolic link to {os.readlink(path)}; a run's checkpoints are "
+                f"folders of its own: to resume from that one, pass resume_from={path.resolve()}")
+        _own_files(path)
         state_file = path / "trainer.json"
         state = _read_json(state_file)
         if not isinstance(state.get("world_size"), int) or state["world_size"] < 1:
@@ -364,6 +381,33 @@ class Checkpointer:
                 errors.append(str(e))
                 log.warning("cannot resume from %s: %s; trying the previous checkpoint", path, e)
         raise CheckpointError("no usable checkpoint: " + "; ".join(errors))
+
+
+def _own_files(path: Path) -> None:
+    """Refuses (CheckpointError naming the entry) anything under the checkpoint folder `path`
+    but regular files and folders: a symlink would make the checkpoint read a file outside
+    its folder, a FIFO blocks the reader forever."""
+    def unlistable(e: OSError):
+        raise CheckpointError(f"{e.filename}: unreadable ({e.strerror})")
+
+    for root, dirs, files in os.walk(path, onerror=unlistable):  # does not follow links
+        for name in dirs + files:
+            entry = Path(root) / name
+            try:
+                mode = entry.lstat().st_mode
+                target = os.readlink(entry) if stat.S_ISLNK(mode) else None
+            except OSError as e:  # removed meanwhile
+                raise CheckpointError(f"{entry}: unreadable ({e.strerror})") from None
+            if target is not None:
+                raise CheckpointError(
+                    f"{entry}: a symbolic link to {target}; a checkpoint is read only from "
+                    f"files inside its folder {path}: put the file itself there, or resume "
+                    "from another checkpoint")
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise CheckpointError(
+                    f"{entry}: not a regular file (a FIFO, socket or device); a checkpoint holds "
+                    "only the files it was saved with: remove it, or resume from another "
+                    "checkpoint")
 
 
 def _read_json(path: Path) -> dict:

@@ -86,10 +86,11 @@ def validation_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def take_run_lock(accelerator, run_dir: Path):
+def take_run_lock(accelerator, run_dir: Path, ranks_wait_s: float):
     """The main process locks the run directory (trainer/run_lock.py) and tells the other ranks
     whether it could: all go on, or all raise RunLocked. Returns the lock (main process) or
-    None (other ranks)."""
+    None (other ranks). The other ranks wait in the broadcast for at most `ranks_wait_s` (the
+    process-group timeout): the lock decides within that, or refuses saying why."""
     from accelerate.utils import broadcast_object_list
 
     from trainer.run_lock import RunLock, RunLocked
@@ -98,7 +99,7 @@ def take_run_lock(accelerator, run_dir: Path):
     if accelerator.is_main_process:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            lock = RunLock(run_dir)
+            lock = RunLock(run_dir, ranks_wait_s=ranks_wait_s)
             lock.acquire()
         except (RunLocked, OSError) as e:
             lock, refusal = None, str(e)
@@ -193,7 +194,7 @@ def setup_and_run(cfg, args, accelerator) -> int:
     created = not run_dir.exists()
     with exit_on_sigterm():
         try:
-            lock = take_run_lock(accelerator, run_dir)
+            lock = take_run_lock(accelerator, run_dir, cfg.train.dist_timeout_min * 60)
         except RunLocked as e:
             return fail(accelerator, "run directory", e)
         status = 1

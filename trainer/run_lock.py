@@ -17,7 +17,12 @@ warning:
   refused; unchanged for `stale_s` of this host's monotonic clock, it is taken over. The
   mtime is never compared with this host's clock (the holder's host, or the file server,
   may run fast or slow), so a start on another host waits `stale_s` for every lock it finds.
-Anything else is refused with RunLocked, naming the file and the holder. The lock is released
+- a record this host cannot check by its process (not UTF-8, not a JSON object, no valid pid:
+  pid 0 or a negative one would signal a process group) is judged like another host's, by
+  its heartbeat; it never crashes the start.
+Anything else is refused with RunLocked, naming the file and the holder. The other ranks wait
+for this decision in a collective (train.dist_timeout_min): a start given that wait refuses at
+once, saying so, a lock it could only judge by watching past half of it. The lock is released
 on a normal exit and on an error; a process killed outright (SIGKILL, a second SIGTERM that
 aborts) leaves it behind, and the next start takes it over as above.
 
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -45,6 +51,7 @@ LOCK_NAME = "LOCK"
 HEARTBEAT_S = 10.0  # how often the holder refreshes the lock's mtime
 STALE_S = 60.0  # a lock of another host not refreshed for this long is abandoned
 POLL_S = 0.5  # how often a starter looks at another host's heartbeat while it waits
+RECORD_MAX = 4096  # a record is ~200 bytes: a longer LOCK is no record of this module's
 
 
 class RunLocked(RuntimeError):
@@ -84,41 +91,74 @@ def _alive(pid: int, start: str | None) -> bool:
     return start is None or now is None or now == start
 
 
+def _is_pid(value) -> bool:
+    """Whether a record's pid can name one process: kill(0) and kill(-n) signal process
+    groups (always "alive"), True is 1 to Python, and kill() overflows past 32 bits."""
+    return type(value) is int and 0 < value < 2**31
+
+
+def _parse(raw: bytes) -> dict:
+    """The holder's record; for content that is none (not UTF-8, not a JSON object, too long)
+    {"unreadable": its first bytes}. Never raises."""
+    try:
+        holder = json.loads(raw.decode("utf-8")) if len(raw) <= RECORD_MAX else None
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        holder = None
+    return holder if isinstance(holder, dict) else {"unreadable": raw[:60]}
+
+
+def _text(value) -> str:
+    """A record's field for a one-line message."""
+    text = str(value)
+    return (text if text.isprintable() else repr(text))[:80]
+
+
 def describe(holder: dict) -> str:
-    job = f", Slurm job {holder['slurm_job']}" if holder.get("slurm_job") else ""
-    return (f"host {holder.get('host')} pid {holder.get('pid')} started "
-            f"{holder.get('started')}{job}")
+    if "unreadable" in holder:
+        return f"an unreadable lock record ({_text(holder['unreadable'])})"
+    job = f", Slurm job {_text(holder['slurm_job'])}" if holder.get("slurm_job") else ""
+    return (f"host {_text(holder.get('host'))} pid {_text(holder.get('pid'))} started "
+            f"{_text(holder.get('started'))}{job}")
 
 
 class RunLock:
+    """`ranks_wait_s`: how long the other ranks wait for this start's decision (the process
+    group's timeout, train.dist_timeout_min); `acquire` takes at most half of it, as the ranks
+    do not all begin to wait at the same instant."""
+
     def __init__(self, run_dir: Path, heartbeat_s: float = HEARTBEAT_S,
-                 stale_s: float = STALE_S):
+                 stale_s: float = STALE_S, ranks_wait_s: float = math.inf):
         self.path = Path(run_dir) / LOCK_NAME
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+        self.wait_s = ranks_wait_s / 2
         self.record: dict | None = None
+        self._raw: bytes | None = None  # the record as written: compared byte for byte
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- taking and releasing ---------------------------------------------------------------
 
     def acquire(self) -> None:
-        """Take the lock (waiting at most `stale_s` on another host's heartbeat); raises
-        RunLocked when a live process holds it."""
+        """Take the lock (waiting at most `stale_s` on another host's heartbeat, and never
+        past `wait_s`); raises RunLocked when a live process holds it, or when telling would
+        take longer."""
         pid = os.getpid()
         self.record = {
             "host": socket.gethostname(), "pid": pid, "pid_start": _process_start(pid),
             "started": datetime.now().astimezone().isoformat(timespec="seconds"),
             "slurm_job": os.environ.get("SLURM_JOB_ID"),
         }
+        self._raw = (json.dumps(self.record) + "\n").encode()
         mine = self.path.with_name(f"{LOCK_NAME}.{self.record['host']}.{pid}.partial")
-        mine.write_text(json.dumps(self.record) + "\n")
+        mine.write_bytes(self._raw)
+        deadline = time.monotonic() + self.wait_s
         try:
             while True:
                 try:
                     os.link(mine, self.path)  # fails if LOCK exists: the atomic test-and-set
                     break
                 except FileExistsError:
-                    self._remove_if_abandoned()  # raises RunLocked for a live holder
+                    self._remove_if_abandoned(deadline)  # raises RunLocked for a live holder
         finally:
             mine.unlink(missing_ok=True)
         self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat",
@@ -129,9 +169,9 @@ class RunLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if self.record is not None and self._read()[0] == self.record:
+        if self._raw is not None and self._read()[0] == self._raw:
             self.path.unlink(missing_ok=True)
-        self.record = None
+        self.record = self._raw = None
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -145,11 +185,11 @@ class RunLock:
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             try:
-                holder, _ = self._read()
-                if holder != self.record:
+                raw, _ = self._read()
+                if raw != self._raw:
                     log.error("%s: no longer this process's lock (now: %s): another start took "
                               "it over (this holder's heartbeat stalled?); stopping",
-                              self.path, describe(holder) if holder else "none")
+                              self.path, "none" if raw is None else describe(_parse(raw)))
                     self._lost()
                     return
                 os.utime(self.path)
@@ -163,40 +203,52 @@ class RunLock:
 
     # -- a starter's side -------------------------------------------------------------------
 
-    def _read(self) -> tuple[dict | None, float]:
-        """The holder's record and the lock's mtime; (None, 0) when there is no lock. Opening
-        the file before its stat revalidates NFS's cached attributes (close-to-open)."""
+    def _read(self) -> tuple[bytes | None, float]:
+        """The lock's content (its first RECORD_MAX + 1 bytes) and mtime; (None, 0) when there
+        is no lock. Opening the file before its stat revalidates NFS's cached attributes
+        (close-to-open)."""
         try:
-            with open(self.path) as f:
-                text, mtime = f.read(), os.fstat(f.fileno()).st_mtime
+            with open(self.path, "rb") as f:
+                raw, mtime = f.read(RECORD_MAX + 1), os.fstat(f.fileno()).st_mtime
         except FileNotFoundError:
             return None, 0.0
-        try:
-            holder = json.loads(text)
-        except ValueError:
-            holder = {"host": "?", "pid": "?", "started": f"? (unreadable: {text[:80]!r})"}
-        return holder if isinstance(holder, dict) else {"host": "?"}, mtime
+        return raw, mtime
 
-    def _remove_if_abandoned(self) -> None:
-        holder, mtime = self._read()
-        if holder is None:
+    def _remove_if_abandoned(self, deadline: float) -> None:
+        try:
+            raw, mtime = self._read()
+        except OSError as e:  # a directory, no permission: nothing this start can judge
+            raise RunLocked(f"{self.path}: cannot read this run lock ({e.strerror}); if no other "
+                            f"run uses {self.path.parent}, delete it") from None
+        if raw is None:
             return  # released meanwhile: try again
-        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        holder = _parse(raw)
+        if holder.get("host") == socket.gethostname() and _is_pid(holder.get("pid")):
             if _alive(holder["pid"], holder.get("pid_start")):
                 self._refuse(holder, "is alive")
             reason = "its process is gone"
-        else:
-            reason = self._wait_for_heartbeat(holder, mtime)
+        else:  # another host's, or a record no process of this host can be checked against
+            reason = self._wait_for_heartbeat(holder, raw, mtime, deadline)
             if reason is None:
                 return
-        self._remove(holder, reason)
+        self._remove(raw, holder, reason)
 
-    def _wait_for_heartbeat(self, holder: dict, mtime: float) -> str | None:
-        """Watch another host's lock until it is refreshed (refused) or has not been for
-        `stale_s` of watching; returns the reason to take it over, None when the lock changed
-        hands meanwhile (look again). Only a change of the mtime counts, never its age: the
-        other host's clock is not this one's."""
+    def _wait_for_heartbeat(self, holder: dict, raw: bytes, mtime: float,
+                            deadline: float) -> str | None:
+        """Watch the lock until it is refreshed (refused) or has not been for `stale_s` of
+        watching; returns the reason to take it over, None when the lock changed hands
+        meanwhile (look again). Only a change of the mtime counts, never its age: the other
+        host's clock is not this one's. Refused at once when the watch would end after
+        `deadline`."""
         watched = time.monotonic()
+        if watched + self.stale_s > deadline:
+            raise RunLocked(
+                f"{self.path}: the run directory is held by {describe(holder)}; telling whether "
+                f"it is abandoned takes {self.stale_s:g} s of watching its heartbeat, but this "
+                f"start may take only {max(0.0, deadline - watched):.0f} s more (half of "
+                "train.dist_timeout_min, which the other ranks wait): if its holder is gone, "
+                "delete this file; else wait for it to end, or set train.dist_timeout_min >= "
+                f"{2 * self.stale_s / 60:g}")
         while True:
             silent = time.monotonic() - watched
             if silent > self.stale_s:
@@ -204,12 +256,12 @@ class RunLock:
                         f"(> {self.stale_s:g} s)")
             time.sleep(POLL_S)
             now, now_mtime = self._read()
-            if now != holder:
+            if now != raw:
                 return None
             if now_mtime != mtime:
                 self._refuse(holder, "refreshed its heartbeat while this start waited")
 
-    def _remove(self, holder: dict, reason: str) -> None:
+    def _remove(self, raw: bytes, holder: dict, reason: str) -> None:
         """Move an abandoned lock aside. rename is atomic: of several starters that found the
         same abandoned lock one moves it; one that moved a newer lock taken meanwhile puts it
         back and tries again like the others."""
@@ -219,10 +271,10 @@ class RunLock:
         except FileNotFoundError:
             return
         try:
-            moved = json.loads(aside.read_text())
-        except ValueError:
+            moved = aside.read_bytes()[:RECORD_MAX + 1]
+        except OSError:
             moved = None
-        if moved is not None and moved != holder:
+        if moved != raw:
             try:
                 os.link(aside, self.path)
             except FileExistsError:
