@@ -6,5 +6,7 @@
     batch.py      many videos as a Slurm array (slurm/colorize.sbatch): which task does which
     evaluate.py   `tricolor-eval`: score a model against the grey and per-frame baselines
     keyframes.py  colour keyframes (a user's images, or the truth's frames in eval)
-    video_io.py   decoding and encoding: frames, timestamps, audio, atomic outputs
+    video_in.py   decoding: video files and image folders, upright, one frame at a time
+    video_out.py  encoding: H.264 with the input's timestamps and audio, or PNG frames;
+                  atomic outputs, and what `--overwrite` may replace
 """

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import av
 
-from inference.video_io import FRAMES_MARKER
+from inference.video_out import FRAMES_MARKER
 from shards.video import VIDEO_SUFFIXES, VideoError, open_video
 
 

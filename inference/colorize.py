@@ -105,13 +105,13 @@ from inference.model import (
     pick_device,
     resolve_size,
 )
-from inference.video_io import (
+from inference.video_in import Source
+from inference.video_out import (
     DEFAULT_CRF,
     DEFAULT_PRESET,
     X264_PRESETS,
     FrameFolderSink,
     OutputError,
-    Source,
     VideoSink,
     check_not_input,
     check_output,

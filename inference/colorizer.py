@@ -59,7 +59,7 @@ class Item:
 def prepare(frames: Iterable, size: tuple[int, int], model: Model, device: torch.device,
             fps: float, threshold: float = SCENE_THRESHOLD,
             lineart_input: bool = False) -> Iterator[Item]:
-    """Decoded frames (`video_io.Frame`) -> Items: resized to `size` (w, h), scene ids,
+    """Decoded frames (`video_in.Frame`) -> Items: resized to `size` (w, h), scene ids,
     and the condition computed exactly as in training (`rgb_to_lab_triplets`, `line_art`)."""
     cuts = None
     for index, frame in enumerate(frames):

@@ -61,7 +61,8 @@ from tqdm import tqdm
 from inference.colorizer import SCENE_THRESHOLD, Colorizer, keyframe_colour, prepare
 from inference.keyframes import KeyframeError, TruthKeyframes, is_greyscale
 from inference.model import Model, ModelError, load_model, pick_device, resolve_size
-from inference.video_io import Frame, OutputError, Source
+from inference.video_in import Frame, Source
+from inference.video_out import OutputError
 from metrics import VideoScores
 from models.anchor import AnchorTrack, flow_input
 from models.colour import compose_grey, rgb_to_cielab

@@ -36,14 +36,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from inference.video_io import (
+from inference.video_in import (
     IMAGE_SUFFIXES,
     Source,
     describe_orientation,
     file_kind,
     open_image,
 )
-from shards.build import is_grey
+from shards.spool import is_grey
 from shards.video import VideoError
 
 GREY_LEVELS = 3  # a frame whose channels differ by at most this many levels is greyscale

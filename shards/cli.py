@@ -7,8 +7,9 @@ import signal
 import sys
 from pathlib import Path
 
-from shards.build import MAX_SHORT_SIDE, BuildParams, build, index_good_samples
+from shards.build import build, index_good_samples
 from shards.manifest import ManifestError, merge
+from shards.params import MAX_SHORT_SIDE, BuildParams
 from shards.verify import verify
 from shards.video import find_videos, sample_video
 

@@ -21,7 +21,7 @@ _TOOL_NAMES = (
     re.compile(r"^manifest(?:-(s\d+of\d+))?\.json\.partial$"),
     # spool folders: `.spool-[sKofN-]<build id>.partial`, earlier `.spool-{all,sKofN}-partial`
     re.compile(r"^\.spool-(?:all-partial|(?:(s\d+of\d+)-)?(?:[0-9a-f]{8}\.)?partial)$"),
-    # a build's record of the files it writes (`shards.build.write_journal`)
+    # a build's record of the files it writes (`shards.retire.write_journal`)
     re.compile(r"^\.tricolor-build-(?:(s\d+of\d+)-)?[0-9a-f]{8}\.json(?:\.partial)?$"),
 )
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from shards.build import journal_files
 from shards.manifest import ManifestError, load_manifest, tool_file_slice
+from shards.retire import journal_files
 from shards.scan import members_of, quiet_scan, shard_record
 from shards.tario import index_text, sha256_file, split_member_name
 

@@ -27,7 +27,8 @@ from inference.batch import BatchError, batch_plan, batch_task, output_complete
 from inference.colorize import main
 from inference.colorizer import Colorizer, prepare
 from inference.model import Model, ModelError, load_model, resolve_size
-from inference.video_io import FRAMES_MARKER, HOST, Source, temp_name
+from inference.video_in import Source
+from inference.video_out import FRAMES_MARKER, HOST, temp_name
 from models import build_generator
 from models.colour import compose_grey
 from models.config import ModelConfig
@@ -366,7 +367,7 @@ def test_a_failure_midway_leaves_no_output(tmp_path, grey_export, capsys, monkey
         if len(calls) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr("inference.video_io.FrameFolderSink.write", interrupt)
+    monkeypatch.setattr("inference.video_out.FrameFolderSink.write", interrupt)
     assert run("--model", grey_export, "--input", whole, "--output", tmp_path / "frames",
                "--size", 32) == 130
     assert not (tmp_path / "frames").exists()

@@ -26,7 +26,8 @@ from inference.colorizer import Colorizer, prepare
 from inference.evaluate import METHODS
 from inference.evaluate import main as evaluate_main
 from inference.keyframes import KeyframeError, KeyframeFolder, TruthKeyframes, parse_frame_list
-from inference.video_io import FRAMES_MARKER, ORIENTATIONS, Source
+from inference.video_in import ORIENTATIONS, Source
+from inference.video_out import FRAMES_MARKER
 from models.colour import AB_SCALE, compose_grey
 
 SIZE = 24  # --size: 64x48 frames are worked on at 32x24

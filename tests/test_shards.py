@@ -462,7 +462,7 @@ def test_unusable_inputs_in_a_folder_are_skipped_and_named(tmp_path, capsys):
 
 
 def test_a_lone_scene_goes_to_train_with_a_warning(tmp_path, capsys):
-    from shards.build import unit_hash
+    from shards.write import unit_hash
 
     video = scene_video(tmp_path / "one.mp4", [12])
     # The split hashes "<name>:<size>#<scene>"; here it falls below 0.99: val by the hash.

@@ -55,7 +55,7 @@ def strip_columns(data: dict, indices, mode: str) -> list[tuple[str, list[np.nda
     import kornia
     import torch
 
-    from inference.video_io import Source
+    from inference.video_in import Source
     from models.colour import compose_grey, line_art, normalize_lab
 
     wanted = set(indices)
