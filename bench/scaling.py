@@ -7,7 +7,7 @@
 Each layout `PxT` is one `accelerate launch` of P processes with T torch threads each
 (OMP_NUM_THREADS=T), the way the trainer runs on CPU hosts (tests/launching.py):
 `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2` (gloo), or `--cpu`
-for one process. Every rank builds the trainer's GAN (`trainer.backend.make_accelerator`,
+for one process. Every rank builds the trainer's GAN (`trainer.launch.make_accelerator`,
 `trainer.train.build_gan`: DDP over gloo with 2 processes) and runs `trainer.step.train_step`
 on its own resident synthetic batch of `--batch-size` triplets (the per-process batch is
 fixed: weak scaling, as in multi-GPU training). After `--warmup` steps, the ranks meet at a
@@ -51,9 +51,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def rank_main(args) -> int:
     import torch
 
-    from trainer.backend import make_accelerator
     from trainer.config import load_config
     from trainer.data import Batch
+    from trainer.launch import make_accelerator
     from trainer.step import train_step
     from trainer.train import build_gan
 

@@ -8,9 +8,9 @@ dtype, the EMA stays fp32, D's direct call in the G step autocasts, checkpoints 
 
 import sys
 
-from trainer import backend
+from trainer import launch
 
-backend.DEEPSPEED_PRECISION["bf16"] = {"bf16": {"enabled": True}, "fp16": {"enabled": False}}
+launch.DEEPSPEED_PRECISION["bf16"] = {"bf16": {"enabled": True}, "fp16": {"enabled": False}}
 
 from trainer.main import main  # noqa: E402
 

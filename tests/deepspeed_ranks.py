@@ -16,10 +16,10 @@ import torch
 from omegaconf import OmegaConf
 
 from models import d_in_channels
-from trainer.backend import make_accelerator
 from trainer.checkpoint import Checkpointer
 from trainer.config import load_config
 from trainer.data import TripletLoader
+from trainer.launch import make_accelerator
 from trainer.sn_sync import broadcast_spectral_norm, ranks_disagree
 from trainer.step import train_step
 from trainer.train import build_gan

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from trainer.backend import make_accelerator
 from trainer.checkpoint import Checkpointer, CheckpointError
 from trainer.config import load_config
+from trainer.launch import make_accelerator
 from trainer.train import build_gan
 
 out_dir = Path(sys.argv[1])

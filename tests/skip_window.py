@@ -8,9 +8,9 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from trainer.backend import make_accelerator
 from trainer.config import load_config
 from trainer.data import TripletLoader
+from trainer.launch import make_accelerator
 from trainer.step import train_step
 from trainer.train import build_gan
 

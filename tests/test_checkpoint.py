@@ -611,7 +611,7 @@ def test_deepspeed_files_load_weights_only(tmp_path):
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from trainer.backend import deepspeed_weights_only_load
+    from trainer.backends.deepspeed import deepspeed_weights_only_load
 
     legit = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     torch.save({"loss_scaler": LossScaler(1), "zero_stage": ZeroStageEnum.gradients,

@@ -40,7 +40,7 @@ from test_checkpoint import assert_same, losses, wait_for, workers
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from models.export import load_generator
-from trainer.backend import DeepSpeedBackend
+from trainer.backends.deepspeed import DeepSpeedBackend
 from trainer.checkpoint import Checkpointer, CheckpointError, IncompatibleCheckpoint
 
 # Equivalence: accumulation over 2 batches and a clip that is active (|grad G| ~ 20,
@@ -248,8 +248,8 @@ def test_native_half_precision_trains_checkpoints_and_resumes(shards, tmp_path):
 
 
 def test_launch_settings_that_contradict_the_config_stop_before_any_work(shards, monkeypatch):
-    from trainer.backend import LaunchConfigError, deepspeed_plugins, make_accelerator
     from trainer.config import load_config
+    from trainer.launch import LaunchConfigError, deepspeed_plugins, make_accelerator
 
     cfg = load_config("configs/demo.yaml", [f"data.shards={shards}", "optim.grad_clip=1.0"])
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")

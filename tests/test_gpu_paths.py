@@ -13,7 +13,8 @@ import torch
 from accelerate import Accelerator
 from launching import TINY
 
-from trainer import backend as backend_module
+from trainer import launch
+from trainer.backends.ddp import DDPBackend
 from trainer.config import load_config
 from trainer.data import Batch
 from trainer.step import train_step
@@ -92,7 +93,7 @@ def test_the_ddp_step_reads_nothing_on_the_host_and_still_skips_a_non_finite_los
 
 
 def test_without_clipping_the_norm_is_only_measured(fresh_state, monkeypatch):
-    backend = backend_module.DDPBackend(Accelerator(cpu=True))
+    backend = DDPBackend(Accelerator(cpu=True))
     model = torch.nn.Linear(3, 1)
     opt = backend.adam(model.parameters(), lr=0.0, betas=(0.5, 0.999))
     # clip_grad_norm_(..., inf) would multiply every gradient by 1 (inf / inf = NaN for inf
@@ -222,7 +223,7 @@ def test_the_ema_copy_runs_without_the_training_models_autocast(fresh_state):
 
 def test_make_accelerator_sets_ddp_options_and_the_timeout(fresh_state):
     cfg = tiny("train.dist_timeout_min=45")
-    accelerator = backend_module.make_accelerator(cfg, "no")
+    accelerator = launch.make_accelerator(cfg, "no")
     assert accelerator.ddp_handler.broadcast_buffers is False
     assert accelerator.ddp_handler.gradient_as_bucket_view is True
     assert accelerator.init_handler.timeout == timedelta(minutes=45)
@@ -235,4 +236,4 @@ def test_deepspeed_uses_nccl_only_when_each_local_rank_has_a_gpu(monkeypatch, av
     monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
-    assert backend_module._gpu_per_local_rank() is expected
+    assert launch._gpu_per_local_rank() is expected

@@ -22,9 +22,9 @@ import torch
 from launching import TINY
 
 import trainer.train
-from trainer.backend import make_accelerator
 from trainer.config import load_config
 from trainer.data import TripletLoader
+from trainer.launch import make_accelerator
 from trainer.run_log import Window
 
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")

@@ -106,7 +106,7 @@ def test_a_reused_pid_is_not_the_holder(tmp_path, caplog):
 
 SIGTERM_HOLDER = """
 import sys, time
-from trainer.main import exit_on_sigterm
+from trainer.stop import exit_on_sigterm
 from trainer.run_lock import RunLock
 with exit_on_sigterm(), RunLock(sys.argv[1]):
     print("held", flush=True)
@@ -149,7 +149,7 @@ def test_a_killed_holder_not_yet_reaped_is_not_alive(tmp_path):
 
 LOSING_HOLDER = """
 import sys, time
-from trainer.main import exit_on_sigterm
+from trainer.stop import exit_on_sigterm
 from trainer.run_lock import RunLock
 with exit_on_sigterm(), RunLock(sys.argv[1], heartbeat_s=0.1):
     print("held", flush=True)

@@ -393,7 +393,7 @@ def test_with_grad_accum_the_schedule_counts_optimizer_steps_also_across_a_resum
 # -- precision `auto` follows the launch, not the host ----------------------------------------
 
 def test_auto_precision_is_decided_by_the_launched_device(monkeypatch):
-    from trainer.main import precision
+    from trainer.launch import precision
 
     cfg = load_config("configs/demo.yaml", ["data.shards=/nonexistent"], require_data=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

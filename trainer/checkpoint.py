@@ -20,7 +20,7 @@ Layout of `runs/<name>/checkpoints/`:
 Publication: every rank writes into `step_N.tmp/`; after a barrier rank 0 writes COMPLETE,
 renames the directory to `step_N/`, replaces `latest` (temp file + fsync + rename) and only
 then deletes checkpoints beyond the last `keep`. The model and optimizer part is the
-backend's (trainer/backend.py); the rest is the same for both.
+backend's (trainer/backends/); the rest is the same for both.
 
 Ranks decide together: each step a rank does alone (writing its files, reading and checking
 them) ends in an exchange of outcomes (`_agree`), so that all ranks go on, fall back to an
@@ -100,7 +100,7 @@ def _raise_agreed(failure: tuple[str, str] | None) -> None:
     raise (IncompatibleCheckpoint if kind == "incompatible" else CheckpointError)(message)
 
 
-def _write_failure(e: BaseException, where: Path) -> str:
+def write_failure(e: BaseException, where: Path) -> str:
     """One line for a failed write: the OS error and its file when there is one. safetensors
     reports it inside a SafetensorError ("os error 28"); torch's zip writer reports a short
     write to a path only as "unexpected pos A vs B" (the free space tells a full disk), to a
@@ -166,7 +166,7 @@ class Checkpointer:
             write()
         except (Exception, CheckpointException) as e:  # the latter is a BaseException
             log.error("checkpoint write failed: %s", e)
-            return "damaged", f"checkpoint not saved: {_write_failure(e, where)}"
+            return "damaged", f"checkpoint not saved: {write_failure(e, where)}"
         return None
 
     def _agreed_or_discard(self, failure, tmp: Path) -> None:

@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -36,91 +35,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="start over even if the run directory holds checkpoints "
                              "(they are moved aside, not deleted)")
     return parser.parse_intermixed_args(argv)  # flags may come between the overrides
-
-
-def launched_on_cuda() -> bool:
-    """Whether this rank will compute on a CUDA device: what Accelerate's PartialState will
-    pick, decided before it is built (the precision is an argument of the Accelerator).
-    CPU ranks are asked for with ACCELERATE_USE_CPU=true (also on a GPU host) or get no
-    usable GPU (none, or CUDA_VISIBLE_DEVICES="")."""
-    import torch
-    from accelerate.utils import parse_flag_from_env
-
-    return not parse_flag_from_env("ACCELERATE_USE_CPU") and torch.cuda.is_available()
-
-
-def precision(cfg) -> str:
-    """`auto`: bf16 on GPUs with native bf16 (Ampere and later; emulated bf16 on older ones is
-    slow), fp32 elsewhere, CPU ranks on a GPU host included (CPU bf16 is slow, not wrong)."""
-    import torch
-
-    choice = cfg.train.mixed_precision.value
-    if choice != "auto":
-        return choice
-    if not launched_on_cuda():
-        return "no"
-    # asked of the current device (cuda:0 before Accelerate picks this rank's): a node's GPUs
-    # are alike, and every rank must choose the same precision
-    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "no"
-
-
-def validation_table(metrics: dict[str, float]) -> str:
-    """The final validation as a small table: the model beside zero chroma (the grey frame
-    itself) and the gain over it, and where there is one the ground truth's own value (the
-    floor of cdc and warp: real video is not perfectly consistent either)."""
-    columns = ("model", "grey", "gain", "truth")
-    lines = ["validation (EMA generator, val split)",
-             f"{'metric':<14}" + "".join(f"{c:>10}" for c in columns)]
-    derived = ("_truth", "_grey", "_gain", "_excess")
-    for name, value in metrics.items():
-        if name.endswith(derived):
-            continue
-        grey, truth = metrics.get(f"{name}_grey"), metrics.get(f"{name}_truth")
-        gain = value - grey if grey is not None else None
-        cells = [value, grey, gain, truth]
-        lines.append(f"{name:<14}" + "".join(
-            f"{'':>10}" if v is None else f"{v:>+10.4g}" if c == "gain" else f"{v:>10.4g}"
-            for c, v in zip(columns, cells)))
-    lines.append("centre crops of the val split; grey: zero chroma (the grey frame itself, "
-                 "a = b = 0); truth: the ground truth's own value, the floor of cdc and warp")
-    return "\n".join(lines)
-
-
-def take_run_lock(accelerator, run_dir: Path, ranks_wait_s: float):
-    """The main process locks the run directory (trainer/run_lock.py) and tells the other ranks
-    whether it could: all go on, or all raise RunLocked. Returns the lock (main process) or
-    None (other ranks). The other ranks wait in the broadcast for at most `ranks_wait_s` (the
-    process-group timeout): the lock decides within that, or refuses saying why."""
-    from accelerate.utils import broadcast_object_list
-
-    from trainer.run_lock import RunLock, RunLocked
-
-    lock, refusal = None, None
-    if accelerator.is_main_process:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            lock = RunLock(run_dir, ranks_wait_s=ranks_wait_s)
-            lock.acquire()
-        except (RunLocked, OSError) as e:
-            lock, refusal = None, str(e)
-    refusal = broadcast_object_list([refusal])[0]
-    if refusal is not None:
-        raise RunLocked(refusal)
-    return lock
-
-
-@contextlib.contextmanager
-def exit_on_sigterm():
-    """SIGTERM outside the training loop (which has its own handlers, trainer/stop.py) exits
-    through Python, so that `finally` blocks run and the run lock is released."""
-    def handler(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def fail(accelerator, kind: str, error: Exception) -> int:
@@ -146,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(OmegaConf.to_yaml(cfg), end="")
         return 0
 
-    from trainer.backend import LaunchConfigError, make_accelerator
+    from trainer.launch import LaunchConfigError, make_accelerator, precision
 
     try:
         accelerator = make_accelerator(cfg, precision(cfg))
@@ -171,7 +85,8 @@ def setup_and_run(cfg, args, accelerator) -> int:
     import torch
     from accelerate.utils import set_seed
 
-    from trainer.run_lock import RunLocked
+    from trainer.run_lock import RunLocked, take_run_lock
+    from trainer.stop import exit_on_sigterm
 
     if accelerator.device.type == "cuda":
         # Fixed shapes (one crop size and batch): cuDNN times its algorithms once per shape
@@ -214,6 +129,7 @@ def run(cfg, args, accelerator, run_dir: Path) -> int:
     from shards.manifest import ManifestError
     from trainer.checkpoint import CheckpointError
     from trainer.data import NoSamplesError
+    from trainer.run_log import validation_table
     from trainer.train import train
 
     explicit = Path(cfg.resume_from) if cfg.resume_from else None

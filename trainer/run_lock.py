@@ -289,3 +289,24 @@ class RunLock:
             f"{self.path}: the run directory is in use by {describe(holder)}, which {state}; "
             "wait for it to end or stop it (if you know it is gone, delete this file)"
         )
+
+
+def take_run_lock(accelerator, run_dir: Path, ranks_wait_s: float):
+    """The main process locks the run directory (RunLock) and tells the other ranks
+    whether it could: all go on, or all raise RunLocked. Returns the lock (main process) or
+    None (other ranks). The other ranks wait in the broadcast for at most `ranks_wait_s` (the
+    process-group timeout): the lock decides within that, or refuses saying why."""
+    from accelerate.utils import broadcast_object_list
+
+    lock, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(run_dir, ranks_wait_s=ranks_wait_s)
+            lock.acquire()
+        except (RunLocked, OSError) as e:
+            lock, refusal = None, str(e)
+    refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise RunLocked(refusal)
+    return lock

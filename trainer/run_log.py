@@ -2,7 +2,8 @@
 
 Other ranks get a logger whose methods do nothing, so the loop calls it unconditionally;
 collectives that feed it (metric sync, `Window.reduce`) still run on every rank before.
-`Window` holds what the steps reported between two logs, on the device.
+`Window` holds what the steps reported between two logs, on the device; `validation_table`
+is the final validation as the main process prints it.
 """
 
 from __future__ import annotations
@@ -118,3 +119,25 @@ class Window:
         skipped, longest = torch.stack([self.skipped, self.longest]).tolist()
         self._reset_skips()
         return round(skipped), round(longest)
+
+
+def validation_table(metrics: dict[str, float]) -> str:
+    """The final validation as a small table: the model beside zero chroma (the grey frame
+    itself) and the gain over it, and where there is one the ground truth's own value (the
+    floor of cdc and warp: real video is not perfectly consistent either)."""
+    columns = ("model", "grey", "gain", "truth")
+    lines = ["validation (EMA generator, val split)",
+             f"{'metric':<14}" + "".join(f"{c:>10}" for c in columns)]
+    derived = ("_truth", "_grey", "_gain", "_excess")
+    for name, value in metrics.items():
+        if name.endswith(derived):
+            continue
+        grey, truth = metrics.get(f"{name}_grey"), metrics.get(f"{name}_truth")
+        gain = value - grey if grey is not None else None
+        cells = [value, grey, gain, truth]
+        lines.append(f"{name:<14}" + "".join(
+            f"{'':>10}" if v is None else f"{v:>+10.4g}" if c == "gain" else f"{v:>10.4g}"
+            for c, v in zip(columns, cells)))
+    lines.append("centre crops of the val split; grey: zero chroma (the grey frame itself, "
+                 "a = b = 0); truth: the ground truth's own value, the floor of cdc and warp")
+    return "\n".join(lines)

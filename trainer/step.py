@@ -9,7 +9,7 @@
 
 Gradient synchronization goes only through `accelerator.accumulate(G, D)` (one context for
 both, per batch). Wrapping, autocast, backward, clipping, loss scaling and the optimizer step
-are the backend's (`gan.backend`, trainer/backend.py: DDP or DeepSpeed); this file is the same
+are the backend's (`gan.backend`, trainer/backends/: DDP or DeepSpeed); this file is the same
 for both. Losses are fp32 (models/). A phase whose loss is not finite on some rank is skipped
 on every rank (DDP: decided on the device from the all-reduced gradients, no host sync;
 DeepSpeed: a reduced flag), so no rank waits alone in a collective and no optimizer trains on
@@ -44,7 +44,7 @@ class GAN:
     loss: GANLoss
     ema: EMA
     model_cfg: object  # ModelConfig
-    backend: object  # trainer.backend.DDPBackend | DeepSpeedBackend
+    backend: object  # trainer.backends: DDPBackend | DeepSpeedBackend
     grad_clip: float = 0.0
     d_steps_per_g: int = 1
 

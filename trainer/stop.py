@@ -11,10 +11,12 @@ of those.
 A second signal aborts at once, unless it arrives within `DUPLICATE_S` of the first: Slurm
 delivers SIGTERM twice within a millisecond (from slurmstepd and, forwarded, from torch's
 elastic agent), and that must count as one request, not as "abort".
+Outside the loop (start-up, the run lock) `exit_on_sigterm` makes SIGTERM exit through Python.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -68,3 +70,17 @@ class StopRequest:
 
 def stop_file_from_env() -> str | None:
     return os.environ.get("TRICOLOR_STOP_FILE") or None
+
+
+@contextlib.contextmanager
+def exit_on_sigterm():
+    """SIGTERM outside the training loop (which has its own handlers, StopRequest) exits
+    through Python, so that `finally` blocks run and the run lock is released."""
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

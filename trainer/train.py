@@ -18,7 +18,7 @@ from models import build_discriminator, build_generator, build_loss
 from models.export import export_generator
 from shards.atomic import write_text_atomic
 from shards.manifest import ManifestError
-from trainer.backend import make_backend
+from trainer.backends import make_backend
 from trainer.checkpoint import Checkpointer
 from trainer.data import NoSamplesError, TripletLoader, select_samples_once
 from trainer.ema import EMA
@@ -61,7 +61,7 @@ def build_gan(cfg, accelerator: Accelerator) -> GAN:
         # sync (torch's SyncBatchNorm syncs the host once per layer and refuses CPU tensors)
         G = convert_sync_batchnorm(G)
     betas = (cfg.optim.beta1, cfg.optim.beta2)
-    # DDP: fused Adam, which takes the skip decision as a device tensor (trainer/backend.py)
+    # DDP: fused Adam, which takes the skip decision as a device tensor (trainer/backends/ddp.py)
     opt_G = backend.adam(G.parameters(), lr=cfg.optim.lr_g, betas=betas)
     opt_D = backend.adam(D.parameters(), lr=cfg.optim.lr_d, betas=betas)
     G, D, opt_G, opt_D = backend.prepare(G, D, opt_G, opt_D)
