@@ -651,7 +651,7 @@ def test_a_setting_added_after_the_save_takes_its_default(two_checkpoints):
 
 
 def test_a_line_art_checkpoint_from_before_the_memory_generator_is_refused(two_checkpoints):
-    """A line-art run saved before issue 16 (its model config has no `memory`) holds weights
+    """A line-art run saved before colour memory (its model config has no `memory`) holds weights
     of another line-art G: refused as incompatible, saying why, not taken for damage."""
     import json
 
@@ -680,9 +680,8 @@ def fp16_gan(cfg):
 def test_an_fp16_run_resumes_as_if_uninterrupted(tmp_path, one_thread):
     """The fp16 resume path of the DDP backend: raw fused Adam and a GradScaler, stepped by
     the backend; the optimizers saved and loaded through DCP's state-dict helpers (which, on a
-    fresh process, create the empty Adam state with `step()`: before issue 18 that went
-    through Accelerate's fp16 wrapper into GradScaler.step and asserted), the scaler through
-    the trainer state. The resumed step equals the uninterrupted one."""
+    fresh process, create the empty Adam state with `step()`, which through Accelerate's fp16
+    wrapper would go into GradScaler.step and assert), the scaler through the trainer state. The resumed step equals the uninterrupted one."""
     from test_gpu_paths import batch
 
     from trainer.step import train_step

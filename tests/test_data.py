@@ -260,7 +260,7 @@ def test_shards_without_a_readable_sample_fail_at_start_up(tmp_path, shard_dir):
         make_loader(bad)
 
 
-# --- issue 14: damaged shards and indexes, positions saved at another batch size ----------
+# --- damaged shards and indexes, positions saved at another batch size --------------------
 
 
 def damaged_copy(shards: Path, tmp_path: Path) -> Path:
@@ -493,7 +493,7 @@ def test_a_scan_error_is_a_data_error(tmp_path, shards, monkeypatch):
         select_samples_once(cfg, "train", Accelerator(cpu=True))
 
 
-# --- issue 18: the scan once per data set (good-samples.json), data.mmap, data.val_samples --
+# --- the scan once per data set (good-samples.json), data.mmap, data.val_samples ----------
 
 SELECT_RANK = """
 import json, sys
