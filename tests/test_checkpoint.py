@@ -681,7 +681,8 @@ def test_an_fp16_run_resumes_as_if_uninterrupted(tmp_path, one_thread):
     """The fp16 resume path of the DDP backend: raw fused Adam and a GradScaler, stepped by
     the backend; the optimizers saved and loaded through DCP's state-dict helpers (which, on a
     fresh process, create the empty Adam state with `step()`, which through Accelerate's fp16
-    wrapper would go into GradScaler.step and assert), the scaler through the trainer state. The resumed step equals the uninterrupted one."""
+    wrapper would go into GradScaler.step and assert), the scaler through the trainer state.
+    The resumed step equals the uninterrupted one."""
     from test_gpu_paths import batch
 
     from trainer.step import train_step
