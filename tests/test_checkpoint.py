@@ -489,21 +489,28 @@ def agreement_rank(rank: int, world: int, port: int, root: Path) -> None:
     dist.destroy_process_group()
 
 
-def test_ranks_agree_on_a_failed_save_and_a_checkpoint_damaged_for_one_rank(tmp_path):
+def two_ranks_report(rank_fn, tmp_path: Path) -> list[dict]:
+    """Run `rank_fn(rank, world, port, tmp_path)` on 2 spawned gloo ranks and return what each
+    wrote to rank<r>.json; fails (killing them) if they hang: a split decision leaves one rank
+    waiting in a collective."""
     import json
 
     import torch.multiprocessing as mp
     from launching import free_port
 
-    context = mp.start_processes(agreement_rank, args=(2, free_port(), tmp_path), nprocs=2,
+    context = mp.start_processes(rank_fn, args=(2, free_port(), tmp_path), nprocs=2,
                                  join=False, start_method="spawn")
     deadline = time.time() + 180
     while not context.join(timeout=5):
-        if time.time() > deadline:  # a split decision leaves one rank in a collective
+        if time.time() > deadline:
             for p in context.processes:
                 p.kill()
             pytest.fail("the ranks hung")
-    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_ranks_agree_on_a_failed_save_and_a_checkpoint_damaged_for_one_rank(tmp_path):
+    seen = two_ranks_report(agreement_rank, tmp_path)
     assert seen[0]["save"] == seen[1]["save"]
     assert seen[0]["save"].startswith("checkpoint not saved: File too large writing")
     assert "step_000003.tmp" in seen[0]["save"] and seen[0]["tmp_left"] == []
@@ -582,20 +589,7 @@ def confinement_rank(rank: int, world: int, port: int, root: Path) -> None:
 
 
 def test_ranks_refuse_a_shard_outside_the_checkpoint_together(tmp_path):
-    import json
-
-    import torch.multiprocessing as mp
-    from launching import free_port
-
-    context = mp.start_processes(confinement_rank, args=(2, free_port(), tmp_path), nprocs=2,
-                                 join=False, start_method="spawn")
-    deadline = time.time() + 180
-    while not context.join(timeout=5):
-        if time.time() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail("the ranks hung")
-    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    seen = two_ranks_report(confinement_rank, tmp_path)
     assert seen[0] == seen[1]
     assert seen[0]["resumed"] == ["step_000001", 1]
     shard = tmp_path / "run" / "checkpoints" / "step_000002" / "__1_0.distcp"

@@ -240,6 +240,18 @@ def colorize_logs(work: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(work.glob("*.log")))
 
 
+def colorize_array(slurm, run: Path, listing: Path, out: Path, work: Path) -> dict[str, dict]:
+    """slurm/colorize.sbatch as a 2-task array over `listing` into `out`, logs in `work`;
+    waits for the tasks and returns them by array index."""
+    work.mkdir()
+    job = slurm.sbatch(
+        "--array=0-1", "--cpus-per-task=1", "--mem=1G", f"--output={work}/%x-%A_%a.log",
+        "slurm/colorize.sbatch", str(run), str(listing), str(out),
+        "--size", "32", "--preset", "ultrafast",
+        env={**BATCH_ENV, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+    return {t["ArrayTaskId"]: t for t in slurm.wait_finished(job, timeout=200)}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_colorize_array_skips_complete_outputs_and_names_failures(slurm, tmp_path):
@@ -256,14 +268,7 @@ def test_colorize_array_skips_complete_outputs_and_names_failures(slurm, tmp_pat
     out = tmp_path / "out"
 
     def submit(work: Path) -> dict[str, dict]:
-        work.mkdir()
-        job = slurm.sbatch(
-            "--array=0-1", "--cpus-per-task=1", "--mem=1G", f"--output={work}/%x-%A_%a.log",
-            "slurm/colorize.sbatch", str(tmp_path / "run"), str(listing), str(out),
-            "--size", "32", "--preset", "ultrafast",
-            env={**BATCH_ENV, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
-        tasks = slurm.wait_finished(job, timeout=200)
-        return {t["ArrayTaskId"]: t for t in tasks}
+        return colorize_array(slurm, tmp_path / "run", listing, out, work)
 
     tasks = submit(tmp_path / "first")
     logs = colorize_logs(tmp_path / "first")
@@ -306,13 +311,7 @@ def test_colorize_array_takes_a_video_listed_under_several_spellings_once(slurm,
     listing = tmp_path / "videos.txt"
     listing.write_text(f"{video}\n{tmp_path}/other/../in/v.mp4\n{tmp_path}/other/v.mp4\n")
     out, work = tmp_path / "out", tmp_path / "logs"
-    work.mkdir()
-    job = slurm.sbatch(
-        "--array=0-1", "--cpus-per-task=1", "--mem=1G", f"--output={work}/%x-%A_%a.log",
-        "slurm/colorize.sbatch", str(tmp_path / "run"), str(listing), str(out),
-        "--size", "32", "--preset", "ultrafast",
-        env={**BATCH_ENV, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
-    tasks = {t["ArrayTaskId"]: t for t in slurm.wait_finished(job, timeout=200)}
+    tasks = colorize_array(slurm, tmp_path / "run", listing, out, work)
     logs = colorize_logs(work)
     for t in ("0", "1"):
         assert (tasks[t]["JobState"], tasks[t]["ExitCode"]) == ("COMPLETED", "0:0"), logs
