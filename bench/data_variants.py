@@ -4,6 +4,7 @@ baseline's dataset (`NaiveTriplets`) and a faster RGB -> Lab conversion by looku
 
 from __future__ import annotations
 
+import functools
 import io
 import random
 
@@ -13,7 +14,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from models.colour import AB_SCALE, L_SCALE, line_art
+from models.colour import AB_SCALE, L_SCALE
 from trainer.data.samples import FRAME_MEMBERS, SampleSet
 from trainer.data.transforms import condition_and_target
 
@@ -97,14 +98,8 @@ def fast_rgb_to_lab_triplets(frames: Tensor) -> Tensor:
         return lab.reshape(3, b, t, h, w).permute(1, 2, 0, 3, 4)
 
 
-def fast_condition_and_target(frames: Tensor, mode: str, canny_low: float = 0.1,
-                              canny_high: float = 0.2) -> tuple[Tensor, Tensor]:
-    lab = fast_rgb_to_lab_triplets(frames)
-    if mode == "grey":
-        return lab[:, :, :1], lab[:, :, 1:]
-    b, t, c, h, w = lab.shape
-    edges = line_art(lab.reshape(b * t, c, h, w), canny_low, canny_high)
-    return edges.reshape(b, t, 1, h, w), lab
+fast_condition_and_target = functools.partial(condition_and_target,
+                                              to_lab=fast_rgb_to_lab_triplets)
 
 
 LAB_IMPLS = {"kornia": condition_and_target, "lut": fast_condition_and_target}

@@ -12,11 +12,13 @@ from shards.flow import ZERO as FLOW_ZERO
 
 
 def condition_and_target(
-    frames: Tensor, mode: str, canny_low: float = CANNY_LOW, canny_high: float = CANNY_HIGH
+    frames: Tensor, mode: str, canny_low: float = CANNY_LOW, canny_high: float = CANNY_HIGH,
+    to_lab=rgb_to_lab_triplets,
 ) -> tuple[Tensor, Tensor]:
     """uint8 RGB triplets [B, 3, H, W, 3] -> (condition, target), both [B, 3, C, H, W]:
-    grey mode: L (C=1) and a,b (C=2); line-art mode: line art (C=1) and Lab (C=3)."""
-    lab = rgb_to_lab_triplets(frames)
+    grey mode: L (C=1) and a,b (C=2); line-art mode: line art (C=1) and Lab (C=3).
+    `to_lab`: the RGB -> normalized Lab conversion (bench/data.py compares another one)."""
+    lab = to_lab(frames)
     if mode == "grey":
         return lab[:, :, :1], lab[:, :, 1:]
     b, t, c, h, w = lab.shape
